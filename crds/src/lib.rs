@@ -1,0 +1,12 @@
+//! The `ClusteredService` API (`clustered.dev/v1alpha1`) shared by the
+//! operator and clusterd.
+//!
+//! * [`wire`] is clusterd's `/status` document; it has no Kubernetes
+//!   dependencies so clusterd stays small.
+//! * With the default `crd` feature, [`v1alpha1`] holds the custom resource
+//!   itself, from which `crdgen` writes `crds/clusteredservice.yaml`.
+
+pub mod wire;
+
+#[cfg(feature = "crd")]
+pub mod v1alpha1;

@@ -1,0 +1,658 @@
+//! `clustered.dev/v1alpha1`, kind `ClusteredService`.
+//!
+//! Field docs become `kubectl explain` text; the CEL rules next to the fields
+//! they constrain are enforced by the API server, so every message says what
+//! to change.
+
+use std::borrow::Cow;
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Serialize};
+
+pub use crate::wire::WorkerState;
+
+/// A service whose pods each run a cluster of workers of a single-threaded
+/// app, one per CPU of the container's limit, sharing one port.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "clustered.dev",
+    version = "v1alpha1",
+    kind = "ClusteredService",
+    plural = "clusteredservices",
+    shortname = "csvc",
+    category = "all",
+    namespaced,
+    status = "ClusteredServiceStatus",
+    derive = "PartialEq",
+    doc = "ClusteredService runs a single-threaded server as a cluster of workers in every pod: clusterd forks one worker per CPU of the container's limit on one shared port, supervises them, and reports per-worker health here.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.summary.pods", description = "Ready pods / desired pods"),
+    printcolumn(name = "Workers", type_ = "string", json_path = ".status.summary.workers", description = "Ready workers / desired workers, over all pods"),
+    printcolumn(name = "Port Mode", type_ = "string", json_path = ".spec.portMode"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Port", type_ = "integer", json_path = ".spec.port", priority = "1"),
+    printcolumn(name = "Available", type_ = "string", json_path = ".status.conditions[?(@.type==\"Available\")].status", priority = "1"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Degraded\")].reason", priority = "1")
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.appContainer) ? self.template.spec.containers.exists(c, c.name == self.appContainer) : true",
+        "message": "spec.appContainer must name one of spec.template.spec.containers",
+        "fieldPath": ".appContainer",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "has(self.appContainer) ? self.template.spec.containers.all(c, c.name != self.appContainer || (has(c.command) && size(c.command) > 0)) : (has(self.template.spec.containers[0].command) && size(self.template.spec.containers[0].command) > 0)",
+        "message": "the app container (spec.appContainer, default the first container) must set command: clusterd runs it once per worker",
+        "fieldPath": ".template.spec.containers",
+        "reason": "FieldValueRequired"
+    },
+    {
+        "rule": "!has(self.routes) || size(self.routes) == 0 || self.portMode == 'proxy'",
+        "message": "spec.routes (route pools) need spec.portMode: proxy, because only the proxy routes requests by path; remove routes or set portMode: proxy",
+        "fieldPath": ".routes"
+    },
+    {
+        "rule": "!has(self.routes) || size(self.routes) == 0 || !has(self.workers) || !has(self.workers.max) || self.routes.map(r, r.workers).sum() < self.workers.max",
+        "messageExpression": "'route pools take ' + string(self.routes.map(r, r.workers).sum()) + ' workers but spec.workers.max is ' + string(self.workers.max) + ': at least one more worker must serve the other routes; raise spec.workers.max or lower spec.routes[].workers'",
+        "fieldPath": ".routes"
+    },
+    {
+        "rule": "!has(self.routes) || size(self.routes) == 0 || !has(self.workers) || !has(self.workers.count) || type(self.workers.count) == string || self.routes.map(r, r.workers).sum() < int(self.workers.count)",
+        "messageExpression": "'route pools take ' + string(self.routes.map(r, r.workers).sum()) + ' workers but spec.workers.count is ' + string(self.workers.count) + ': at least one more worker must serve the other routes; raise spec.workers.count or lower spec.routes[].workers'",
+        "fieldPath": ".routes"
+    },
+    {
+        "rule": "self.adminPort != self.port",
+        "message": "spec.adminPort must differ from spec.port: clusterd serves health and status on its own port",
+        "fieldPath": ".adminPort"
+    }
+]))]
+pub struct ClusteredServiceSpec {
+    /// Number of pods. Scaled by `kubectl scale` and by the HPA when
+    /// `autoscaling` is set.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+
+    /// The pod template. One container is the app (see `appContainer`); its
+    /// `command` is what every worker runs, so it is required.
+    #[schemars(schema_with = "pod_template_schema")]
+    pub template: PodTemplateSpec,
+
+    /// Name of the app container in `template`. Default: the first container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_container: Option<String>,
+
+    /// How many workers each pod runs.
+    #[serde(default)]
+    pub workers: WorkerPolicy,
+
+    /// The port the service is reached on; all workers of a pod share it.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// How the workers share `port`.
+    #[serde(default)]
+    pub port_mode: PortMode,
+
+    /// Protocol spoken on `port`. `HTTP` lets the proxy balance per request
+    /// and route by path; `TCP` balances per connection.
+    #[serde(default)]
+    pub protocol: Protocol,
+
+    /// Route pools: requests whose path starts with `pathPrefix` go to their
+    /// own workers, so a heavy route cannot starve the others. Proxy mode
+    /// and `HTTP` only.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pathPrefix"]), length(max = 16))]
+    pub routes: Vec<RoutePool>,
+
+    /// clusterd's admin port: `/healthz`, `/readyz`, `/status`, `/metrics`.
+    #[serde(default = "default_admin_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub admin_port: i32,
+
+    /// Per-worker health checking.
+    #[serde(default)]
+    pub health_check: HealthCheck,
+
+    /// How crashed workers are restarted.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+
+    /// How pods stop.
+    #[serde(default)]
+    pub shutdown: ShutdownPolicy,
+
+    /// Scale pods horizontally on CPU with a HorizontalPodAutoscaler that
+    /// targets this resource's scale subresource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<Autoscaling>,
+}
+
+/// How many workers a pod runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.min) || !has(self.max) || self.min <= self.max",
+        "messageExpression": "'spec.workers.min (' + string(self.min) + ') must not exceed spec.workers.max (' + string(self.max) + ')'"
+    },
+    {
+        "rule": "type(self.count) == string ? self.count == 'auto' : int(self.count) >= 1",
+        "message": "spec.workers.count must be \"auto\" (one per CPU of the container's limit) or a whole number of at least 1",
+        "fieldPath": ".count"
+    },
+    {
+        "rule": "type(self.count) == string || ((!has(self.min) || int(self.count) >= self.min) && (!has(self.max) || int(self.count) <= self.max))",
+        "message": "spec.workers.count is outside spec.workers.min..spec.workers.max; change the count or the bounds",
+        "fieldPath": ".count"
+    }
+]))]
+pub struct WorkerPolicy {
+    /// `auto` (one worker per CPU of the container's CPU limit, re-read
+    /// live so an in-place resize changes it) or a fixed number.
+    #[serde(default)]
+    pub count: WorkerCount,
+    /// Never fewer workers than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub min: Option<i32>,
+    /// Never more workers than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub max: Option<i32>,
+    /// How a fractional CPU limit becomes a worker count under `auto`
+    /// (always at least 1).
+    #[serde(default)]
+    pub rounding: Rounding,
+}
+
+impl Default for WorkerPolicy {
+    fn default() -> Self {
+        Self { count: WorkerCount::Auto, min: None, max: None, rounding: Rounding::Floor }
+    }
+}
+
+/// `auto` or a fixed number of workers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WorkerCount {
+    #[default]
+    Auto,
+    Fixed(u32),
+}
+
+impl std::fmt::Display for WorkerCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WorkerCount::Auto => f.write_str("auto"),
+            WorkerCount::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Serialize for WorkerCount {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            WorkerCount::Auto => s.serialize_str("auto"),
+            WorkerCount::Fixed(n) => s.serialize_u32(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WorkerCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u32),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(WorkerCount::Fixed(n)),
+            Raw::Text(t) if t == "auto" => Ok(WorkerCount::Auto),
+            Raw::Text(t) => t
+                .parse()
+                .map(WorkerCount::Fixed)
+                .map_err(|_| serde::de::Error::custom(format!("workers.count must be \"auto\" or a number, not {t:?}"))),
+        }
+    }
+}
+
+impl JsonSchema for WorkerCount {
+    fn schema_name() -> Cow<'static, str> {
+        "WorkerCount".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "x-kubernetes-int-or-string": true,
+            "default": "auto",
+        })
+    }
+}
+
+/// Rounding of a fractional CPU limit to a worker count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Rounding {
+    /// 2.5 CPUs → 2 workers (as Go's automaxprocs does).
+    #[default]
+    Floor,
+    /// 2.5 CPUs → 3 workers.
+    Ceil,
+    /// 2.5 CPUs → 3 workers, 2.4 → 2.
+    Round,
+}
+
+/// How the workers of a pod share the port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PortMode {
+    /// clusterd listens on the port and balances each request (or TCP
+    /// connection) to the least busy worker; each worker listens on a
+    /// private loopback port given in `PORT`. Needed for route pools and
+    /// per-worker health checks.
+    #[default]
+    Proxy,
+    /// clusterd binds the port once and hands the listening socket to every
+    /// worker as fd 3 (`LISTEN_FDS=1`, systemd style): Node's
+    /// `listen({fd: 3})`, gunicorn/uvicorn `--fd 3`.
+    Inherit,
+    /// Every worker binds the port itself with SO_REUSEPORT and the kernel
+    /// spreads connections.
+    Reuseport,
+}
+
+/// Protocol on the shared port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "HTTP")]
+    Http,
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+/// A route pool: dedicated workers for one path prefix.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutePool {
+    /// Requests whose path starts with this prefix use this pool.
+    #[schemars(regex(pattern = r"^/"), length(min = 1, max = 256))]
+    pub path_prefix: String,
+    /// Workers dedicated to this pool; the rest serve everything else.
+    #[schemars(range(min = 1, max = 1024))]
+    pub workers: i32,
+}
+
+/// How clusterd checks each worker (on the worker's private port, so only
+/// in proxy mode; in the other modes a worker is healthy while it runs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.timeoutSeconds <= self.periodSeconds",
+        "message": "spec.healthCheck.timeoutSeconds must not exceed periodSeconds",
+        "fieldPath": ".timeoutSeconds"
+    },
+    {
+        "rule": "self.type != 'HTTP' || self.path.startsWith('/')",
+        "message": "spec.healthCheck.path must start with /",
+        "fieldPath": ".path"
+    }
+]))]
+pub struct HealthCheck {
+    /// `HTTP` (GET `path`, any 2xx/3xx is healthy) or `TCP` (connect).
+    #[serde(default, rename = "type")]
+    pub kind: HealthCheckKind,
+    /// Path for `HTTP` checks.
+    #[serde(default = "default_health_path")]
+    #[schemars(length(max = 1024))]
+    pub path: String,
+    #[serde(default = "default_health_period")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub period_seconds: i32,
+    #[serde(default = "default_health_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub timeout_seconds: i32,
+    /// Consecutive failures before a worker leaves rotation.
+    #[serde(default = "default_failure_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_threshold: i32,
+    /// A worker that has failed every check for this long is hung: it is
+    /// killed and restarted.
+    #[serde(default = "default_hung_after")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub hung_after_seconds: i32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            kind: HealthCheckKind::default(),
+            path: default_health_path(),
+            period_seconds: default_health_period(),
+            timeout_seconds: default_health_timeout(),
+            failure_threshold: default_failure_threshold(),
+            hung_after_seconds: default_hung_after(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum HealthCheckKind {
+    #[default]
+    #[serde(rename = "HTTP")]
+    Http,
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+/// Restart of crashed workers with exponential backoff.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.initialBackoffMillis <= self.maxBackoffMillis",
+        "message": "spec.restart.initialBackoffMillis must not exceed maxBackoffMillis"
+    }
+]))]
+pub struct RestartPolicy {
+    /// First delay before restarting a crashed worker; doubles per crash.
+    #[serde(default = "default_initial_backoff")]
+    #[schemars(range(min = 0, max = 3_600_000))]
+    pub initial_backoff_millis: i32,
+    /// Upper bound of the delay.
+    #[serde(default = "default_max_backoff")]
+    #[schemars(range(min = 0, max = 3_600_000))]
+    pub max_backoff_millis: i32,
+    /// A worker up this long has its backoff reset.
+    #[serde(default = "default_stable_after")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub stable_after_seconds: i32,
+    /// This many crashes without a stable run marks the worker CrashLoop
+    /// (and the resource Degraded).
+    #[serde(default = "default_crash_loop_threshold")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub crash_loop_threshold: i32,
+    /// Recycle a worker after it served this many requests (proxy mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_requests: Option<i64>,
+    /// Recycle a worker whose resident memory exceeds this many MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_memory_mib: Option<i64>,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            initial_backoff_millis: default_initial_backoff(),
+            max_backoff_millis: default_max_backoff(),
+            stable_after_seconds: default_stable_after(),
+            crash_loop_threshold: default_crash_loop_threshold(),
+            max_requests: None,
+            max_memory_mib: None,
+        }
+    }
+}
+
+/// Graceful shutdown.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShutdownPolicy {
+    /// On SIGTERM clusterd stops accepting and lets in-flight requests
+    /// finish for up to this long before it kills the workers. The pod's
+    /// termination grace period is set to cover it.
+    #[serde(default = "default_drain_timeout")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub drain_timeout_seconds: i32,
+}
+
+impl Default for ShutdownPolicy {
+    fn default() -> Self {
+        Self { drain_timeout_seconds: default_drain_timeout() }
+    }
+}
+
+/// Horizontal autoscaling of pods on CPU.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.minReplicas <= self.maxReplicas",
+        "messageExpression": "'spec.autoscaling.minReplicas (' + string(self.minReplicas) + ') must not exceed maxReplicas (' + string(self.maxReplicas) + ')'"
+    }
+]))]
+pub struct Autoscaling {
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 1))]
+    pub min_replicas: i32,
+    #[schemars(range(min = 1))]
+    pub max_replicas: i32,
+    /// Average CPU utilisation (percent of requests) the HPA aims for.
+    #[serde(default = "default_target_cpu")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_cpu_utilization_percentage: i32,
+}
+
+/// Observed state, written only by the operator.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusteredServiceStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pods that exist (for the scale subresource).
+    #[serde(default)]
+    pub replicas: i32,
+    /// Pods whose clusterd is ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector of the pods, as a string (for the scale subresource
+    /// and the HPA).
+    #[serde(default)]
+    pub selector: String,
+    /// Worker totals over all pods.
+    #[serde(default)]
+    pub workers: WorkerTotals,
+    /// Human-readable totals for `kubectl get`.
+    #[serde(default)]
+    pub summary: Summary,
+    /// One entry per pod, as its clusterd reports it.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pod"]))]
+    pub instances: Vec<Instance>,
+    /// `Available`, `Progressing` and `Degraded`.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerTotals {
+    /// Workers the pods' policies ask for at their CPU limits.
+    pub desired: i32,
+    /// Workers ready to serve.
+    pub ready: i32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    /// `ready/desired` pods.
+    pub pods: String,
+    /// `ready/desired` workers.
+    pub workers: String,
+}
+
+/// One pod and its workers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Instance {
+    /// Pod name.
+    pub pod: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// CPU limit clusterd sees in the container's cgroup, in cores; absent
+    /// when unlimited or not yet known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<f64>,
+    /// Workers clusterd wants at that limit.
+    #[serde(default)]
+    pub desired_workers: i32,
+    /// Workers ready to serve.
+    #[serde(default)]
+    pub ready_workers: i32,
+    /// Why the pod's workers are unknown, e.g. clusterd not reachable yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
+    pub workers: Vec<InstanceWorker>,
+}
+
+/// One worker slot of a pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceWorker {
+    /// Stable id of the slot (`WORKER_ID`), kept across restarts.
+    pub id: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i64>,
+    pub state: WorkerState,
+    #[serde(default)]
+    pub restarts: i32,
+    /// How the previous process of the slot ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+    /// When the worker entered its state (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
+
+/// The schema of `spec.template`: the fields the operator and the CEL rules
+/// read are declared (so `kubectl explain` shows them and CEL can see them);
+/// everything else of a PodTemplateSpec is kept as is and validated by the
+/// API server when the Deployment is created.
+fn pod_template_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "Pod template, as in a Deployment. The app container's command is wrapped by clusterd.",
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "metadata": {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": true
+            },
+            "spec": {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": true,
+                "required": ["containers"],
+                "properties": {
+                    "containers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": 32,
+                        "items": {
+                            "type": "object",
+                            "x-kubernetes-preserve-unknown-fields": true,
+                            "required": ["name"],
+                            "properties": {
+                                "name": { "type": "string", "maxLength": 63 },
+                                "image": { "type": "string" },
+                                "command": {
+                                    "description": "The app's command; required on the app container (clusterd runs it once per worker).",
+                                    "type": "array",
+                                    "maxItems": 256,
+                                    "items": { "type": "string" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+fn default_port() -> i32 {
+    8080
+}
+fn default_admin_port() -> i32 {
+    9901
+}
+fn default_health_path() -> String {
+    "/".into()
+}
+fn default_health_period() -> i32 {
+    5
+}
+fn default_health_timeout() -> i32 {
+    2
+}
+fn default_failure_threshold() -> i32 {
+    3
+}
+fn default_hung_after() -> i32 {
+    30
+}
+fn default_initial_backoff() -> i32 {
+    100
+}
+fn default_max_backoff() -> i32 {
+    15_000
+}
+fn default_stable_after() -> i32 {
+    30
+}
+fn default_crash_loop_threshold() -> i32 {
+    5
+}
+fn default_drain_timeout() -> i32 {
+    25
+}
+fn default_min_replicas() -> i32 {
+    1
+}
+fn default_target_cpu() -> i32 {
+    80
+}
+
+impl ClusteredServiceSpec {
+    /// The app container's name: `appContainer`, or the first container's.
+    pub fn app_container_name(&self) -> Option<&str> {
+        match &self.app_container {
+            Some(name) => Some(name),
+            None => self.template.spec.as_ref()?.containers.first().map(|c| c.name.as_str()),
+        }
+    }
+}
+
+/// The CRD as YAML, exactly as checked in at `crds/clusteredservice.yaml`.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    Ok(format!(
+        "# Generated by `cargo run -p clustered-api --bin crdgen`; do not edit.\n{}",
+        serde_yaml::to_string(&ClusteredService::crd())?
+    ))
+}

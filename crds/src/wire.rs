@@ -1,0 +1,123 @@
+//! What clusterd serves on its admin port at `/status`.
+//!
+//! This is the only channel through which the operator learns per-worker
+//! health, so the app container needs no Kubernetes credentials. Both sides
+//! compile against these types; fields are only ever added, with defaults,
+//! so an older operator can read a newer clusterd and vice versa.
+
+use serde::{Deserialize, Serialize};
+
+/// Path of the status document on clusterd's admin port.
+pub const STATUS_PATH: &str = "/status";
+
+/// The status document of one clusterd (one pod).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ClusterdStatus {
+    /// clusterd's version.
+    pub version: String,
+    /// clusterd's own pid (1 when it is the container's init).
+    pub pid: u32,
+    /// The CPU limit clusterd sees and where it came from.
+    pub cpu: CpuLimit,
+    /// Workers the policy asks for at the current CPU limit.
+    pub desired_workers: u32,
+    /// Workers currently ready to serve.
+    pub ready_workers: u32,
+    /// `proxy`, `inherit` or `reuseport`.
+    pub port_mode: String,
+    /// The shared port.
+    pub port: u16,
+    /// When clusterd started (RFC 3339).
+    pub started_at: String,
+    /// True once a shutdown has begun.
+    pub draining: bool,
+    /// One entry per worker slot, ordered by id.
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// The CPU limit as clusterd detected it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CpuLimit {
+    /// Cores available (quota / period), `None` when unlimited.
+    pub cores: Option<f64>,
+    /// Where the number came from: `cgroup-v2`, `cgroup-v1`, `affinity` or `override`.
+    pub source: String,
+}
+
+/// One worker slot. The id is stable across restarts of the slot.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct WorkerStatus {
+    pub id: u32,
+    /// Pid of the current process, if one is running.
+    pub pid: Option<u32>,
+    pub state: WorkerState,
+    /// How many times this slot's process has been replaced after exiting.
+    pub restarts: u32,
+    /// How the previous process ended, e.g. `exit code 1` or `killed by SIGKILL`.
+    pub last_exit: Option<String>,
+    /// When the worker entered its current state (RFC 3339).
+    pub since: Option<String>,
+    /// Route pool the worker serves (`default` for everything else).
+    pub pool: Option<String>,
+    /// Private port of the worker (proxy mode).
+    pub port: Option<u16>,
+    /// Requests being served right now (proxy mode).
+    pub in_flight: u64,
+    /// Requests served by the current process (proxy mode).
+    pub requests: u64,
+}
+
+/// Lifecycle of a worker slot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(rename_all = "PascalCase")]
+pub enum WorkerState {
+    /// Spawned, not yet answering health checks.
+    #[default]
+    Starting,
+    /// Answering health checks and in rotation.
+    Ready,
+    /// Failing health checks; out of rotation, killed if it stays hung.
+    Unhealthy,
+    /// Finishing in-flight requests before it stops.
+    Draining,
+    /// Exited; waiting out the restart backoff.
+    Backoff,
+    /// Exited too often in a short time; restarted at the maximum backoff.
+    CrashLoop,
+    /// Not running and not going to be restarted.
+    Stopped,
+}
+
+impl WorkerState {
+    pub fn is_ready(self) -> bool {
+        self == WorkerState::Ready
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_and_missing_fields_are_tolerated() {
+        let doc = r#"{"version":"9.9.9","workers":[{"id":2,"state":"Ready","futureField":1}]}"#;
+        let status: ClusterdStatus = serde_json::from_str(doc).expect("tolerant parse");
+        assert_eq!(status.version, "9.9.9");
+        assert_eq!(status.workers[0].id, 2);
+        assert!(status.workers[0].state.is_ready());
+        assert_eq!(status.workers[0].restarts, 0);
+    }
+
+    #[test]
+    fn field_names_are_camel_case() {
+        let w = WorkerStatus { last_exit: Some("exit code 1".into()), in_flight: 3, ..Default::default() };
+        let json = serde_json::to_value(&w).expect("serialize");
+        assert_eq!(json["lastExit"], "exit code 1");
+        assert_eq!(json["inFlight"], 3);
+        assert_eq!(json["state"], "Starting");
+    }
+}

@@ -1,0 +1,92 @@
+# shellcheck shell=bash
+# Shared settings and helpers for the local test cluster scripts
+# (build, up, down, images, smoke). Sourced, not executed.
+
+CLUSTER_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$CLUSTER_DIR/../.." && pwd)
+CACHE="${CLUSTERED_CACHE:-$HOME/.cache/clustered}"
+# Everything the running cluster writes lives under STATE (removed by down)
+# and RUN (sockets, containerd/runc state, tmpfs-backed; removed by down).
+STATE="${CLUSTERED_STATE:-/var/lib/clustered}"
+RUN="${CLUSTERED_RUN:-/run/clustered}"
+
+NODE_NAME=clustered-node
+DUMMY_IF=clustered0
+NODE_IP=10.201.0.1               # on DUMMY_IF: apiserver advertise address, node InternalIP
+POD_CIDR=10.88.0.0/16
+POD_GW=10.88.0.1
+BRIDGE=cni0
+CNI_NET=clustered
+SVC_CIDR=10.96.0.0/16
+API_SVC_IP=10.96.0.1
+API_PORT=6443
+ETCD_CLIENT_PORT=12379
+ETCD_PEER_PORT=12380
+CHAIN=CLUSTERED                  # prefix of our own iptables chains
+
+KUBECONFIG_PATH="$STATE/admin.kubeconfig"
+CONTAINERD_SOCK="$RUN/containerd/containerd.sock"
+LOGS="$STATE/logs"
+PIDS="$STATE/pids"
+
+# Components in start order.
+COMPONENTS=(etcd kube-apiserver containerd kube-controller-manager kube-scheduler kubelet kube-proxy)
+
+log() { printf '[%s %s] %s\n' "${0##*/}" "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+need_root() { [[ $(id -u) -eq 0 ]] || die "must run as root"; }
+
+# bin_dir: the cached binaries' dir, building them if needed.
+bin_dir() { "$CLUSTER_DIR/build" | tail -n 1; }
+
+# pid_of NAME: print the pid of a running component we started, or fail.
+pid_of() {
+	local f="$PIDS/$1.pid" pid
+	[[ -f $f ]] || return 1
+	pid=$(<"$f")
+	[[ -n $pid && -d /proc/$pid ]] || return 1
+	# Guard against pid reuse: the process must still be our binary.
+	grep -qa -- "$(<"$PIDS/$1.exe")" "/proc/$pid/cmdline" 2>/dev/null || return 1
+	echo "$pid"
+}
+
+running() { pid_of "$1" >/dev/null; }
+
+# start_bg NAME EXE ARGS...: run EXE in its own session, log to $LOGS/NAME.log.
+start_bg() {
+	local name=$1
+	shift
+	mkdir -p "$LOGS" "$PIDS"
+	printf '\n==== %s starting %s\n' "$(date -Is)" "$name" >>"$LOGS/$name.log"
+	setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1 &
+	echo $! >"$PIDS/$name.pid"
+	printf '%s' "$1" >"$PIDS/$name.exe"
+}
+
+# fail_component NAME MSG: print the error and the tail of NAME's log, exit 1.
+fail_component() {
+	log "ERROR: component $1: $2"
+	if [[ -f $LOGS/$1.log ]]; then
+		echo "---- last 40 lines of $LOGS/$1.log ----" >&2
+		tail -n 40 "$LOGS/$1.log" >&2
+		echo "----" >&2
+	fi
+	exit 1
+}
+
+# wait_for NAME TIMEOUT_S CMD...: poll CMD until it succeeds; fail NAME if the
+# process died or the timeout passed.
+wait_for() {
+	local name=$1 timeout=$2 start=$SECONDS
+	shift 2
+	until "$@" >/dev/null 2>&1; do
+		if ! running "$name"; then
+			fail_component "$name" "process exited during start-up"
+		fi
+		if ((SECONDS - start >= timeout)); then
+			fail_component "$name" "not healthy after ${timeout}s (check: $*)"
+		fi
+		sleep 1
+	done
+}
