@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034
 # Shared settings and helpers for the local test cluster scripts
 # (build, up, down, images, smoke). Sourced, not executed.
 

@@ -246,7 +246,7 @@ func main() {
 		out     = flag.String("out", "", "output tarball path (required)")
 		user    = flag.String("user", strconv.Itoa(nonrootID), "user (uid[:gid]) the image runs as")
 		workdir = flag.String("workdir", "/", "working directory")
-		entry   multi
+		entrypt multi
 		cmdArgs multi
 		envs    multi
 		labels  multi
@@ -255,7 +255,7 @@ func main() {
 		dirs    multi
 		ldds    multi
 	)
-	flag.Var(&entry, "entrypoint", "entrypoint element (repeat for arguments)")
+	flag.Var(&entrypt, "entrypoint", "entrypoint element (repeat for arguments)")
 	flag.Var(&cmdArgs, "cmd", "cmd element (repeatable)")
 	flag.Var(&envs, "env", "K=V environment variable (repeatable)")
 	flag.Var(&labels, "label", "K=V label (repeatable)")
@@ -351,7 +351,7 @@ func main() {
 	cf.Architecture = "amd64"
 	cf.OS = "linux"
 	cf.Created = v1.Time{Time: epoch}
-	cf.Config.Entrypoint = entry
+	cf.Config.Entrypoint = entrypt
 	cf.Config.Cmd = cmdArgs
 	cf.Config.User = *user
 	cf.Config.WorkingDir = *workdir
