@@ -110,11 +110,20 @@ pub struct ClusteredServiceSpec {
     #[serde(default)]
     pub protocol: Protocol,
 
-    /// Route pools: requests whose path starts with `pathPrefix` go to their
-    /// own workers, so a heavy route cannot starve the others. Proxy mode
-    /// and `HTTP` only.
+    /// Route pools: the requests of a route (an exact `path` or a
+    /// `pathPrefix`) go to workers of their own, so a heavy route cannot
+    /// starve the others. Proxy mode and `HTTP` only.
     #[serde(default)]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pathPrefix"]), length(max = 16))]
+    #[schemars(
+        extend(
+            "x-kubernetes-list-type" = "atomic",
+            "x-kubernetes-validations" = [{
+                "rule": "self.all(r, self.exists_one(s, has(r.path) ? (has(s.path) && s.path == r.path) : (has(s.pathPrefix) && s.pathPrefix == r.pathPrefix)))",
+                "message": "each route pool needs its own path or pathPrefix; merge the duplicates"
+            }]
+        ),
+        length(max = 16)
+    )]
     pub routes: Vec<RoutePool>,
 
     /// clusterd's admin port: `/healthz`, `/readyz`, `/status`, `/metrics`.
@@ -287,13 +296,26 @@ pub enum Protocol {
     Tcp,
 }
 
-/// A route pool: dedicated workers for one path prefix.
+/// A route pool: dedicated workers for the requests of one route.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.path) != has(self.pathPrefix)",
+        "message": "a route pool sets exactly one of path (exact match) or pathPrefix"
+    }
+]))]
 pub struct RoutePool {
-    /// Requests whose path starts with this prefix use this pool.
+    /// Requests whose path starts with this prefix use this pool (the
+    /// longest matching prefix wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^/"), length(min = 1, max = 256))]
-    pub path_prefix: String,
+    pub path_prefix: Option<String>,
+    /// Requests for exactly this path use this pool; an exact match wins
+    /// over any prefix. `/` here means the root page only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^/"), length(min = 1, max = 256))]
+    pub path: Option<String>,
     /// Workers dedicated to this pool; the rest serve everything else.
     #[schemars(range(min = 1, max = 1024))]
     pub workers: i32,
