@@ -16,6 +16,8 @@ pub use crate::wire::WorkerState;
 
 /// A service whose pods each run a cluster of workers of a single-threaded
 /// app, one per CPU of the container's limit, sharing one port.
+// Each printcolumn repeats `type_`/`priority`, which clippy mistakes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "clustered.dev",
@@ -33,13 +35,42 @@ pub use crate::wire::WorkerState;
         status_replicas_path = ".status.replicas",
         label_selector_path = ".status.selector"
     ),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.summary.pods", description = "Ready pods / desired pods"),
-    printcolumn(name = "Workers", type_ = "string", json_path = ".status.summary.workers", description = "Ready workers / desired workers, over all pods"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.summary.pods",
+        description = "Ready pods / desired pods"
+    ),
+    printcolumn(
+        name = "Workers",
+        type_ = "string",
+        json_path = ".status.summary.workers",
+        description = "Ready workers / desired workers, over all pods"
+    ),
     printcolumn(name = "Port Mode", type_ = "string", json_path = ".spec.portMode"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    printcolumn(name = "Port", type_ = "integer", json_path = ".spec.port", priority = "1"),
-    printcolumn(name = "Available", type_ = "string", json_path = ".status.conditions[?(@.type==\"Available\")].status", priority = "1"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Degraded\")].reason", priority = "1")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Port",
+        type_ = "integer",
+        json_path = ".spec.port",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Available",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Available\")].status",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Degraded\")].reason",
+        priority = "1"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -189,7 +220,12 @@ pub struct WorkerPolicy {
 
 impl Default for WorkerPolicy {
     fn default() -> Self {
-        Self { count: WorkerCount::Auto, min: None, max: None, rounding: Rounding::Floor }
+        Self {
+            count: WorkerCount::Auto,
+            min: None,
+            max: None,
+            rounding: Rounding::Floor,
+        }
     }
 }
 
@@ -230,10 +266,11 @@ impl<'de> Deserialize<'de> for WorkerCount {
         match Raw::deserialize(d)? {
             Raw::Number(n) => Ok(WorkerCount::Fixed(n)),
             Raw::Text(t) if t == "auto" => Ok(WorkerCount::Auto),
-            Raw::Text(t) => t
-                .parse()
-                .map(WorkerCount::Fixed)
-                .map_err(|_| serde::de::Error::custom(format!("workers.count must be \"auto\" or a number, not {t:?}"))),
+            Raw::Text(t) => t.parse().map(WorkerCount::Fixed).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "workers.count must be \"auto\" or a number, not {t:?}"
+                ))
+            }),
         }
     }
 }
@@ -448,7 +485,9 @@ pub struct ShutdownPolicy {
 
 impl Default for ShutdownPolicy {
     fn default() -> Self {
-        Self { drain_timeout_seconds: default_drain_timeout() }
+        Self {
+            drain_timeout_seconds: default_drain_timeout(),
+        }
     }
 }
 
@@ -665,7 +704,13 @@ impl ClusteredServiceSpec {
     pub fn app_container_name(&self) -> Option<&str> {
         match &self.app_container {
             Some(name) => Some(name),
-            None => self.template.spec.as_ref()?.containers.first().map(|c| c.name.as_str()),
+            None => self
+                .template
+                .spec
+                .as_ref()?
+                .containers
+                .first()
+                .map(|c| c.name.as_str()),
         }
     }
 }

@@ -1,0 +1,161 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, so two replicas can
+//! run and only one reconciles. kube-rs has no elector of its own; this is
+//! the usual protocol: take the lease when it is free or expired, renew it
+//! well before it expires, and stop at once when a renewal fails.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::{Client, ResourceExt};
+use tracing::{debug, info};
+
+pub struct Elector {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    lease_duration: Duration,
+    retry_every: Duration,
+}
+
+impl Elector {
+    pub fn new(client: Client, namespace: &str, name: &str, identity: &str) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            name: name.into(),
+            identity: identity.into(),
+            lease_duration: Duration::from_secs(15),
+            retry_every: Duration::from_secs(2),
+        }
+    }
+
+    /// Waits until this replica holds the lease.
+    pub async fn acquire(&self) {
+        loop {
+            match self.try_acquire_or_renew().await {
+                Ok(true) => {
+                    info!(lease = %self.name, identity = %self.identity, "became leader");
+                    return;
+                }
+                Ok(false) => debug!(lease = %self.name, "another replica leads"),
+                Err(e) => debug!(error = %e, "lease not taken"),
+            }
+            tokio::time::sleep(self.retry_every).await;
+        }
+    }
+
+    /// Renews the lease until a renewal fails or finds another holder;
+    /// returns then, and the caller must stop leading.
+    pub async fn hold(&self) -> String {
+        let renew_every = self.lease_duration / 3;
+        loop {
+            tokio::time::sleep(renew_every).await;
+            match self.try_acquire_or_renew().await {
+                Ok(true) => {}
+                Ok(false) => return "another replica took the lease".into(),
+                Err(e) => return format!("could not renew the lease: {e}"),
+            }
+        }
+    }
+
+    /// Gives the lease up on a clean shutdown so a standby takes over at once.
+    pub async fn release(&self) {
+        if let Ok(mut lease) = self.api.get(&self.name).await
+            && holder(&lease) == Some(&self.identity)
+        {
+            if let Some(spec) = lease.spec.as_mut() {
+                spec.holder_identity = None;
+                spec.renew_time = None;
+            }
+            let _ = self
+                .api
+                .replace(&self.name, &PostParams::default(), &lease)
+                .await;
+        }
+    }
+
+    /// True when this replica holds the lease after the call. Writes go
+    /// through `replace` with the read resourceVersion, so two replicas
+    /// racing for an expired lease cannot both win.
+    async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
+        let now = Timestamp::now();
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    ..Default::default()
+                },
+                spec: Some(self.spec(now, None, 0)),
+            };
+            self.api.create(&PostParams::default(), &lease).await?;
+            return Ok(true);
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let mine = spec.holder_identity.as_deref() == Some(&self.identity);
+        if !mine && !expired(&spec, now) {
+            return Ok(false);
+        }
+        let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
+        let acquired = if mine { spec.acquire_time } else { None };
+        lease.spec = Some(self.spec(now, acquired, transitions));
+        self.api
+            .replace(&lease.name_any(), &PostParams::default(), &lease)
+            .await?;
+        Ok(true)
+    }
+
+    fn spec(&self, now: Timestamp, acquired: Option<MicroTime>, transitions: i32) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(self.identity.clone()),
+            lease_duration_seconds: Some(self.lease_duration.as_secs() as i32),
+            acquire_time: acquired.or(Some(MicroTime(now))),
+            renew_time: Some(MicroTime(now)),
+            lease_transitions: Some(transitions),
+            ..Default::default()
+        }
+    }
+}
+
+fn holder(lease: &Lease) -> Option<&String> {
+    lease.spec.as_ref()?.holder_identity.as_ref()
+}
+
+fn expired(spec: &LeaseSpec, now: Timestamp) -> bool {
+    let Some(MicroTime(renewed)) = spec.renew_time else {
+        return true;
+    };
+    if spec.holder_identity.as_deref().is_none_or(str::is_empty) {
+        return true;
+    }
+    let duration = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)));
+    renewed
+        .saturating_add(duration)
+        .is_ok_and(|deadline| deadline < now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(holder: Option<&str>, renewed_secs_ago: i64) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: holder.map(Into::into),
+            lease_duration_seconds: Some(15),
+            renew_time: Some(MicroTime(
+                Timestamp::from_second(1_000 - renewed_secs_ago).expect("time"),
+            )),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_lease_expires_after_its_duration_or_without_holder() {
+        let now = Timestamp::from_second(1_000).expect("time");
+        assert!(!expired(&spec(Some("a"), 5), now));
+        assert!(expired(&spec(Some("a"), 16), now));
+        assert!(expired(&spec(None, 1), now));
+        assert!(expired(&LeaseSpec::default(), now));
+    }
+}

@@ -1,0 +1,16 @@
+//! clustered-operator: reconciles ClusteredServices into Deployments with
+//! clusterd injected, and their pods' per-worker health into status.
+//!
+//! * [`resources`]: desired children, pure functions of the CR.
+//! * [`status`]: observed state, a pure function of pods and clusterd reports.
+//! * [`probe`]: asks each pod's clusterd for its `/status`.
+//! * [`controller`]: the kube-runtime Controller that ties them together.
+//! * [`leader`], [`server`], [`metrics`]: running it as a service.
+
+pub mod controller;
+pub mod leader;
+pub mod metrics;
+pub mod probe;
+pub mod resources;
+pub mod server;
+pub mod status;

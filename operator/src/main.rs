@@ -1,0 +1,177 @@
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use clustered_operator::{
+    controller, leader::Elector, metrics::Metrics, probe::Prober, resources::Settings, server,
+};
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use prometheus_client::registry::Registry;
+use tracing::{error, info};
+
+/// Runs ClusteredServices: one Deployment of clusterd-managed workers each,
+/// with status gathered from every pod's clusterd.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Image with the clusterd binary, copied into every pod.
+    #[arg(
+        long,
+        env = "CLUSTERD_IMAGE",
+        default_value = "clustered.dev/clusterd:dev"
+    )]
+    clusterd_image: String,
+    /// Watch one namespace only (default: all).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Seconds between two reads of a pod's clusterd status when nothing else happens.
+    #[arg(long, default_value_t = 5)]
+    status_interval_seconds: u64,
+    /// Milliseconds a clusterd gets to answer.
+    #[arg(long, default_value_t = 2000)]
+    probe_timeout_ms: u64,
+    /// Pods asked at once, over all ClusteredServices.
+    #[arg(long, default_value_t = 64)]
+    probe_concurrency: usize,
+    /// Seconds a stopping pod waits for endpoints to drop it before clusterd drains.
+    #[arg(long, default_value_t = 3)]
+    pre_stop_delay_seconds: i64,
+    /// Elect a leader on a Lease, so several replicas can run.
+    #[arg(long)]
+    leader_elect: bool,
+    /// Namespace of the Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "clustered-system")]
+    lease_namespace: String,
+    #[arg(long, default_value = "clustered-operator")]
+    lease_name: String,
+    /// This replica's identity in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// `text` or `json`.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(&args.log_format);
+    let client = Client::try_default()
+        .await
+        .context("no Kubernetes configuration (in-cluster or kubeconfig)")?;
+
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let health = Arc::new(server::Health {
+        ready: false.into(),
+    });
+    let server = tokio::spawn(server::serve(
+        args.listen,
+        Arc::new(registry),
+        health.clone(),
+    ));
+
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("clustered-operator-{}", std::process::id()));
+    let elector = args.leader_elect.then(|| {
+        Elector::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+        )
+    });
+    if let Some(elector) = &elector {
+        health.ready.store(true, Ordering::Relaxed);
+        tokio::select! {
+            () = elector.acquire() => {}
+            () = shutdown_signal() => return Ok(()),
+        }
+        metrics.leader.set(1);
+    }
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "clustered-operator".into(),
+            instance: Some(identity),
+        },
+    );
+    let settings = Settings {
+        clusterd_image: args.clusterd_image,
+        pre_stop_delay_seconds: args.pre_stop_delay_seconds,
+    };
+    let prober = Prober::new(
+        args.probe_concurrency,
+        Duration::from_millis(args.probe_timeout_ms),
+    );
+    health.ready.store(true, Ordering::Relaxed);
+    info!(namespace = ?args.namespace, "starting controller");
+
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<String>();
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown_signal() => info!("shutting down"),
+            Ok(why) = lost_rx => error!(%why, "lost leadership, stopping"),
+        }
+    };
+    let holder = async {
+        match &elector {
+            Some(elector) => {
+                let why = elector.hold().await;
+                let _ = lost_tx.send(why);
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let status_interval = Duration::from_secs(args.status_interval_seconds);
+    let config = controller::Config {
+        namespace: args.namespace,
+        settings,
+        prober,
+        recorder,
+        metrics,
+        status_interval,
+    };
+    let run = controller::run(client, config, shutdown);
+    tokio::select! {
+        () = run => {}
+        () = holder => {}
+    }
+    if let Some(elector) = &elector {
+        elector.release().await;
+    }
+    server.abort();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().init()
+    } else {
+        builder.init()
+    }
+}

@@ -1,0 +1,92 @@
+//! Asks each ready pod's clusterd for its `/status`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clustered_api::wire::{ClusterdStatus, STATUS_PATH};
+use futures::{StreamExt, stream};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use tokio::sync::Semaphore;
+
+use crate::status::Report;
+
+/// A status document is small; anything larger is not clusterd.
+const MAX_BODY: usize = 1 << 20;
+
+/// Shared by all reconciles: one connection pool and one bound on how many
+/// pods are asked at once, however many ClusteredServices there are.
+#[derive(Clone)]
+pub struct Prober {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    permits: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+impl Prober {
+    pub fn new(concurrency: usize, timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Self {
+            client,
+            permits: Arc::new(Semaphore::new(concurrency)),
+            timeout,
+        }
+    }
+
+    /// Reports of every pod that has an IP, keyed by pod name.
+    pub async fn reports(&self, pods: &[&Pod], admin_port: u16) -> BTreeMap<String, Report> {
+        // Collected first: an iterator borrowing the pods must not live
+        // across an await of this (Send) future.
+        let asks: Vec<(String, String)> = pods
+            .iter()
+            .filter_map(|pod| Some((pod.name_any(), pod.status.as_ref()?.pod_ip.clone()?)))
+            .collect();
+        stream::iter(asks)
+            .map(|(name, ip)| async move { (name, self.ask(&ip, admin_port).await) })
+            .buffer_unordered(16)
+            .collect()
+            .await
+    }
+
+    async fn ask(&self, ip: &str, port: u16) -> Report {
+        let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
+        let host = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        };
+        let uri: hyper::Uri = format!("http://{host}:{port}{STATUS_PATH}")
+            .parse()
+            .map_err(|e| format!("bad address {ip}: {e}"))?;
+        let fetch = async {
+            let response = self
+                .client
+                .get(uri)
+                .await
+                .map_err(|e| format!("clusterd unreachable: {e}"))?;
+            if !response.status().is_success() {
+                return Err(format!("clusterd answered {}", response.status()));
+            }
+            let body = Limited::new(response.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| format!("reading clusterd status: {e}"))?
+                .to_bytes();
+            serde_json::from_slice::<ClusterdStatus>(&body)
+                .map_err(|e| format!("clusterd status unreadable: {e}"))
+        };
+        tokio::time::timeout(self.timeout, fetch)
+            .await
+            .unwrap_or_else(|_| Err(format!("clusterd did not answer within {:?}", self.timeout)))
+    }
+}

@@ -1,0 +1,430 @@
+//! The Deployment: the user's pod template with clusterd injected.
+
+use clustered_api::v1alpha1::ClusteredService;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, Lifecycle,
+    LifecycleHandler, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, SleepAction, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use thiserror::Error;
+
+use super::{Settings, child_meta, clusterd_args, selector_labels};
+
+/// Where the init container puts clusterd, inside the app container.
+pub const CLUSTERD_BIN: &str = "/clustered/bin/clusterd";
+const CLUSTERD_DIR: &str = "/clustered/bin";
+const CLUSTERD_VOLUME: &str = "clusterd-bin";
+pub const APP_PORT_NAME: &str = "http";
+pub const ADMIN_PORT_NAME: &str = "clusterd-admin";
+
+/// Why a ClusteredService cannot become a Deployment. The CRD's rules
+/// reject these at admission; they can still reach the operator from
+/// objects stored before the rules existed.
+#[derive(Debug, Error, PartialEq)]
+pub enum TemplateError {
+    #[error("spec.template.spec is missing")]
+    MissingPodSpec,
+    #[error("spec.template.spec.containers has no container named {0:?}")]
+    UnknownAppContainer(String),
+    #[error("the app container {0:?} has no command for clusterd to run")]
+    MissingCommand(String),
+}
+
+/// The Deployment running `csvc`.
+pub fn deployment(
+    csvc: &ClusteredService,
+    settings: &Settings,
+) -> Result<Deployment, TemplateError> {
+    let spec = &csvc.spec;
+    let mut template: PodTemplateSpec = spec.template.clone();
+    let pod = template
+        .spec
+        .as_mut()
+        .ok_or(TemplateError::MissingPodSpec)?;
+    let app_name = spec
+        .app_container_name()
+        .ok_or(TemplateError::MissingPodSpec)?
+        .to_string();
+    let app = pod
+        .containers
+        .iter_mut()
+        .find(|c| c.name == app_name)
+        .ok_or_else(|| TemplateError::UnknownAppContainer(app_name.clone()))?;
+    wrap_app_container(app, csvc)?;
+    inject_clusterd(pod, settings, spec.shutdown.drain_timeout_seconds);
+
+    let meta = template.metadata.get_or_insert_with(Default::default);
+    meta.labels
+        .get_or_insert_with(Default::default)
+        .extend(selector_labels(csvc));
+
+    Ok(Deployment {
+        metadata: child_meta(csvc),
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(csvc)),
+                ..Default::default()
+            },
+            template,
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// The app's command becomes `clusterd <flags> -- <command>`; its ports and
+/// probes are clusterd's.
+fn wrap_app_container(app: &mut Container, csvc: &ClusteredService) -> Result<(), TemplateError> {
+    let spec = &csvc.spec;
+    let command = app
+        .command
+        .take()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| TemplateError::MissingCommand(app.name.clone()))?;
+    let mut wrapped = vec![CLUSTERD_BIN.to_string()];
+    wrapped.extend(clusterd_args(spec));
+    wrapped.push("--".into());
+    wrapped.extend(command);
+    // `args` stay as they are: Kubernetes appends them after `command`, so
+    // they still reach the app.
+    app.command = Some(wrapped);
+
+    let ports = app.ports.get_or_insert_with(Vec::new);
+    ports.retain(|p| p.container_port != spec.port && p.container_port != spec.admin_port);
+    ports.push(container_port(APP_PORT_NAME, spec.port));
+    ports.push(container_port(ADMIN_PORT_NAME, spec.admin_port));
+
+    let probe = |path: &str, failure_threshold| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(ADMIN_PORT_NAME.into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(5),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failure_threshold),
+        ..Default::default()
+    };
+    app.liveness_probe
+        .get_or_insert_with(|| probe("/healthz", 3));
+    app.readiness_probe.get_or_insert_with(|| Probe {
+        period_seconds: Some(2),
+        ..probe("/readyz", 1)
+    });
+
+    app.volume_mounts
+        .get_or_insert_with(Vec::new)
+        .push(VolumeMount {
+            name: CLUSTERD_VOLUME.into(),
+            mount_path: CLUSTERD_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    Ok(())
+}
+
+/// The init container that copies clusterd into a shared emptyDir, the
+/// volume itself, and the pod-level settings clusterd relies on.
+fn inject_clusterd(pod: &mut PodSpec, settings: &Settings, drain_timeout_seconds: i32) {
+    pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: CLUSTERD_VOLUME.into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(Quantity("64Mi".into())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    pod.init_containers.get_or_insert_with(Vec::new).insert(
+        0,
+        Container {
+            name: "clusterd-install".into(),
+            image: Some(settings.clusterd_image.clone()),
+            image_pull_policy: Some("IfNotPresent".into()),
+            command: Some(vec![
+                "/clusterd".into(),
+                "--install-to".into(),
+                CLUSTERD_BIN.into(),
+            ]),
+            volume_mounts: Some(vec![VolumeMount {
+                name: CLUSTERD_VOLUME.into(),
+                mount_path: CLUSTERD_DIR.into(),
+                ..Default::default()
+            }]),
+            resources: Some(ResourceRequirements {
+                requests: Some(
+                    [
+                        ("cpu".into(), Quantity("10m".into())),
+                        ("memory".into(), Quantity("16Mi".into())),
+                    ]
+                    .into(),
+                ),
+                limits: Some(
+                    [
+                        ("cpu".into(), Quantity("100m".into())),
+                        ("memory".into(), Quantity("32Mi".into())),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            }),
+            security_context: Some(restricted_security_context()),
+            ..Default::default()
+        },
+    );
+
+    // The app's workers get no API credentials: clusterd reports health over
+    // its admin port instead. Users who need a token say so explicitly.
+    pod.automount_service_account_token.get_or_insert(false);
+
+    // Wait for endpoints to drop the pod before clusterd stops accepting,
+    // then give the drain its full time.
+    let pre_stop = settings.pre_stop_delay_seconds;
+    let needed = pre_stop + i64::from(drain_timeout_seconds) + 5;
+    let grace = pod.termination_grace_period_seconds.get_or_insert(needed);
+    *grace = (*grace).max(needed);
+    if pre_stop > 0 {
+        for container in &mut pod.containers {
+            if container
+                .command
+                .as_ref()
+                .and_then(|c| c.first())
+                .is_some_and(|c| c == CLUSTERD_BIN)
+            {
+                container
+                    .lifecycle
+                    .get_or_insert_with(Lifecycle::default)
+                    .pre_stop
+                    .get_or_insert(LifecycleHandler {
+                        sleep: Some(SleepAction { seconds: pre_stop }),
+                        ..Default::default()
+                    });
+            }
+        }
+    }
+}
+
+fn container_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: port,
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+/// What the `restricted` Pod Security Standard asks of a container.
+fn restricted_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::SERVICE_LABEL;
+    use crate::resources::test_support::{APP, csvc};
+
+    fn pod_spec(d: &Deployment) -> &PodSpec {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec")
+    }
+
+    #[test]
+    fn app_command_is_wrapped_by_clusterd() {
+        let d = deployment(&csvc(APP), &Settings::default()).expect("deployment");
+        let app = &pod_spec(&d).containers[0];
+        let command = app.command.as_ref().expect("command");
+        assert_eq!(command[0], CLUSTERD_BIN);
+        let sep = command
+            .iter()
+            .position(|a| a == "--")
+            .expect("-- separator");
+        assert_eq!(&command[sep + 1..], ["node", "server.js"]);
+        assert!(command[1..sep].contains(&"--port=8080".to_string()));
+        assert_eq!(
+            app.args.as_deref(),
+            Some(&["--verbose".to_string()][..]),
+            "args still reach the app"
+        );
+    }
+
+    #[test]
+    fn ports_probes_and_volume_are_clusterd_s() {
+        let d = deployment(&csvc(APP), &Settings::default()).expect("deployment");
+        let pod = pod_spec(&d);
+        let app = &pod.containers[0];
+        let ports: Vec<_> = app
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.as_deref(), p.container_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [(Some("http"), 8080), (Some("clusterd-admin"), 9901)]
+        );
+        let path = |p: &Option<Probe>| {
+            p.as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .and_then(|h| h.path.clone())
+        };
+        assert_eq!(path(&app.liveness_probe).as_deref(), Some("/healthz"));
+        assert_eq!(path(&app.readiness_probe).as_deref(), Some("/readyz"));
+        let mount = &app.volume_mounts.as_ref().expect("mounts")[0];
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (CLUSTERD_DIR, Some(true))
+        );
+        let init = &pod.init_containers.as_ref().expect("init containers")[0];
+        assert_eq!(init.image.as_deref(), Some("clustered.dev/clusterd:dev"));
+        assert_eq!(
+            init.command
+                .as_ref()
+                .expect("init command")
+                .last()
+                .map(String::as_str),
+            Some(CLUSTERD_BIN)
+        );
+        assert_eq!(
+            init.security_context
+                .as_ref()
+                .and_then(|s| s.run_as_non_root),
+            Some(true)
+        );
+        assert_eq!(
+            pod.volumes.as_ref().expect("volumes")[0].name,
+            CLUSTERD_VOLUME
+        );
+    }
+
+    #[test]
+    fn no_token_and_a_grace_period_covering_the_drain() {
+        let d = deployment(
+            &csvc(&format!("  shutdown: {{drainTimeoutSeconds: 40}}\n{APP}")),
+            &Settings::default(),
+        )
+        .expect("deployment");
+        let pod = pod_spec(&d);
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(pod.termination_grace_period_seconds, Some(3 + 40 + 5));
+        let pre_stop = pod.containers[0]
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .expect("preStop");
+        assert_eq!(pre_stop.sleep.as_ref().map(|s| s.seconds), Some(3));
+    }
+
+    #[test]
+    fn the_user_s_explicit_choices_win() {
+        let yaml = "  template:
+    spec:
+      automountServiceAccountToken: true
+      terminationGracePeriodSeconds: 120
+      containers:
+        - name: app
+          command: [node, server.js]
+          readinessProbe:
+            httpGet: {path: /mine, port: 8080}
+";
+        let d = deployment(&csvc(yaml), &Settings::default()).expect("deployment");
+        let pod = pod_spec(&d);
+        assert_eq!(pod.automount_service_account_token, Some(true));
+        assert_eq!(pod.termination_grace_period_seconds, Some(120));
+        let readiness = pod.containers[0]
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref());
+        assert_eq!(readiness.and_then(|h| h.path.as_deref()), Some("/mine"));
+    }
+
+    #[test]
+    fn app_container_by_name_and_others_untouched() {
+        let yaml = "  appContainer: app
+  template:
+    spec:
+      containers:
+        - name: shipper
+          command: [sleep, infinity]
+        - name: app
+          command: [python3, app.py]
+";
+        let d = deployment(&csvc(yaml), &Settings::default()).expect("deployment");
+        let pod = pod_spec(&d);
+        assert_eq!(
+            pod.containers[0].command.as_deref(),
+            Some(&["sleep".to_string(), "infinity".to_string()][..])
+        );
+        assert_eq!(
+            pod.containers[1].command.as_ref().expect("app")[0],
+            CLUSTERD_BIN
+        );
+    }
+
+    #[test]
+    fn replicas_selector_labels_and_owner() {
+        let d = deployment(
+            &csvc(&format!("  replicas: 5\n{APP}")),
+            &Settings::default(),
+        )
+        .expect("deployment");
+        let spec = d.spec.as_ref().expect("spec");
+        assert_eq!(spec.replicas, Some(5));
+        let selector = spec.selector.match_labels.as_ref().expect("selector");
+        assert_eq!(selector.get(SERVICE_LABEL).map(String::as_str), Some("web"));
+        let pod_labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.as_ref())
+            .expect("pod labels");
+        assert_eq!(
+            pod_labels.get(SERVICE_LABEL).map(String::as_str),
+            Some("web")
+        );
+        let owner = &d.metadata.owner_references.as_ref().expect("owner")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+            ("ClusteredService", "web", Some(true))
+        );
+        assert_eq!(d.metadata.namespace.as_deref(), Some("shop"));
+    }
+
+    #[test]
+    fn broken_templates_are_errors_not_panics() {
+        let no_command = csvc("  template:\n    spec:\n      containers:\n        - name: app\n");
+        assert_eq!(
+            deployment(&no_command, &Settings::default()).err(),
+            Some(TemplateError::MissingCommand("app".into()))
+        );
+        let unknown = csvc(&format!("  appContainer: web\n{APP}"));
+        assert_eq!(
+            deployment(&unknown, &Settings::default()).err(),
+            Some(TemplateError::UnknownAppContainer("web".into()))
+        );
+        let no_containers = csvc("  template:\n    spec:\n      containers: []\n");
+        assert_eq!(
+            deployment(&no_containers, &Settings::default()).err(),
+            Some(TemplateError::MissingPodSpec)
+        );
+    }
+}

@@ -1,0 +1,81 @@
+//! `/healthz`, `/readyz` and `/metrics` of the operator.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+pub struct Health {
+    /// Set once the replica is either leading with its caches started or
+    /// waiting as a standby: both are fit to receive a rollout's traffic.
+    pub ready: AtomicBool,
+}
+
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    health: Arc<Health>,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    info!(%addr, "serving /healthz, /readyz and /metrics");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let (registry, health) = (registry.clone(), health.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let (registry, health) = (registry.clone(), health.clone());
+                async move { Ok::<_, Infallible>(route(&req, &registry, &health)) }
+            });
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+fn route(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" if health.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n".into()),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into()),
+        "/metrics" => {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, registry) {
+                Ok(()) => {
+                    let mut response = text(StatusCode::OK, body);
+                    response.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static(
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        ),
+                    );
+                    response
+                }
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding metrics: {e}\n"),
+                ),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
