@@ -1,0 +1,118 @@
+//! The admin port: /healthz, /readyz, /status, /metrics.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+use crate::proxy::http::{ProxyBody, full, plain};
+use crate::supervisor::{Event, Shared};
+
+pub struct Admin {
+    pub shared: Arc<Shared>,
+    pub events: UnboundedSender<Event>,
+    pub metrics: Arc<Metrics>,
+    pub min_ready: u32,
+}
+
+impl Admin {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            let admin = Arc::clone(&self);
+            tokio::spawn(async move {
+                let service = service_fn(move |req| Arc::clone(&admin).handle(req));
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "admin connection ended with an error");
+                }
+            });
+        }
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let response = match req.uri().path() {
+            "/healthz" => plain(StatusCode::OK, "ok\n".into()),
+            "/readyz" => self.readyz(),
+            "/status" => match self.status_json().await {
+                Some(json) => with_type(StatusCode::OK, json, "application/json"),
+                None => plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "supervisor is gone\n".into(),
+                ),
+            },
+            "/metrics" => match self.status().await {
+                Some(status) => with_type(
+                    StatusCode::OK,
+                    self.metrics.render(&status),
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+                None => plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "supervisor is gone\n".into(),
+                ),
+            },
+            _ => plain(
+                StatusCode::NOT_FOUND,
+                "not found: try /healthz, /readyz, /status, /metrics\n".into(),
+            ),
+        };
+        Ok(response)
+    }
+
+    fn readyz(&self) -> Response<ProxyBody> {
+        let ready = self.shared.ready.load(Ordering::SeqCst);
+        if self.shared.draining.load(Ordering::SeqCst) {
+            plain(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+        } else if ready >= self.min_ready {
+            plain(StatusCode::OK, format!("ready: {ready} workers\n"))
+        } else {
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {ready} of {} workers ready\n", self.min_ready),
+            )
+        }
+    }
+
+    async fn status(&self) -> Option<clustered_api::wire::ClusterdStatus> {
+        let (reply, answer) = oneshot::channel();
+        self.events.send(Event::Status(reply)).ok()?;
+        answer.await.ok()
+    }
+
+    async fn status_json(&self) -> Option<String> {
+        let status = self.status().await?;
+        serde_json::to_string_pretty(&status).ok()
+    }
+}
+
+fn with_type(status: StatusCode, body: String, content_type: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(full(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}

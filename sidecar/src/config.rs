@@ -1,0 +1,307 @@
+//! Command line of clusterd. The long flag names are a contract with the
+//! operator, which renders a `ClusteredService` spec into them.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser, ValueEnum, error::ErrorKind};
+
+use crate::policy::{Rounding, WorkerCount};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "clusterd",
+    version,
+    about = "Runs one worker of <command> per CPU of the container's limit, shares one port between them and supervises them.",
+    override_usage = "clusterd [OPTIONS] -- <command> [args...]"
+)]
+pub struct Config {
+    /// `auto` (= the CPU limit, see --rounding) or a fixed number of workers.
+    #[arg(long, env = "CLUSTERD_WORKERS", default_value = "auto")]
+    pub workers: WorkerCount,
+    /// Lower bound for the worker count.
+    #[arg(long)]
+    pub min_workers: Option<u32>,
+    /// Upper bound for the worker count.
+    #[arg(long)]
+    pub max_workers: Option<u32>,
+    /// How a fractional CPU limit becomes a worker count (always at least 1).
+    #[arg(long, value_enum, default_value_t = Rounding::Floor)]
+    pub rounding: Rounding,
+    /// CPU limit in cores, overriding cgroup detection (e.g. 2.5).
+    #[arg(long, env = "CLUSTERD_CPU_LIMIT")]
+    pub cpu_limit: Option<f64>,
+    /// How often the cgroup CPU limit is re-read to scale workers.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub cpu_poll_interval: Duration,
+
+    /// The shared port the workers serve on.
+    #[arg(long, env = "CLUSTERD_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Address of the shared port.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+    /// How workers share the port.
+    #[arg(long, value_enum, default_value_t = PortMode::Proxy)]
+    pub port_mode: PortMode,
+    /// Proxy mode only: `http` balances requests, `tcp` balances connections.
+    #[arg(long, value_enum, default_value_t = Protocol::Http)]
+    pub protocol: Protocol,
+    /// `PREFIX=N`: N dedicated workers for paths starting with PREFIX
+    /// (longest prefix wins; proxy + http only). Repeatable.
+    #[arg(long = "route", value_parser = parse_route)]
+    pub routes: Vec<RouteSpec>,
+
+    /// Port of /healthz, /readyz, /status and /metrics.
+    #[arg(long, default_value_t = 9901)]
+    pub admin_port: u16,
+    /// Address of the admin port.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub admin_bind: IpAddr,
+
+    /// How workers are probed (proxy mode; see README for the other modes).
+    #[arg(long, value_enum, default_value_t = HealthCheck::Http)]
+    pub health_check: HealthCheck,
+    /// Path of the HTTP probe (2xx/3xx = healthy).
+    #[arg(long, default_value = "/")]
+    pub health_path: String,
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub health_period: Duration,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub health_timeout: Duration,
+    /// Consecutive failed probes before a worker leaves the rotation.
+    #[arg(long, default_value_t = 3)]
+    pub health_failure_threshold: u32,
+    /// A worker failing probes (or not starting) for this long is killed and restarted.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub hung_after: Duration,
+    /// inherit/reuseport modes: a live worker counts as Ready after this long.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub startup_grace: Duration,
+
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub initial_backoff: Duration,
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub max_backoff: Duration,
+    /// A worker that ran this long resets its backoff.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub stable_after: Duration,
+    /// Consecutive crashes after which a slot is reported as CrashLoop.
+    #[arg(long, default_value_t = 5)]
+    pub crash_loop_threshold: u32,
+
+    /// Recycle a worker after it served this many requests (proxy mode).
+    #[arg(long)]
+    pub max_requests: Option<u64>,
+    /// Recycle a worker whose RSS exceeds this many MiB.
+    #[arg(long)]
+    pub max_memory_mib: Option<u64>,
+
+    /// Time from SIGTERM until stragglers are SIGKILLed.
+    #[arg(long, default_value = "25s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// /readyz answers 200 when at least this many workers are Ready.
+    #[arg(long, default_value_t = 1)]
+    pub min_ready: u32,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// The worker command and its arguments.
+    #[arg(last = true, required = true, num_args = 1.., value_name = "command")]
+    pub command: Vec<String>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortMode {
+    Proxy,
+    Inherit,
+    Reuseport,
+}
+
+impl PortMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortMode::Proxy => "proxy",
+            PortMode::Inherit => "inherit",
+            PortMode::Reuseport => "reuseport",
+        }
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Tcp,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthCheck {
+    Http,
+    Tcp,
+    None,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One `--route PREFIX=N`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub prefix: String,
+    pub workers: u32,
+}
+
+fn parse_route(s: &str) -> Result<RouteSpec, String> {
+    let (prefix, n) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("expected PREFIX=N, got {s:?}"))?;
+    if !prefix.starts_with('/') {
+        return Err(format!("route prefix must start with '/', got {prefix:?}"));
+    }
+    let workers: u32 = n
+        .parse()
+        .map_err(|_| format!("route worker count must be a positive integer, got {n:?}"))?;
+    if workers == 0 {
+        return Err("a route needs at least 1 worker".into());
+    }
+    Ok(RouteSpec {
+        prefix: prefix.to_string(),
+        workers,
+    })
+}
+
+impl Config {
+    /// Parses the command line; exits with status 2 and a message on bad arguments.
+    pub fn from_args() -> Config {
+        let config = Config::parse();
+        if let Err(msg) = config.validate() {
+            Config::command()
+                .error(ErrorKind::ArgumentConflict, msg)
+                .exit();
+        }
+        config
+    }
+
+    /// Checks that clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if let (Some(min), Some(max)) = (self.min_workers, self.max_workers)
+            && min > max
+        {
+            return Err(format!(
+                "--min-workers {min} is greater than --max-workers {max}"
+            ));
+        }
+        if self.max_workers == Some(0) {
+            return Err("--max-workers must be at least 1".into());
+        }
+        if let Some(cpu) = self.cpu_limit
+            && !(cpu.is_finite() && cpu > 0.0)
+        {
+            return Err(format!(
+                "--cpu-limit must be a positive number of cores, got {cpu}"
+            ));
+        }
+        if !self.routes.is_empty()
+            && (self.port_mode != PortMode::Proxy || self.protocol != Protocol::Http)
+        {
+            return Err("--route needs --port-mode proxy and --protocol http".into());
+        }
+        let mut prefixes: Vec<&str> = self.routes.iter().map(|r| r.prefix.as_str()).collect();
+        prefixes.sort_unstable();
+        if prefixes.windows(2).any(|w| w[0] == w[1]) {
+            return Err("each --route prefix may be given only once".into());
+        }
+        if !self.health_path.starts_with('/') {
+            return Err(format!(
+                "--health-path must start with '/', got {:?}",
+                self.health_path
+            ));
+        }
+        if self.health_failure_threshold == 0 {
+            return Err("--health-failure-threshold must be at least 1".into());
+        }
+        if self.cpu_poll_interval.is_zero() || self.health_period.is_zero() {
+            return Err("--cpu-poll-interval and --health-period must be greater than 0".into());
+        }
+        if self.port_mode == PortMode::Proxy && self.port == 0 {
+            return Err("--port must not be 0".into());
+        }
+        Ok(())
+    }
+
+    /// Workers dedicated to route pools, in total.
+    pub fn route_workers(&self) -> u32 {
+        self.routes.iter().map(|r| r.workers).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let c = Config::try_parse_from(args).map_err(|e| e.to_string())?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = parse(&["clusterd", "--", "node", "server.js"]).expect("parse");
+        assert_eq!(c.workers, WorkerCount::Auto);
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.admin_port, 9901);
+        assert_eq!(c.port_mode, PortMode::Proxy);
+        assert_eq!(c.health_period, Duration::from_secs(5));
+        assert_eq!(c.initial_backoff, Duration::from_millis(100));
+        assert_eq!(c.drain_timeout, Duration::from_secs(25));
+        assert_eq!(c.command, vec!["node", "server.js"]);
+    }
+
+    #[test]
+    fn routes_parse_and_validate() {
+        let c = parse(&["clusterd", "--route", "/report=2", "--", "x"]).expect("parse");
+        assert_eq!(
+            c.routes,
+            vec![RouteSpec {
+                prefix: "/report".into(),
+                workers: 2
+            }]
+        );
+        assert!(parse(&["clusterd", "--route", "report=2", "--", "x"]).is_err());
+        assert!(parse(&["clusterd", "--route", "/a=0", "--", "x"]).is_err());
+        assert!(
+            parse(&[
+                "clusterd",
+                "--route",
+                "/a=1",
+                "--port-mode",
+                "inherit",
+                "--",
+                "x"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn bad_bounds_are_rejected() {
+        assert!(
+            parse(&[
+                "clusterd",
+                "--min-workers",
+                "3",
+                "--max-workers",
+                "2",
+                "--",
+                "x"
+            ])
+            .is_err()
+        );
+        assert!(parse(&["clusterd", "--cpu-limit", "0", "--", "x"]).is_err());
+        assert!(parse(&["clusterd"]).is_err());
+    }
+}

@@ -1,0 +1,273 @@
+//! clusterd: an in-pod cluster manager. It runs one worker of the user's
+//! command per CPU of the container's limit, shares one port between them
+//! (proxy, inherited socket or SO_REUSEPORT), supervises and reloads them,
+//! and reports on an admin port. See README.md for the user's view.
+
+pub mod admin;
+pub mod cgroup;
+pub mod config;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod signals;
+pub mod supervisor;
+
+use std::io;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use config::{Config, LogFormat, PortMode, Protocol};
+use metrics::Metrics;
+use proxy::Router;
+use supervisor::spawn::CommandSpec;
+use supervisor::{Event, PortSetup, Shared, Supervisor};
+
+/// Exit statuses when clusterd cannot run (clap exits 2 on bad arguments).
+pub mod exit {
+    pub const INTERNAL: u8 = 1;
+    pub const BAD_ARGS: u8 = 2;
+    pub const CANNOT_BIND: u8 = 3;
+    /// The command exists but cannot be executed (like a shell).
+    pub const CANNOT_EXECUTE: u8 = 126;
+    /// The command was not found (like a shell).
+    pub const NOT_FOUND: u8 = 127;
+}
+
+/// A failure before the workers run, with the exit status it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot bind the {what} port {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("cannot run {command:?}: {source}")]
+    Command { command: String, source: io::Error },
+    #[error("{0}")]
+    Other(#[from] io::Error),
+}
+
+impl StartupError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartupError::Bind { .. } => exit::CANNOT_BIND,
+            StartupError::Command { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                exit::NOT_FOUND
+            }
+            StartupError::Command { .. } => exit::CANNOT_EXECUTE,
+            StartupError::Other(_) => exit::INTERNAL,
+        }
+    }
+}
+
+/// Entry point of the binary.
+pub fn main_entry() -> ExitCode {
+    let config = Config::from_args();
+    init_logging(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        // The proxy shares the CPU quota with the workers: stay small.
+        .worker_threads(2)
+        .thread_name("clusterd")
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(exit::INTERNAL);
+        }
+    };
+    let code = match runtime.block_on(run(config)) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("clusterd: {e}");
+            e.exit_code()
+        }
+    };
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    ExitCode::from(code)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CLUSTERD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
+        .with_writer(io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartupError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Bind { what, addr, source })
+}
+
+/// Runs clusterd until it shuts down; returns the exit status.
+pub async fn run(config: Config) -> Result<u8, StartupError> {
+    let config = Arc::new(config);
+    become_subreaper();
+    // Handlers go in before the first fork so no exit or signal is missed.
+    let sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    signals::install(events_tx.clone())?;
+
+    let command = config.command.join(" ");
+    let spec = CommandSpec::resolve(&config.command).map_err(|source| StartupError::Command {
+        command: command.clone(),
+        source,
+    })?;
+    let cpu = cgroup::detect(config.cpu_limit);
+
+    let admin_listener = bind(
+        "admin",
+        SocketAddr::new(config.admin_bind, config.admin_port),
+    )
+    .await?;
+    let shared_addr = SocketAddr::new(config.bind, config.port);
+    let metrics = Arc::new(Metrics::new());
+    let shared = Arc::new(Shared::default());
+    let proxy_shutdown = CancellationToken::new();
+    let router = Arc::new(Router::new(config.routes.iter().map(|r| r.prefix.as_str())));
+    let (port, proxy_listener) = match config.port_mode {
+        PortMode::Proxy => {
+            let listener = bind("shared", shared_addr).await?;
+            (
+                PortSetup::Proxy {
+                    router: Arc::clone(&router),
+                    shutdown: proxy_shutdown.clone(),
+                },
+                Some(listener),
+            )
+        }
+        PortMode::Inherit => {
+            let listener =
+                std::net::TcpListener::bind(shared_addr).map_err(|source| StartupError::Bind {
+                    what: "shared",
+                    addr: shared_addr,
+                    source,
+                })?;
+            (PortSetup::Inherit(Some(listener)), None)
+        }
+        PortMode::Reuseport => (PortSetup::Reuseport, None),
+    };
+
+    let mut supervisor = Supervisor::new(
+        Arc::clone(&config),
+        spec,
+        port,
+        cpu,
+        events_tx.clone(),
+        Arc::clone(&shared),
+        Arc::clone(&metrics),
+    );
+    supervisor.start().map_err(|e| StartupError::Command {
+        command,
+        source: e.0,
+    })?;
+    tracing::info!(
+        port = config.port,
+        mode = config.port_mode.as_str(),
+        admin = config.admin_port,
+        pid = std::process::id(),
+        "clusterd running"
+    );
+
+    let (exits_tx, mut exits_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(supervisor::reaper::run(sigchld, exits_tx));
+    let events = events_tx.clone();
+    tokio::spawn(async move {
+        while let Some((pid, exit)) = exits_rx.recv().await {
+            if events.send(Event::Exited(pid, exit)).is_err() {
+                break;
+            }
+        }
+    });
+    if let Some(listener) = proxy_listener {
+        spawn_proxy(
+            &config,
+            listener,
+            router,
+            Arc::clone(&metrics),
+            proxy_shutdown,
+            events_tx.clone(),
+        );
+    }
+    let admin = Arc::new(admin::Admin {
+        shared,
+        events: events_tx.clone(),
+        metrics,
+        min_ready: config.min_ready,
+    });
+    tokio::spawn(admin.serve(admin_listener));
+    if config.cpu_limit.is_none() {
+        tokio::spawn(poll_cpu_limit(config.cpu_poll_interval, events_tx.clone()));
+    }
+    drop(events_tx);
+
+    let code = supervisor.run(events_rx).await;
+    // Anything still unreaped (e.g. orphans that just exited) goes now.
+    supervisor::reaper::reap_exited();
+    tracing::info!(code, "clusterd exiting");
+    Ok(code)
+}
+
+fn spawn_proxy(
+    config: &Config,
+    listener: TcpListener,
+    router: Arc<Router>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+) {
+    let protocol = config.protocol;
+    tokio::spawn(async move {
+        match protocol {
+            Protocol::Http => {
+                let proxy = Arc::new(proxy::http::HttpProxy::new(router, metrics));
+                proxy.serve(listener, shutdown).await;
+            }
+            Protocol::Tcp => {
+                let pool = Arc::clone(router.route("/"));
+                proxy::tcp::serve(listener, pool, metrics, shutdown).await;
+            }
+        }
+        let _ = events.send(Event::ProxyDrained);
+    });
+}
+
+async fn poll_cpu_limit(
+    interval: std::time::Duration,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let limit = tokio::task::spawn_blocking(|| cgroup::detect(None)).await;
+        let Ok(limit) = limit else { continue };
+        if events.send(Event::CpuLimit(limit)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Orphaned grandchildren are re-parented to clusterd instead of the host's
+/// init, so the single reaper collects them. PID 1 gets them anyway.
+fn become_subreaper() {
+    if std::process::id() != 1
+        && let Err(e) = nix::sys::prctl::set_child_subreaper(true)
+    {
+        tracing::warn!(error = %e, "cannot become a child subreaper");
+    }
+}

@@ -1,0 +1,138 @@
+//! Prometheus metrics served at `/metrics` on the admin port.
+
+use std::sync::atomic::AtomicU64;
+
+use clustered_api::wire::{ClusterdStatus, WorkerState};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub pool: String,
+    pub worker: String,
+}
+
+const ALL_STATES: [WorkerState; 7] = [
+    WorkerState::Starting,
+    WorkerState::Ready,
+    WorkerState::Unhealthy,
+    WorkerState::Draining,
+    WorkerState::Backoff,
+    WorkerState::CrashLoop,
+    WorkerState::Stopped,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub workers: Family<StateLabels, Gauge>,
+    pub restarts: Counter,
+    pub requests: Family<RequestLabels, Counter>,
+    pub in_flight: Gauge,
+    pub proxy_errors: Counter,
+    pub retries: Counter,
+    pub cpu_limit: Gauge<f64, AtomicU64>,
+    pub desired_workers: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("clusterd");
+        let workers = Family::<StateLabels, Gauge>::default();
+        let restarts = Counter::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let in_flight = Gauge::default();
+        let proxy_errors = Counter::default();
+        let retries = Counter::default();
+        let cpu_limit = Gauge::<f64, AtomicU64>::default();
+        let desired_workers = Gauge::default();
+        registry.register("workers", "Worker slots by state", workers.clone());
+        registry.register(
+            "worker_restarts",
+            "Worker processes restarted after exiting",
+            restarts.clone(),
+        );
+        registry.register(
+            "requests",
+            "Requests proxied, by pool and worker id",
+            requests.clone(),
+        );
+        registry.register(
+            "in_flight_requests",
+            "Requests (or TCP connections) being proxied",
+            in_flight.clone(),
+        );
+        registry.register(
+            "proxy_errors",
+            "Failed attempts to reach a worker",
+            proxy_errors.clone(),
+        );
+        registry.register(
+            "proxy_retries",
+            "Requests retried on another worker",
+            retries.clone(),
+        );
+        registry.register(
+            "cpu_limit_cores",
+            "CPU limit clusterd sees",
+            cpu_limit.clone(),
+        );
+        registry.register(
+            "desired_workers",
+            "Workers the policy asks for",
+            desired_workers.clone(),
+        );
+        Metrics {
+            registry,
+            workers,
+            restarts,
+            requests,
+            in_flight,
+            proxy_errors,
+            retries,
+            cpu_limit,
+            desired_workers,
+        }
+    }
+
+    pub fn count_request(&self, pool: &str, worker: u32) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                pool: pool.to_string(),
+                worker: worker.to_string(),
+            })
+            .inc();
+    }
+
+    /// Encodes the registry after refreshing the gauges that mirror `status`.
+    pub fn render(&self, status: &ClusterdStatus) -> String {
+        for state in ALL_STATES {
+            let count = status.workers.iter().filter(|w| w.state == state).count();
+            self.workers
+                .get_or_create(&StateLabels {
+                    state: format!("{state:?}"),
+                })
+                .set(count as i64);
+        }
+        self.desired_workers.set(i64::from(status.desired_workers));
+        self.cpu_limit.set(status.cpu.cores.unwrap_or(0.0));
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}

@@ -1,0 +1,220 @@
+//! Proxy mode: clusterd owns the shared port and balances over the workers'
+//! private loopback ports.
+//!
+//! The supervisor decides which workers are in rotation and publishes them
+//! per pool; the proxy only reads those lists and the per-worker counters.
+
+pub mod http;
+pub mod tcp;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::metrics::Metrics;
+use crate::policy::DEFAULT_POOL;
+
+/// One worker process as the proxy sees it.
+#[derive(Debug)]
+pub struct Backend {
+    pub worker_id: u32,
+    pub pid: u32,
+    pub addr: SocketAddr,
+    pub pool: Arc<str>,
+    pub in_flight: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+impl Backend {
+    pub fn new(worker_id: u32, pid: u32, addr: SocketAddr, pool: Arc<str>) -> Backend {
+        Backend {
+            worker_id,
+            pid,
+            addr,
+            pool,
+            in_flight: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Counts a request (or TCP connection) against a backend while it lives.
+pub struct InFlight {
+    backend: Arc<Backend>,
+    metrics: Arc<Metrics>,
+}
+
+impl InFlight {
+    pub fn start(backend: Arc<Backend>, metrics: Arc<Metrics>) -> InFlight {
+        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        metrics.in_flight.inc();
+        InFlight { backend, metrics }
+    }
+
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.in_flight.dec();
+    }
+}
+
+/// The workers in rotation for one pool.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: Arc<str>,
+    members: RwLock<Arc<[Arc<Backend>]>>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(name: &str) -> Pool {
+        Pool {
+            name: name.into(),
+            members: RwLock::new(Arc::from(Vec::new())),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn set_members(&self, members: Vec<Arc<Backend>>) {
+        let mut guard = self.members.write().unwrap_or_else(|e| e.into_inner());
+        *guard = Arc::from(members);
+    }
+
+    fn members(&self) -> Arc<[Arc<Backend>]> {
+        self.members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The member with the fewest outstanding requests, skipping `tried`
+    /// pids. Scanning from a rotating start makes ties round robin.
+    pub fn pick(&self, tried: &[u32]) -> Option<Arc<Backend>> {
+        let members = self.members();
+        if members.is_empty() {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut best: Option<&Arc<Backend>> = None;
+        for offset in 0..members.len() {
+            let candidate = &members[(start + offset) % members.len()];
+            if tried.contains(&candidate.pid) {
+                continue;
+            }
+            let load = candidate.in_flight.load(Ordering::Relaxed);
+            if best.is_none_or(|b| load < b.in_flight.load(Ordering::Relaxed)) {
+                best = Some(candidate);
+            }
+        }
+        best.cloned()
+    }
+}
+
+/// Path prefix → pool; longest prefix wins, everything else goes to `default`.
+#[derive(Debug)]
+pub struct Router {
+    /// Sorted by prefix length, longest first.
+    routes: Vec<(String, Arc<Pool>)>,
+    default: Arc<Pool>,
+}
+
+impl Router {
+    pub fn new<'a>(prefixes: impl IntoIterator<Item = &'a str>) -> Router {
+        let mut routes: Vec<(String, Arc<Pool>)> = prefixes
+            .into_iter()
+            .map(|p| (p.to_string(), Arc::new(Pool::new(p))))
+            .collect();
+        routes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+        Router {
+            routes,
+            default: Arc::new(Pool::new(DEFAULT_POOL)),
+        }
+    }
+
+    pub fn route(&self, path: &str) -> &Arc<Pool> {
+        self.routes
+            .iter()
+            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map_or(&self.default, |(_, pool)| pool)
+    }
+
+    /// The pool named `name` (a route prefix or `default`).
+    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+        if name == DEFAULT_POOL {
+            return Some(&self.default);
+        }
+        self.routes
+            .iter()
+            .find(|(prefix, _)| prefix == name)
+            .map(|(_, pool)| pool)
+    }
+
+    pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.routes
+            .iter()
+            .map(|(_, pool)| pool)
+            .chain(std::iter::once(&self.default))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(id: u32, in_flight: u64) -> Arc<Backend> {
+        let b = Backend::new(
+            id,
+            100 + id,
+            SocketAddr::from(([127, 0, 0, 1], 1000 + id as u16)),
+            "default".into(),
+        );
+        b.in_flight.store(in_flight, Ordering::Relaxed);
+        Arc::new(b)
+    }
+
+    #[test]
+    fn picks_least_outstanding() {
+        let pool = Pool::new("default");
+        pool.set_members(vec![backend(0, 3), backend(1, 1), backend(2, 2)]);
+        for _ in 0..5 {
+            assert_eq!(pool.pick(&[]).map(|b| b.worker_id), Some(1));
+        }
+    }
+
+    #[test]
+    fn ties_are_round_robin() {
+        let pool = Pool::new("default");
+        pool.set_members(vec![backend(0, 0), backend(1, 0), backend(2, 0)]);
+        let mut seen: Vec<u32> = (0..6)
+            .filter_map(|_| pool.pick(&[]))
+            .map(|b| b.worker_id)
+            .collect();
+        seen.sort_unstable();
+        assert_eq!(seen, vec![0, 0, 1, 1, 2, 2]);
+    }
+
+    #[test]
+    fn tried_backends_are_skipped() {
+        let pool = Pool::new("default");
+        pool.set_members(vec![backend(0, 0), backend(1, 5)]);
+        assert_eq!(pool.pick(&[100]).map(|b| b.worker_id), Some(1));
+        assert!(pool.pick(&[100, 101]).is_none());
+        assert!(Pool::new("empty").pick(&[]).is_none());
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let router = Router::new(["/api", "/api/reports", "/report"]);
+        assert_eq!(&*router.route("/api/reports/1").name, "/api/reports");
+        assert_eq!(&*router.route("/api/users").name, "/api");
+        assert_eq!(&*router.route("/report?x=1").name, "/report");
+        assert_eq!(&*router.route("/light").name, "default");
+        assert!(router.pool("default").is_some());
+        assert!(router.pool("/nope").is_none());
+    }
+}
