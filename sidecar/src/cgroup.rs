@@ -205,21 +205,37 @@ fn mount_point_of(mountinfo: &str, fs_type: &str, option: Option<&str>) -> Optio
         .map(|m| PathBuf::from(m.mount_point))
 }
 
-fn detect_v2(proc_cgroup: &str, mountinfo: &str) -> Option<f64> {
+/// `path` as seen under `root` (`/` in production, a fixture tree in tests).
+fn under(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+fn detect_v2(proc_cgroup: &str, mountinfo: &str, root: &Path) -> Option<f64> {
     let dir = v2_cgroup_dir(proc_cgroup, mountinfo)?;
     let stop = mount_point_of(mountinfo, "cgroup2", None)?;
     tightest(&dir_and_parents(&dir, &stop), |d| {
-        parse_cpu_max(&read(&d.join("cpu.max"))?)
+        parse_cpu_max(&read(&under(root, d).join("cpu.max"))?)
     })
 }
 
-fn detect_v1(proc_cgroup: &str, mountinfo: &str) -> Option<f64> {
+fn detect_v1(proc_cgroup: &str, mountinfo: &str, root: &Path) -> Option<f64> {
     let dir = v1_cpu_cgroup_dir(proc_cgroup, mountinfo)?;
     let stop = mount_point_of(mountinfo, "cgroup", Some("cpu"))?;
     tightest(&dir_and_parents(&dir, &stop), |d| {
+        let d = under(root, d);
         let quota = read(&d.join("cpu.cfs_quota_us"))?;
         parse_cfs(&quota, read(&d.join("cpu.cfs_period_us")).as_deref())
     })
+}
+
+/// The cgroup CPU limit given the contents of /proc/self/cgroup and
+/// /proc/self/mountinfo, reading the cgroup files under `root`. cgroup v2
+/// wins when it has a limit; on hybrid hosts the cpu controller is on v1.
+pub fn detect_from(proc_cgroup: &str, mountinfo: &str, root: &Path) -> Option<CpuLimit> {
+    if let Some(cores) = detect_v2(proc_cgroup, mountinfo, root) {
+        return Some(limit(Some(cores), "cgroup-v2"));
+    }
+    detect_v1(proc_cgroup, mountinfo, root).map(|cores| limit(Some(cores), "cgroup-v1"))
 }
 
 /// CPUs this process may run on.
@@ -242,13 +258,9 @@ pub fn detect(override_cores: Option<f64>) -> CpuLimit {
     }
     let proc_cgroup = read(Path::new("/proc/self/cgroup")).unwrap_or_default();
     let mountinfo = read(Path::new("/proc/self/mountinfo")).unwrap_or_default();
-    if let Some(cores) = detect_v2(&proc_cgroup, &mountinfo) {
-        return limit(Some(cores), "cgroup-v2");
-    }
-    if let Some(cores) = detect_v1(&proc_cgroup, &mountinfo) {
-        return limit(Some(cores), "cgroup-v1");
-    }
-    limit(Some(affinity_count() as f64), "affinity")
+    detect_from(&proc_cgroup, &mountinfo, Path::new("/"))
+        // No quota: as many workers as CPUs this process may run on.
+        .unwrap_or_else(|| limit(Some(affinity_count() as f64), "affinity"))
 }
 
 fn limit(cores: Option<f64>, source: &str) -> CpuLimit {

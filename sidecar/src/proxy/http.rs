@@ -19,7 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::{Backend, InFlight, Pool, Router};
@@ -34,6 +34,10 @@ const MAX_ATTEMPTS: usize = 3;
 /// Shorter than common app keep-alive timeouts (Node: 5 s) so the pool rarely
 /// reuses a connection the worker is closing.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// After shutdown begins, how long fresh connections get to send a request.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub const WORKER_HEADER: &str = "x-clusterd-worker";
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -65,32 +69,46 @@ impl HttpProxy {
     /// finish their current request and returns once all are closed.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
         let graceful = GracefulShutdown::new();
-        let http = hyper::server::conn::http1::Builder::new();
         loop {
-            let (stream, peer) = tokio::select! {
+            tokio::select! {
                 () = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
-                    Ok(conn) => conn,
+                    Ok((stream, peer)) => self.spawn_connection(&graceful, stream, peer),
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
                     }
                 },
-            };
-            let _ = stream.set_nodelay(true);
-            let proxy = Arc::clone(&self);
-            let service = service_fn(move |req| Arc::clone(&proxy).handle(req, peer));
-            let conn = http.serve_connection(TokioIo::new(stream), service);
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "client connection ended with an error");
-                }
-            });
+            }
         }
-        drop(listener);
+        for (stream, peer) in super::drain_backlog(listener) {
+            self.spawn_connection(&graceful, stream, peer);
+        }
+        // hyper closes a connection that has not sent its first request yet
+        // as idle; give just-accepted ones time to be read before that.
+        tokio::time::sleep(FIRST_REQUEST_GRACE).await;
         graceful.shutdown().await;
+    }
+
+    fn spawn_connection(
+        self: &Arc<Self>,
+        graceful: &GracefulShutdown,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let proxy = Arc::clone(self);
+        let service = service_fn(move |req| Arc::clone(&proxy).handle(req, peer));
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+        });
     }
 
     async fn handle(

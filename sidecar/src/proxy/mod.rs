@@ -14,6 +14,27 @@ use std::sync::{Arc, RwLock};
 use crate::metrics::Metrics;
 use crate::policy::DEFAULT_POOL;
 
+/// Takes the connections already queued in the listener's backlog when
+/// shutdown begins: closing the listener would reset them.
+pub fn drain_backlog(
+    listener: tokio::net::TcpListener,
+) -> Vec<(tokio::net::TcpStream, SocketAddr)> {
+    let Ok(listener) = listener.into_std() else {
+        return Vec::new();
+    };
+    let mut queued = Vec::new();
+    // The listener is non-blocking: accept until WouldBlock.
+    while let Ok((stream, peer)) = listener.accept() {
+        let stream = stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(stream));
+        if let Ok(stream) = stream {
+            queued.push((stream, peer));
+        }
+    }
+    queued
+}
+
 /// One worker process as the proxy sees it.
 #[derive(Debug)]
 pub struct Backend {

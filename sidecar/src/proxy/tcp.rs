@@ -37,7 +37,9 @@ pub async fn serve(
         let _ = client.set_nodelay(true);
         tracker.spawn(relay(client, Arc::clone(&pool), Arc::clone(&metrics)));
     }
-    drop(listener);
+    for (client, _) in super::drain_backlog(listener) {
+        tracker.spawn(relay(client, Arc::clone(&pool), Arc::clone(&metrics)));
+    }
     tracker.close();
     tracker.wait().await;
 }
