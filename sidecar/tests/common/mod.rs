@@ -420,3 +420,13 @@ fn one_request(port: u16, path: &str) -> Outcome {
 pub fn failures(outcomes: &[Outcome]) -> Vec<&Outcome> {
     outcomes.iter().filter(|o| !o.ok()).collect()
 }
+
+impl Load {
+    /// Waits for every client to finish its bounded run.
+    pub fn finish_when_done(self) -> Vec<Outcome> {
+        self.threads
+            .into_iter()
+            .flat_map(|t| t.join().expect("load thread"))
+            .collect()
+    }
+}
