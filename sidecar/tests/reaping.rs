@@ -1,0 +1,141 @@
+//! One reaper for everything: orphaned grandchildren are re-parented to
+//! clusterd (as PID 1 of a PID namespace, or as child subreaper) and reaped.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Each worker orphans two `sleep 2` grandchildren, then becomes the app.
+fn orphaning_worker() -> Vec<String> {
+    let script = format!("(sleep 2 &); (sleep 2 &); exec node {}", app("server.js"));
+    vec!["sh".into(), "-c".into(), script]
+}
+
+fn proc_status(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).ok()
+}
+
+fn field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(str::trim)
+}
+
+/// (pid, name, state) of the children of `parent`, from the host's /proc.
+fn children(parent: u32) -> Vec<(u32, String, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let status = proc_status(pid)?;
+            let ppid: u32 = field(&status, "PPid:")?.parse().ok()?;
+            (ppid == parent).then(|| {
+                let name = field(&status, "Name:").unwrap_or("").to_string();
+                let state = field(&status, "State:").unwrap_or("").to_string();
+                (pid, name, state)
+            })
+        })
+        .collect()
+}
+
+fn zombies(parent: u32) -> Vec<(u32, String, String)> {
+    children(parent)
+        .into_iter()
+        .filter(|(_, _, state)| state.starts_with('Z'))
+        .collect()
+}
+
+fn assert_orphans_adopted_and_reaped(clusterd: &Clusterd, clusterd_pid: u32) {
+    wait_until(
+        "orphaned sleeps to be re-parented to clusterd",
+        SLOW,
+        || {
+            children(clusterd_pid)
+                .iter()
+                .filter(|(_, name, _)| name == "sleep")
+                .count()
+                >= 4
+        },
+    );
+    wait_until("orphans to exit and be reaped", SLOW, || {
+        !children(clusterd_pid)
+            .iter()
+            .any(|(_, name, _)| name == "sleep")
+    });
+    let left = zombies(clusterd_pid);
+    assert!(
+        left.is_empty(),
+        "zombies left: {left:?}\nlogs:\n{}",
+        clusterd.logs()
+    );
+}
+
+#[test]
+fn as_pid1_in_a_pid_namespace_every_zombie_is_reaped() {
+    let _serial = serial();
+    let mut launch = Launch::new(&["--workers", "2"], &[]).wrapped(&[
+        "unshare",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+    ]);
+    launch.command = orphaning_worker();
+    let mut clusterd = launch.start();
+    let status = clusterd.wait_ready(2);
+    assert_eq!(status.pid, 1, "clusterd should be PID 1 in its namespace");
+
+    // The launched process is `unshare`; clusterd is its only child.
+    let host_pid = children(clusterd.pid())
+        .first()
+        .map(|c| c.0)
+        .expect("clusterd under unshare");
+    assert_orphans_adopted_and_reaped(&clusterd, host_pid);
+
+    kill(Pid::from_raw(host_pid as i32), Signal::SIGTERM).expect("SIGTERM clusterd");
+    let exit = clusterd.wait_exit(SLOW);
+    assert_eq!(exit.code(), Some(0), "logs:\n{}", clusterd.logs());
+    assert!(
+        proc_status(host_pid).is_none(),
+        "clusterd (pid 1) still exists"
+    );
+}
+
+#[test]
+fn as_subreaper_orphans_are_reaped() {
+    let _serial = serial();
+    let mut launch = Launch::new(&["--workers", "2"], &[]);
+    launch.command = orphaning_worker();
+    let mut clusterd = launch.start();
+    let status = clusterd.wait_ready(2);
+    assert_ne!(status.pid, 1);
+    let pid = clusterd.pid();
+    assert_orphans_adopted_and_reaped(&clusterd, pid);
+    let workers = worker_pids(&status);
+    clusterd.signal(Signal::SIGTERM);
+    assert_eq!(clusterd.wait_exit(SLOW).code(), Some(0));
+    assert!(workers.iter().all(|&p| !process_alive(p)));
+}
+
+#[test]
+fn sigkilled_clusterd_takes_its_workers_along() {
+    let _serial = serial();
+    let mut clusterd = Launch::node(&["--workers", "2"]).start();
+    let workers = worker_pids(&clusterd.wait_ready(2));
+    clusterd.signal(Signal::SIGKILL);
+    clusterd.wait_exit(SLOW);
+    // PR_SET_PDEATHSIG: the kernel kills the workers; their reaper is now init.
+    for pid in workers {
+        wait_until(
+            "worker to die with clusterd",
+            Duration::from_secs(10),
+            || !process_alive(pid),
+        );
+    }
+}
