@@ -343,3 +343,29 @@ fn no_ready_worker_in_pool_returns_503() {
         503
     );
 }
+
+#[test]
+fn max_memory_recycles_a_worker_gracefully() {
+    let _serial = serial();
+    // Any Node process is above 1 MiB: the worker is recycled once Ready.
+    let clusterd = Launch::node(&[
+        "--workers",
+        "1",
+        "--max-memory-mib",
+        "1",
+        "--health-period",
+        "500ms",
+    ])
+    .start();
+    let first = clusterd.wait_status("worker ready", SLOW, |s| {
+        s.workers[0].state == WorkerState::Ready
+    });
+    let old = first.workers[0].pid.expect("pid");
+    let after = clusterd.wait_status("worker recycled", SLOW, |s| {
+        s.workers[0].pid.is_some_and(|p| p != old) && s.workers[0].state == WorkerState::Ready
+    });
+    // A recycle is a replacement, not a restart after a crash.
+    assert_eq!(after.workers[0].restarts, 0);
+    assert!(clusterd.logs().contains("recycling worker"));
+    wait_until("old worker to stop", SLOW, || !process_alive(old));
+}

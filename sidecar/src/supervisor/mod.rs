@@ -103,6 +103,8 @@ pub struct Supervisor {
     /// Processes that left their slot (reload, recycle, scale-down) and are draining.
     retired: Vec<Proc>,
     reload_queue: VecDeque<u32>,
+    /// Memory is read from /proc once per health period, not every tick.
+    next_memory_check: Instant,
     shutdown: Option<Shutdown>,
     started_at: Timestamp,
 }
@@ -142,6 +144,7 @@ impl Supervisor {
             slots: Vec::new(),
             retired: Vec::new(),
             reload_queue: VecDeque::new(),
+            next_memory_check: Instant::now(),
             shutdown: None,
             started_at: Timestamp::now(),
         }
@@ -286,11 +289,7 @@ impl Supervisor {
     fn on_exit(&mut self, pid: u32, exit: ExitInfo) {
         let now = Instant::now();
         let shutting_down = self.shutdown.is_some();
-        let (initial, max, stable) = (
-            self.config.initial_backoff,
-            self.config.max_backoff,
-            self.config.stable_after,
-        );
+        let config = Arc::clone(&self.config);
         for slot in &mut self.slots {
             if slot.current.as_ref().is_some_and(|p| p.pid == pid) {
                 let proc = slot.current.take();
@@ -307,12 +306,10 @@ impl Supervisor {
                     slot.reloading = false;
                     return;
                 }
-                if proc.is_some_and(|p| now.duration_since(p.started) >= stable) {
+                if proc.is_some_and(|p| now.duration_since(p.started) >= config.stable_after) {
                     slot.crashes = 0;
                 }
-                slot.crashes += 1;
-                let delay = backoff(slot.crashes, initial, max);
-                slot.restart_at = Some(now + delay);
+                let delay = schedule_restart(slot, &config, now);
                 tracing::warn!(worker = slot.id, pid, %exit, crashes = slot.crashes, restart_in = ?delay, "worker exited");
                 return;
             }
@@ -594,14 +591,7 @@ impl Supervisor {
                 }
                 Err(e) => {
                     tracing::error!(worker = slot.id, error = %e, "restarting worker failed");
-                    slot.crashes += 1;
-                    slot.restart_at = Some(
-                        now + backoff(
-                            slot.crashes,
-                            self.config.initial_backoff,
-                            self.config.max_backoff,
-                        ),
-                    );
+                    schedule_restart(slot, &self.config, now);
                 }
             }
         }
@@ -646,6 +636,10 @@ impl Supervisor {
         if max_requests.is_none() && max_mib.is_none() {
             return;
         }
+        let check_memory = max_mib.is_some() && now >= self.next_memory_check;
+        if check_memory {
+            self.next_memory_check = now + self.config.health_period;
+        }
         let workers = self.slots.len() as u32;
         for index in 0..self.slots.len() {
             let slot = &self.slots[index];
@@ -662,8 +656,9 @@ impl Supervisor {
             let served = proc.backend.requests.load(Ordering::Relaxed);
             let reason = if max_requests.is_some_and(|max| served >= max) {
                 format!("served {served} requests")
-            } else if let Some(rss) =
-                max_mib.and_then(|max| health::rss_mib(proc.pid).filter(|&rss| rss > max))
+            } else if let Some(rss) = max_mib
+                .filter(|_| check_memory)
+                .and_then(|max| health::rss_mib(proc.pid).filter(|&rss| rss > max))
             {
                 format!("RSS {rss} MiB")
             } else {
@@ -801,6 +796,19 @@ impl Supervisor {
             workers,
         }
     }
+}
+
+/// Counts a crash and sets when the slot restarts: exponential backoff, and
+/// the maximum backoff once the slot is in CrashLoop.
+fn schedule_restart(slot: &mut Slot, config: &Config, now: Instant) -> Duration {
+    slot.crashes += 1;
+    let delay = if slot.crashes >= config.crash_loop_threshold {
+        config.max_backoff
+    } else {
+        backoff(slot.crashes, config.initial_backoff, config.max_backoff)
+    };
+    slot.restart_at = Some(now + delay);
+    delay
 }
 
 /// Proxy mode: probe the worker's private port; hung workers get SIGKILL.
