@@ -49,8 +49,12 @@ pub struct Config {
     pub protocol: Protocol,
     /// `PREFIX=N`: N dedicated workers for paths starting with PREFIX
     /// (longest prefix wins; proxy + http only). Repeatable.
-    #[arg(long = "route", value_parser = parse_route)]
+    #[arg(long = "route", value_parser = parse_prefix_route)]
     pub routes: Vec<RouteSpec>,
+    /// `PATH=N`: N dedicated workers for exactly PATH (query ignored); an
+    /// exact match wins over any prefix. The pool is named `=PATH`. Repeatable.
+    #[arg(long = "route-exact", value_parser = parse_exact_route)]
+    pub exact_routes: Vec<RouteSpec>,
 
     /// Port of /healthz, /readyz, /status and /metrics.
     #[arg(long, default_value_t = 9901)]
@@ -106,8 +110,12 @@ pub struct Config {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Copy this binary to PATH (e.g. into a shared volume) and exit.
+    #[arg(long, value_name = "PATH")]
+    pub install_to: Option<std::path::PathBuf>,
+
     /// The worker command and its arguments.
-    #[arg(last = true, required = true, num_args = 1.., value_name = "command")]
+    #[arg(last = true, required_unless_present = "install_to", num_args = 1.., value_name = "command")]
     pub command: Vec<String>,
 }
 
@@ -147,11 +155,32 @@ pub enum LogFormat {
     Json,
 }
 
-/// One `--route PREFIX=N`.
+/// One `--route PREFIX=N` or `--route-exact PATH=N`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteSpec {
+    /// The prefix, or the exact path.
     pub prefix: String,
     pub workers: u32,
+    pub exact: bool,
+}
+
+impl RouteSpec {
+    /// The pool's name in /status and metrics: the prefix, or `=PATH`.
+    pub fn pool_name(&self) -> String {
+        if self.exact {
+            format!("={}", self.prefix)
+        } else {
+            self.prefix.clone()
+        }
+    }
+}
+
+fn parse_prefix_route(s: &str) -> Result<RouteSpec, String> {
+    parse_route(s)
+}
+
+fn parse_exact_route(s: &str) -> Result<RouteSpec, String> {
+    parse_route(s).map(|r| RouteSpec { exact: true, ..r })
 }
 
 fn parse_route(s: &str) -> Result<RouteSpec, String> {
@@ -170,6 +199,7 @@ fn parse_route(s: &str) -> Result<RouteSpec, String> {
     Ok(RouteSpec {
         prefix: prefix.to_string(),
         workers,
+        exact: false,
     })
 }
 
@@ -204,12 +234,12 @@ impl Config {
                 "--cpu-limit must be a positive number of cores, got {cpu}"
             ));
         }
-        if !self.routes.is_empty()
+        if !self.pools().is_empty()
             && (self.port_mode != PortMode::Proxy || self.protocol != Protocol::Http)
         {
             return Err("--route needs --port-mode proxy and --protocol http".into());
         }
-        let mut prefixes: Vec<&str> = self.routes.iter().map(|r| r.prefix.as_str()).collect();
+        let mut prefixes: Vec<String> = self.pools().iter().map(RouteSpec::pool_name).collect();
         prefixes.sort_unstable();
         if prefixes.windows(2).any(|w| w[0] == w[1]) {
             return Err("each --route prefix may be given only once".into());
@@ -232,9 +262,13 @@ impl Config {
         Ok(())
     }
 
-    /// Workers dedicated to route pools, in total.
-    pub fn route_workers(&self) -> u32 {
-        self.routes.iter().map(|r| r.workers).sum()
+    /// Every route pool: prefix routes, then exact ones.
+    pub fn pools(&self) -> Vec<RouteSpec> {
+        self.routes
+            .iter()
+            .chain(&self.exact_routes)
+            .cloned()
+            .collect()
     }
 }
 
@@ -268,11 +302,25 @@ mod tests {
             c.routes,
             vec![RouteSpec {
                 prefix: "/report".into(),
-                workers: 2
+                workers: 2,
+                exact: false
             }]
         );
         assert!(parse(&["clusterd", "--route", "report=2", "--", "x"]).is_err());
         assert!(parse(&["clusterd", "--route", "/a=0", "--", "x"]).is_err());
+        let c = parse(&[
+            "clusterd",
+            "--route",
+            "/=1",
+            "--route-exact",
+            "/=1",
+            "--",
+            "x",
+        ])
+        .expect("parse");
+        let names: Vec<String> = c.pools().iter().map(RouteSpec::pool_name).collect();
+        assert_eq!(names, ["/", "=/"]);
+        assert!(parse(&["clusterd", "--route", "/a=1", "--route", "/a=2", "--", "x"]).is_err());
         assert!(
             parse(&[
                 "clusterd",
@@ -303,5 +351,6 @@ mod tests {
         );
         assert!(parse(&["clusterd", "--cpu-limit", "0", "--", "x"]).is_err());
         assert!(parse(&["clusterd"]).is_err());
+        assert!(parse(&["clusterd", "--install-to", "/tmp/x"]).is_ok());
     }
 }

@@ -68,6 +68,15 @@ impl StartupError {
 /// Entry point of the binary.
 pub fn main_entry() -> ExitCode {
     let config = Config::from_args();
+    if let Some(dest) = &config.install_to {
+        return match install_self(dest) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("clusterd: cannot install to {}: {e}", dest.display());
+                ExitCode::from(exit::INTERNAL)
+            }
+        };
+    }
     init_logging(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         // The proxy shares the CPU quota with the workers: stay small.
@@ -92,6 +101,20 @@ pub fn main_entry() -> ExitCode {
     };
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     ExitCode::from(code)
+}
+
+/// Copies this binary to `dest` (an init container fills a shared volume
+/// this way); written beside it first, then renamed, so it is never partial.
+pub fn install_self(dest: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::env::current_exe()?;
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let partial = dest.with_extension("partial");
+    std::fs::copy(&exe, &partial)?;
+    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&partial, dest)
 }
 
 fn init_logging(format: LogFormat) {
@@ -138,7 +161,7 @@ pub async fn run(config: Config) -> Result<u8, StartupError> {
     let metrics = Arc::new(Metrics::new());
     let shared = Arc::new(Shared::default());
     let proxy_shutdown = CancellationToken::new();
-    let router = Arc::new(Router::new(config.routes.iter().map(|r| r.prefix.as_str())));
+    let router = Arc::new(Router::new(&config.pools()));
     let (port, proxy_listener) = match config.port_mode {
         PortMode::Proxy => {
             let listener = bind("shared", shared_addr).await?;

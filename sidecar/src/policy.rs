@@ -75,7 +75,7 @@ impl WorkerPolicy {
 pub fn slot_layout(desired: u32, routes: &[RouteSpec]) -> Vec<String> {
     let mut layout: Vec<String> = routes
         .iter()
-        .flat_map(|r| std::iter::repeat_n(r.prefix.clone(), r.workers as usize))
+        .flat_map(|r| std::iter::repeat_n(r.pool_name(), r.workers as usize))
         .collect();
     let dedicated = layout.len() as u32;
     let default_workers = desired.saturating_sub(dedicated).max(1);
@@ -143,6 +143,7 @@ mod tests {
         let routes = vec![RouteSpec {
             prefix: "/report".into(),
             workers: 1,
+            exact: false,
         }];
         assert_eq!(
             slot_layout(3, &routes),

@@ -167,3 +167,17 @@ fn workers_get_their_identity_in_the_environment() {
         "{logs}"
     );
 }
+
+#[test]
+fn install_to_copies_the_binary() {
+    let dir = std::env::temp_dir().join(format!("clusterd-install-{}", std::process::id()));
+    let dest = dir.join("bin/clusterd");
+    let output = run(&["--install-to", dest.to_str().expect("utf-8 path")]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let installed = Command::new(&dest)
+        .arg("--version")
+        .output()
+        .expect("run installed copy");
+    assert!(String::from_utf8_lossy(&installed.stdout).starts_with("clusterd "));
+    let _ = std::fs::remove_dir_all(dir);
+}

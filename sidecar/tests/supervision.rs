@@ -369,3 +369,38 @@ fn max_memory_recycles_a_worker_gracefully() {
     assert!(clusterd.logs().contains("recycling worker"));
     wait_until("old worker to stop", SLOW, || !process_alive(old));
 }
+
+#[test]
+fn exact_route_wins_over_prefix_route() {
+    let _serial = serial();
+    let clusterd = Launch::node(&[
+        "--workers",
+        "3",
+        "--route",
+        "/=1",
+        "--route-exact",
+        "/light=1",
+    ])
+    .start();
+    let status = clusterd.wait_ready(3);
+    let pools: Vec<_> = status
+        .workers
+        .iter()
+        .map(|w| w.pool.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(pools, ["/", "=/light", "default"]);
+    for _ in 0..4 {
+        assert_eq!(
+            get(clusterd.port, "/light", Duration::from_secs(10))
+                .expect("light")
+                .worker(),
+            Some(1)
+        );
+        assert_eq!(
+            get(clusterd.port, "/healthz", Duration::from_secs(10))
+                .expect("prefix")
+                .worker(),
+            Some(0)
+        );
+    }
+}

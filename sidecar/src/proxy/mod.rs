@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::config::RouteSpec;
 use crate::metrics::Metrics;
 use crate::policy::DEFAULT_POOL;
 
@@ -136,48 +137,51 @@ impl Pool {
     }
 }
 
-/// Path prefix → pool; longest prefix wins, everything else goes to `default`.
+/// Request path → pool: an exact path route first, then the longest
+/// matching prefix, else `default`.
 #[derive(Debug)]
 pub struct Router {
+    exact: Vec<(String, Arc<Pool>)>,
     /// Sorted by prefix length, longest first.
-    routes: Vec<(String, Arc<Pool>)>,
+    prefixes: Vec<(String, Arc<Pool>)>,
     default: Arc<Pool>,
 }
 
 impl Router {
-    pub fn new<'a>(prefixes: impl IntoIterator<Item = &'a str>) -> Router {
-        let mut routes: Vec<(String, Arc<Pool>)> = prefixes
-            .into_iter()
-            .map(|p| (p.to_string(), Arc::new(Pool::new(p))))
-            .collect();
-        routes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+    pub fn new(routes: &[RouteSpec]) -> Router {
+        let entry = |r: &RouteSpec| (r.prefix.clone(), Arc::new(Pool::new(&r.pool_name())));
+        let exact = routes.iter().filter(|r| r.exact).map(entry).collect();
+        let mut prefixes: Vec<_> = routes.iter().filter(|r| !r.exact).map(entry).collect();
+        prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         Router {
-            routes,
+            exact,
+            prefixes,
             default: Arc::new(Pool::new(DEFAULT_POOL)),
         }
     }
 
+    /// The pool for a request path (without the query).
     pub fn route(&self, path: &str) -> &Arc<Pool> {
-        self.routes
-            .iter()
-            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+        let exact = self.exact.iter().find(|(p, _)| p == path);
+        let prefix = || {
+            self.prefixes
+                .iter()
+                .find(|(p, _)| path.starts_with(p.as_str()))
+        };
+        exact
+            .or_else(prefix)
             .map_or(&self.default, |(_, pool)| pool)
     }
 
-    /// The pool named `name` (a route prefix or `default`).
+    /// The pool named `name` (see [`RouteSpec::pool_name`]) or `default`.
     pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
-        if name == DEFAULT_POOL {
-            return Some(&self.default);
-        }
-        self.routes
-            .iter()
-            .find(|(prefix, _)| prefix == name)
-            .map(|(_, pool)| pool)
+        self.pools().find(|pool| &*pool.name == name)
     }
 
     pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
-        self.routes
+        self.exact
             .iter()
+            .chain(&self.prefixes)
             .map(|(_, pool)| pool)
             .chain(std::iter::once(&self.default))
     }
@@ -228,14 +232,36 @@ mod tests {
         assert!(Pool::new("empty").pick(&[]).is_none());
     }
 
+    fn routes(prefixes: &[&str], exact: &[&str]) -> Vec<RouteSpec> {
+        let spec = |p: &&str, exact| RouteSpec {
+            prefix: p.to_string(),
+            workers: 1,
+            exact,
+        };
+        prefixes
+            .iter()
+            .map(|p| spec(p, false))
+            .chain(exact.iter().map(|p| spec(p, true)))
+            .collect()
+    }
+
     #[test]
     fn longest_prefix_wins() {
-        let router = Router::new(["/api", "/api/reports", "/report"]);
+        let router = Router::new(&routes(&["/api", "/api/reports", "/report"], &[]));
         assert_eq!(&*router.route("/api/reports/1").name, "/api/reports");
         assert_eq!(&*router.route("/api/users").name, "/api");
-        assert_eq!(&*router.route("/report?x=1").name, "/report");
+        assert_eq!(&*router.route("/reports").name, "/report");
         assert_eq!(&*router.route("/light").name, "default");
         assert!(router.pool("default").is_some());
         assert!(router.pool("/nope").is_none());
+    }
+
+    #[test]
+    fn exact_paths_win_over_prefixes() {
+        let router = Router::new(&routes(&["/"], &["/", "/report"]));
+        assert_eq!(&*router.route("/").name, "=/");
+        assert_eq!(&*router.route("/report").name, "=/report");
+        assert_eq!(&*router.route("/report/1").name, "/");
+        assert!(router.pool("=/report").is_some());
     }
 }

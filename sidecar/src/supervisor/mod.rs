@@ -24,7 +24,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, HealthCheck};
+use crate::config::{Config, HealthCheck, RouteSpec};
 use crate::metrics::Metrics;
 use crate::policy::{WorkerPolicy, slot_layout};
 use crate::proxy::{Backend, Router};
@@ -92,6 +92,7 @@ pub struct Supervisor {
     config: Arc<Config>,
     spec: CommandSpec,
     policy: WorkerPolicy,
+    pools: Vec<RouteSpec>,
     port: PortSetup,
     events: UnboundedSender<Event>,
     shared: Arc<Shared>,
@@ -132,6 +133,7 @@ impl Supervisor {
             rounding: config.rounding,
         };
         Supervisor {
+            pools: config.pools(),
             config,
             spec,
             policy,
@@ -160,7 +162,7 @@ impl Supervisor {
     pub fn start(&mut self) -> Result<(), StartError> {
         let desired = self.policy.desired(self.cores());
         tracing::info!(cores = ?self.cpu.cores, source = %self.cpu.source, workers = desired, "starting workers");
-        let layout = slot_layout(desired, &self.config.routes);
+        let layout = slot_layout(desired, &self.pools);
         let now = Instant::now();
         for (id, pool) in layout.iter().enumerate() {
             let mut slot = Slot::new(id as u32, pool.as_str().into());
@@ -384,8 +386,7 @@ impl Supervisor {
             tracing::info!(cores = ?limit.cores, source = %limit.source, "CPU limit changed");
             self.cpu = limit;
         }
-        let wanted =
-            slot_layout(self.policy.desired(self.cores()), &self.config.routes).len() as u32;
+        let wanted = slot_layout(self.policy.desired(self.cores()), &self.pools).len() as u32;
         let current = self.slots.len() as u32;
         if wanted == current {
             self.pending_desired = None;
@@ -412,7 +413,7 @@ impl Supervisor {
 
     fn scale_to(&mut self, wanted: u32) {
         let now = Instant::now();
-        let layout = slot_layout(self.policy.desired(self.cores()), &self.config.routes);
+        let layout = slot_layout(self.policy.desired(self.cores()), &self.pools);
         tracing::info!(from = self.slots.len(), to = wanted, "scaling workers");
         while self.slots.len() > layout.len() {
             let Some(slot) = self.slots.pop() else { break };
