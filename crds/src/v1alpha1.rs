@@ -93,12 +93,12 @@ pub use crate::wire::WorkerState;
     },
     {
         "rule": "!has(self.routes) || size(self.routes) == 0 || !has(self.workers) || !has(self.workers.max) || self.routes.map(r, r.workers).sum() < self.workers.max",
-        "messageExpression": "'route pools take ' + string(self.routes.map(r, r.workers).sum()) + ' workers but spec.workers.max is ' + string(self.workers.max) + ': at least one more worker must serve the other routes; raise spec.workers.max or lower spec.routes[].workers'",
+        "message": "route pools take all the workers spec.workers.max allows, but at least one more must serve the other routes: raise spec.workers.max or lower spec.routes[].workers",
         "fieldPath": ".routes"
     },
     {
         "rule": "!has(self.routes) || size(self.routes) == 0 || !has(self.workers) || !has(self.workers.count) || type(self.workers.count) == string || self.routes.map(r, r.workers).sum() < int(self.workers.count)",
-        "messageExpression": "'route pools take ' + string(self.routes.map(r, r.workers).sum()) + ' workers but spec.workers.count is ' + string(self.workers.count) + ': at least one more worker must serve the other routes; raise spec.workers.count or lower spec.routes[].workers'",
+        "message": "route pools take all of spec.workers.count, but at least one more worker must serve the other routes: raise spec.workers.count or lower spec.routes[].workers",
         "fieldPath": ".routes"
     },
     {
@@ -186,7 +186,7 @@ pub struct ClusteredServiceSpec {
 #[schemars(extend("x-kubernetes-validations" = [
     {
         "rule": "!has(self.min) || !has(self.max) || self.min <= self.max",
-        "messageExpression": "'spec.workers.min (' + string(self.min) + ') must not exceed spec.workers.max (' + string(self.max) + ')'"
+        "message": "spec.workers.min must not exceed spec.workers.max"
     },
     {
         "rule": "type(self.count) == string ? self.count == 'auto' : int(self.count) >= 1",
@@ -497,7 +497,7 @@ impl Default for ShutdownPolicy {
 #[schemars(extend("x-kubernetes-validations" = [
     {
         "rule": "self.minReplicas <= self.maxReplicas",
-        "messageExpression": "'spec.autoscaling.minReplicas (' + string(self.minReplicas) + ') must not exceed maxReplicas (' + string(self.maxReplicas) + ')'"
+        "message": "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas"
     }
 ]))]
 pub struct Autoscaling {

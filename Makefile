@@ -1,0 +1,40 @@
+# The two commands of the README:
+#   make demo   local single-node Kubernetes + the operator + the seed's app
+#   make test   everything: lint, unit, real processes, real API server, end to end
+#
+# Builds and caches stay outside the repository (~/.cache/clustered).
+
+CACHE ?= $(HOME)/.cache/clustered
+export CARGO_TARGET_DIR ?= $(CACHE)/target
+# clusterd is linked statically so it runs in any app image it is copied into.
+STATIC_TARGET := x86_64-unknown-linux-gnu
+export CLUSTERD_BIN := $(CARGO_TARGET_DIR)/$(STATIC_TARGET)/release/clusterd
+export OPERATOR_BIN := $(CARGO_TARGET_DIR)/release/clustered-operator
+
+.PHONY: demo test lint build images cluster down bench
+
+demo: images
+	e2e/demo
+
+test: lint images
+	cargo test --workspace --release --locked
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+build:
+	cargo build --workspace --release --bins --locked
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked -p clusterd --target $(STATIC_TARGET)
+
+cluster:
+	e2e/cluster/up
+
+images: build cluster
+	e2e/cluster/images
+
+down:
+	e2e/cluster/down
+
+bench: build
+	benches/run

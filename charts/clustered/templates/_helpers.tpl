@@ -1,0 +1,18 @@
+{{- define "clustered.name" -}}clustered-operator{{- end -}}
+
+{{- define "clustered.labels" -}}
+app.kubernetes.io/name: {{ include "clustered.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
+{{- end -}}
+
+{{- define "clustered.selector" -}}
+app.kubernetes.io/name: {{ include "clustered.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "clustered.leaderElect" -}}
+{{- or .Values.leaderElection.enabled (gt (int .Values.replicas) 1) -}}
+{{- end -}}

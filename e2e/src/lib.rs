@@ -1,0 +1,287 @@
+//! Test support for the tiers that need a real cluster: the local
+//! single-node Kubernetes of `e2e/cluster` (built from source, started on
+//! first use, left running for the next test binary).
+//!
+//! ```no_run
+//! # async fn t() -> anyhow::Result<()> {
+//! let cluster = clustered_e2e::Cluster::get().await?;
+//! let ns = cluster.namespace("my-test").await?;
+//! # Ok(()) }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clustered_api::v1alpha1::ClusteredService;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config, CustomResourceExt, ResourceExt};
+use tokio::sync::OnceCell;
+
+/// The repository's root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The running local cluster.
+#[derive(Clone)]
+pub struct Cluster {
+    pub client: Client,
+    pub kubeconfig: PathBuf,
+    /// Directory of the cached kubectl and helm.
+    pub bin_dir: PathBuf,
+}
+
+/// Where the cluster is, once it is up and has the CRD. Only paths are
+/// shared between tests: a `Client` belongs to the runtime that made it,
+/// and every `#[tokio::test]` has its own.
+static STARTED: OnceCell<(PathBuf, PathBuf)> = OnceCell::const_new();
+
+impl Cluster {
+    /// The cluster, brought up (idempotently) on first use in this process,
+    /// with the ClusteredService CRD installed.
+    pub async fn get() -> anyhow::Result<Cluster> {
+        let (kubeconfig, bin_dir) = STARTED.get_or_try_init(Self::start).await?.clone();
+        Self::connect(kubeconfig, bin_dir).await
+    }
+
+    async fn start() -> anyhow::Result<(PathBuf, PathBuf)> {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("info,kube=warn")
+            .with_test_writer()
+            .try_init();
+        let kubeconfig = PathBuf::from(last_line_of("e2e/cluster/up").await?);
+        let bin_dir = PathBuf::from(last_line_of("e2e/cluster/build").await?);
+        Self::connect(kubeconfig.clone(), bin_dir.clone())
+            .await?
+            .install_crd()
+            .await?;
+        Ok((kubeconfig, bin_dir))
+    }
+
+    async fn connect(kubeconfig: PathBuf, bin_dir: PathBuf) -> anyhow::Result<Cluster> {
+        let config = Config::from_custom_kubeconfig(
+            Kubeconfig::read_from(&kubeconfig)?,
+            &KubeConfigOptions::default(),
+        )
+        .await?;
+        Ok(Cluster {
+            client: Client::try_from(config)?,
+            kubeconfig,
+            bin_dir,
+        })
+    }
+
+    /// Applies the checked-in CRD (the one users install) and waits until
+    /// the API server serves it.
+    pub async fn install_crd(&self) -> anyhow::Result<()> {
+        let path = repo_root().join("crds/clusteredservice.yaml");
+        let crd: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        api.patch(
+            &crd.name_any(),
+            &PatchParams::apply("clustered-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
+        let name = ClusteredService::crd_name();
+        wait_for(Duration::from_secs(30), "CRD established", || async {
+            let crd = api.get(name).await?;
+            let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+            Ok(conditions
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True"))
+        })
+        .await
+    }
+
+    /// A fresh namespace for one test, enforcing the `restricted` Pod
+    /// Security Standard. Named after the test so leftovers are traceable.
+    pub async fn namespace(&self, test: &str) -> anyhow::Result<String> {
+        let name = format!("e2e-{test}-{}", std::process::id());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": name,
+                "labels": {
+                    "clustered.dev/e2e": "true",
+                    "pod-security.kubernetes.io/enforce": "restricted",
+                    "pod-security.kubernetes.io/enforce-version": "latest",
+                }
+            }
+        }))?;
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let _ = api.delete(&name, &DeleteParams::default()).await;
+        wait_for(Duration::from_secs(120), "old namespace gone", || async {
+            Ok(api.get_opt(&name).await?.is_none())
+        })
+        .await?;
+        api.create(&PostParams::default(), &ns).await?;
+        Ok(name)
+    }
+
+    /// Deletes a test namespace and waits until everything in it is gone.
+    pub async fn delete_namespace(&self, name: &str) -> anyhow::Result<()> {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let _ = api.delete(name, &DeleteParams::foreground()).await;
+        wait_for(Duration::from_secs(180), "namespace deleted", || async {
+            Ok(api.get_opt(name).await?.is_none())
+        })
+        .await
+    }
+
+    /// Runs the cluster's kubectl; fails with its stderr if it fails.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.tool("kubectl", args, None)
+    }
+
+    /// Runs kubectl with `stdin` as its input.
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> anyhow::Result<String> {
+        self.tool("kubectl", args, Some(stdin))
+    }
+
+    /// Runs the cluster's helm.
+    pub fn helm(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.tool("helm", args, None)
+    }
+
+    fn tool(&self, tool: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+        use std::io::Write;
+        let mut child = Command::new(self.bin_dir.join(tool))
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(if stdin.is_some() {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {tool}"))?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(input.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "{tool} {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// The operator, run in this process against the cluster and scoped to one
+/// namespace, so tests running in parallel do not share it.
+pub struct Operator {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Operator {
+    pub async fn start(cluster: &Cluster, namespace: &str) -> anyhow::Result<Operator> {
+        use clustered_operator::{
+            controller, metrics::Metrics, probe::Prober, resources::Settings,
+        };
+        use kube::runtime::events::{Recorder, Reporter};
+
+        let metrics = std::sync::Arc::new(Metrics::new(
+            &mut prometheus_client::registry::Registry::default(),
+        ));
+        let reporter = Reporter {
+            controller: "clustered-operator".into(),
+            instance: Some(format!("e2e-{namespace}")),
+        };
+        let config = controller::Config {
+            namespace: Some(namespace.to_string()),
+            settings: Settings::default(),
+            prober: Prober::new(8, Duration::from_secs(2)),
+            recorder: Recorder::new(cluster.client.clone(), reporter),
+            metrics,
+            status_interval: Duration::from_secs(2),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let client = cluster.client.clone();
+        let task = tokio::spawn(async move {
+            controller::run(client, config, async move {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Ok(Operator {
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Stops gracefully, letting running reconciles finish.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Stops at once, wherever a reconcile is: what a crash looks like to
+    /// the API server.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+/// Runs a cluster script (its log goes to stderr) and returns the last line
+/// it printed: `up` prints the kubeconfig path, `build` the binaries' dir.
+async fn last_line_of(script: &str) -> anyhow::Result<String> {
+    let path = repo_root().join(script);
+    let output = tokio::process::Command::new(&path)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .with_context(|| format!("running {}", path.display()))?;
+    if !output.status.success() {
+        bail!(
+            "{script} failed ({}); its log above names the component that did not start",
+            output.status
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    Ok(stdout
+        .lines()
+        .last()
+        .with_context(|| format!("{script} printed nothing"))?
+        .trim()
+        .to_string())
+}
+
+/// Polls `check` every 250 ms until it returns true; fails after `timeout`
+/// with the last error, so a failing test says what it waited for.
+pub async fn wait_for<F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = Some(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            match last {
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}")
+                }
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
