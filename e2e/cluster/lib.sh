@@ -37,6 +37,14 @@ die() { log "ERROR: $*"; exit 1; }
 
 need_root() { [[ $(id -u) -eq 0 ]] || die "must run as root"; }
 
+# cluster_lock: serialize up/down (fd 9, released on exit). The lock file
+# lives in the cache dir, which down keeps anyway.
+cluster_lock() {
+	mkdir -p "$CACHE"
+	exec 9>"$CACHE/.cluster.lock"
+	flock -w 900 9 || die "another up/down is running (lock $CACHE/.cluster.lock)"
+}
+
 # bin_dir: the cached binaries' dir, building them if needed.
 bin_dir() { "$CLUSTER_DIR/build" | tail -n 1; }
 
