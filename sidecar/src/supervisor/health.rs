@@ -81,3 +81,74 @@ mod tests {
         assert_eq!(parse_vm_rss_kib("Name:\tzombie\n"), None);
     }
 }
+
+/// True if process `pid` holds a TCP socket listening on `port`: its socket
+/// inodes (from /proc/<pid>/fd) against the LISTEN entries of
+/// /proc/<pid>/net/tcp{,6}. In reuseport mode this tells, per worker,
+/// whether it has bound the shared port yet.
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let inodes: Vec<u64> = fds
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| socket_inode(target.to_str()?))
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    ["tcp", "tcp6"].iter().any(|table| {
+        std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).is_ok_and(|content| {
+            listening_inodes(&content, port).any(|inode| inodes.contains(&inode))
+        })
+    })
+}
+
+fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// Inodes of the sockets in LISTEN state (`0A`) on `port` in a
+/// /proc/net/tcp table.
+fn listening_inodes(table: &str, port: u16) -> impl Iterator<Item = u64> + '_ {
+    table.lines().skip(1).filter_map(move |line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local_port = fields.get(1)?.rsplit_once(':')?.1;
+        let listening = *fields.get(3)? == "0A";
+        let matches = u16::from_str_radix(local_port, 16).ok()? == port;
+        (listening && matches)
+            .then(|| fields.get(9)?.parse().ok())
+            .flatten()
+    })
+}
+
+#[cfg(test)]
+mod listen_tests {
+    use super::*;
+
+    #[test]
+    fn listening_sockets_from_proc_net_tcp() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
+            0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0\n   \
+            1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0000000000000000 20 4 30 10 -1\n";
+        assert_eq!(
+            listening_inodes(table, 8080).collect::<Vec<_>>(),
+            vec![4242]
+        );
+        assert_eq!(listening_inodes(table, 8081).count(), 0);
+        assert_eq!(socket_inode("socket:[4242]"), Some(4242));
+        assert_eq!(socket_inode("/dev/null"), None);
+    }
+
+    #[test]
+    fn this_process_listening_is_seen() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        assert!(listens_on(std::process::id(), port));
+        drop(listener);
+        assert!(!listens_on(std::process::id(), port));
+    }
+}

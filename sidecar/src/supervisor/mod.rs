@@ -601,13 +601,14 @@ impl Supervisor {
     fn check_procs(&mut self, now: Instant) {
         let config = Arc::clone(&self.config);
         let proxy = self.is_proxy();
+        let reuseport = matches!(self.port, PortSetup::Reuseport);
         let events = self.events.clone();
         for slot in &mut self.slots {
             for proc in slot.current.iter_mut().chain(slot.replacement.iter_mut()) {
                 if proxy {
                     check_proxied(proc, &config, &events, now);
                 } else {
-                    check_shared_port(proc, &config, now);
+                    check_shared_port(proc, &config, reuseport, now);
                 }
             }
         }
@@ -855,17 +856,32 @@ fn check_proxied(proc: &mut Proc, config: &Config, events: &UnboundedSender<Even
 }
 
 /// inherit/reuseport modes: workers share one port, so they cannot be
-/// probed one by one; a live worker counts as Ready after the startup grace.
-fn check_shared_port(proc: &mut Proc, config: &Config, now: Instant) {
-    if proc.state == WorkerState::Starting
-        && now.duration_since(proc.started) >= config.startup_grace
-    {
+/// probed one by one. A live worker counts as Ready after the startup grace;
+/// in reuseport mode it must also have bound the port itself by then.
+fn check_shared_port(proc: &mut Proc, config: &Config, reuseport: bool, now: Instant) {
+    if proc.state != WorkerState::Starting || proc.killed {
+        return;
+    }
+    let age = now.duration_since(proc.started);
+    if age < config.startup_grace || now < proc.next_check {
+        return;
+    }
+    proc.next_check = now + STARTING_PROBE_INTERVAL;
+    if !reuseport || health::listens_on(proc.pid, config.port) {
         tracing::info!(
             worker = proc.backend.worker_id,
             pid = proc.pid,
-            "worker ready (startup grace over)"
+            "worker ready"
         );
         proc.set_state(WorkerState::Ready);
+    } else if age >= config.hung_after {
+        tracing::warn!(
+            worker = proc.backend.worker_id,
+            pid = proc.pid,
+            "worker never bound the shared port; killing it"
+        );
+        proc.killed = true;
+        signal_group(proc.pid, Signal::SIGKILL);
     }
 }
 
