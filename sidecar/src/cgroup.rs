@@ -259,8 +259,9 @@ pub fn detect(override_cores: Option<f64>) -> CpuLimit {
     let proc_cgroup = read(Path::new("/proc/self/cgroup")).unwrap_or_default();
     let mountinfo = read(Path::new("/proc/self/mountinfo")).unwrap_or_default();
     detect_from(&proc_cgroup, &mountinfo, Path::new("/"))
-        // No quota: as many workers as CPUs this process may run on.
-        .unwrap_or_else(|| limit(Some(affinity_count() as f64), "affinity"))
+        // No quota: `cores` stays empty (the wire contract's "unlimited") and
+        // the policy uses the CPUs this process may run on.
+        .unwrap_or_else(|| limit(None, "affinity"))
 }
 
 fn limit(cores: Option<f64>, source: &str) -> CpuLimit {

@@ -128,7 +128,6 @@ impl Metrics {
                 .set(count as i64);
         }
         self.desired_workers.set(i64::from(status.desired_workers));
-        self.cpu_limit.set(status.cpu.cores.unwrap_or(0.0));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::warn!(error = %e, "encoding metrics failed");
