@@ -67,7 +67,8 @@ start_bg() {
 	shift
 	mkdir -p "$LOGS" "$PIDS"
 	printf '\n==== %s starting %s\n' "$(date -Is)" "$name" >>"$LOGS/$name.log"
-	setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1 &
+	# fds 8/9 hold the build/cluster locks: do not leak them into daemons.
+	setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1 8>&- 9>&- &
 	echo $! >"$PIDS/$name.pid"
 	printf '%s' "$1" >"$PIDS/$name.exe"
 }
