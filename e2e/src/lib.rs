@@ -9,6 +9,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod load;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;

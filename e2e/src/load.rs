@@ -1,0 +1,124 @@
+//! A small, bounded HTTP load generator for the end-to-end tests: it counts
+//! what succeeded and what failed, and which worker and pod answered. It
+//! is not a benchmark (see `benches/`); it only asserts on outcomes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::Mutex;
+
+/// One answer of the demo app.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    /// `x-clusterd-worker` header: the worker slot that served it.
+    pub worker: Option<String>,
+    /// The app's JSON body.
+    pub body: serde_json::Value,
+}
+
+/// What a load run saw.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub ok: u64,
+    pub failed: u64,
+    /// The first few failures, for the assertion message.
+    pub errors: Vec<String>,
+    /// Answers by worker slot id.
+    pub by_worker: BTreeMap<String, u64>,
+}
+
+/// A client that opens a new connection for every request, as many
+/// independent users would: a kept-alive connection to a terminating pod
+/// would otherwise decide the outcome.
+pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(connector)
+}
+
+/// One GET; an error for anything but a 2xx answer.
+pub async fn get(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    url: &str,
+) -> anyhow::Result<Answer> {
+    let request = async {
+        let response = client.get(url.parse()?).await?;
+        let status = response.status();
+        let worker = response
+            .headers()
+            .get("x-clusterd-worker")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = response.into_body().collect().await?.to_bytes();
+        anyhow::ensure!(
+            status.is_success(),
+            "{url}: {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+        Ok(Answer {
+            worker,
+            body: serde_json::from_slice(&body).unwrap_or_default(),
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(30), request)
+        .await
+        .map_err(|_| anyhow::anyhow!("{url}: no answer in 30 s"))?
+}
+
+/// Runs `clients` sequential request loops against `url` until `stop` is
+/// set, `max_requests` were sent, or `max_time` passed, whichever is first.
+pub async fn run(
+    url: &str,
+    clients: usize,
+    max_requests: u64,
+    max_time: Duration,
+    stop: Arc<AtomicBool>,
+) -> Report {
+    let report = Arc::new(Mutex::new(Report::default()));
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let deadline = tokio::time::Instant::now() + max_time;
+    let loops = (0..clients).map(|_| {
+        let (url, report, sent, stop) =
+            (url.to_string(), report.clone(), sent.clone(), stop.clone());
+        tokio::spawn(async move {
+            let client = client();
+            while !stop.load(Ordering::Relaxed)
+                && tokio::time::Instant::now() < deadline
+                && sent.fetch_add(1, Ordering::Relaxed) < max_requests
+            {
+                let outcome = get(&client, &url).await;
+                let mut report = report.lock().await;
+                match outcome {
+                    Ok(answer) => {
+                        report.ok += 1;
+                        *report
+                            .by_worker
+                            .entry(answer.worker.unwrap_or_default())
+                            .or_default() += 1;
+                    }
+                    Err(e) => {
+                        report.failed += 1;
+                        if report.errors.len() < 5 {
+                            report.errors.push(format!("{e:#}"));
+                        }
+                    }
+                }
+            }
+        })
+    });
+    for handle in loops.collect::<Vec<_>>() {
+        let _ = handle.await;
+    }
+    Arc::try_unwrap(report)
+        .map(Mutex::into_inner)
+        .unwrap_or_default()
+}
