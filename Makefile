@@ -6,10 +6,11 @@
 
 CACHE ?= $(HOME)/.cache/clustered
 export CARGO_TARGET_DIR ?= $(CACHE)/target
-# clusterd is linked statically so it runs in any app image it is copied into.
+# The shipped binaries are linked statically: clusterd must run in whatever
+# app image it is copied into, and both images hold nothing but the binary.
 STATIC_TARGET := x86_64-unknown-linux-gnu
 export CLUSTERD_BIN := $(CARGO_TARGET_DIR)/$(STATIC_TARGET)/release/clusterd
-export OPERATOR_BIN := $(CARGO_TARGET_DIR)/release/clustered-operator
+export OPERATOR_BIN := $(CARGO_TARGET_DIR)/$(STATIC_TARGET)/release/clustered-operator
 
 .PHONY: demo test lint build images cluster down bench
 
@@ -24,8 +25,8 @@ lint:
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
 build:
-	cargo build --workspace --release --bins --locked
-	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked -p clusterd --target $(STATIC_TARGET)
+	RUSTFLAGS="-C target-feature=+crt-static" \
+		cargo build --release --locked -p clusterd -p clustered-operator --target $(STATIC_TARGET)
 
 cluster:
 	e2e/cluster/up

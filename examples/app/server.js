@@ -10,10 +10,12 @@
 //         /healthz        200
 //         /pid            the worker's pid
 //         /hang, /crash   fault injection, only with FAULTS=1
-// Every response carries the worker id and pid (JSON body and x-worker-id header).
+// Every response carries the worker id, pid and host (in a pod: the pod's name)
+// in a JSON body, and the worker id in the x-worker-id header.
 'use strict';
 
 const http = require('node:http');
+const os = require('node:os');
 
 const worker = process.env.WORKER_ID ?? '0';
 const heavyMs = Number(process.env.HEAVY_MS ?? 50);
@@ -30,7 +32,7 @@ function busy(ms) {
 }
 
 function reply(res, status, body) {
-  const json = JSON.stringify({ worker: Number(worker), pid: process.pid, ...body });
+  const json = JSON.stringify({ worker: Number(worker), pid: process.pid, host: os.hostname(), ...body });
   res.writeHead(status, {
     'content-type': 'application/json',
     'content-length': Buffer.byteLength(json),
