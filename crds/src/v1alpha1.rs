@@ -48,17 +48,8 @@ pub use crate::wire::WorkerState;
         description = "Ready workers / desired workers, over all pods"
     ),
     printcolumn(name = "Port Mode", type_ = "string", json_path = ".spec.portMode"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    ),
-    printcolumn(
-        name = "Port",
-        type_ = "integer",
-        json_path = ".spec.port",
-        priority = "1"
-    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Port", type_ = "integer", json_path = ".spec.port", priority = "1"),
     printcolumn(
         name = "Available",
         type_ = "string",
@@ -220,12 +211,7 @@ pub struct WorkerPolicy {
 
 impl Default for WorkerPolicy {
     fn default() -> Self {
-        Self {
-            count: WorkerCount::Auto,
-            min: None,
-            max: None,
-            rounding: Rounding::Floor,
-        }
+        Self { count: WorkerCount::Auto, min: None, max: None, rounding: Rounding::Floor }
     }
 }
 
@@ -267,9 +253,7 @@ impl<'de> Deserialize<'de> for WorkerCount {
             Raw::Number(n) => Ok(WorkerCount::Fixed(n)),
             Raw::Text(t) if t == "auto" => Ok(WorkerCount::Auto),
             Raw::Text(t) => t.parse().map(WorkerCount::Fixed).map_err(|_| {
-                serde::de::Error::custom(format!(
-                    "workers.count must be \"auto\" or a number, not {t:?}"
-                ))
+                serde::de::Error::custom(format!("workers.count must be \"auto\" or a number, not {t:?}"))
             }),
         }
     }
@@ -485,9 +469,7 @@ pub struct ShutdownPolicy {
 
 impl Default for ShutdownPolicy {
     fn default() -> Self {
-        Self {
-            drain_timeout_seconds: default_drain_timeout(),
-        }
+        Self { drain_timeout_seconds: default_drain_timeout() }
     }
 }
 
@@ -704,13 +686,7 @@ impl ClusteredServiceSpec {
     pub fn app_container_name(&self) -> Option<&str> {
         match &self.app_container {
             Some(name) => Some(name),
-            None => self
-                .template
-                .spec
-                .as_ref()?
-                .containers
-                .first()
-                .map(|c| c.name.as_str()),
+            None => self.template.spec.as_ref()?.containers.first().map(|c| c.name.as_str()),
         }
     }
 }

@@ -114,11 +114,7 @@ mod tests {
 
     #[test]
     fn field_names_are_camel_case() {
-        let w = WorkerStatus {
-            last_exit: Some("exit code 1".into()),
-            in_flight: 3,
-            ..Default::default()
-        };
+        let w = WorkerStatus { last_exit: Some("exit code 1".into()), in_flight: 3, ..Default::default() };
         let json = serde_json::to_value(&w).expect("serialize");
         assert_eq!(json["lastExit"], "exit code 1");
         assert_eq!(json["inFlight"], 3);

@@ -23,8 +23,7 @@ fn fixtures(kind: &str) -> Vec<PathBuf> {
 
 #[test]
 fn checked_in_crd_matches_the_types() {
-    let checked_in =
-        std::fs::read_to_string(repo_path("crds/clusteredservice.yaml")).expect("read CRD");
+    let checked_in = std::fs::read_to_string(repo_path("crds/clusteredservice.yaml")).expect("read CRD");
     assert!(
         checked_in == crd_yaml().expect("generate CRD"),
         "crds/clusteredservice.yaml is stale: run `cargo run -p clustered-api --bin crdgen > crds/clusteredservice.yaml`"
@@ -35,8 +34,7 @@ fn checked_in_crd_matches_the_types() {
 fn chart_crd_is_the_generated_one() {
     let chart = repo_path("charts/clustered/crds/clusteredservice.yaml");
     assert!(
-        std::fs::read_to_string(chart).expect("read chart CRD")
-            == crd_yaml().expect("generate CRD"),
+        std::fs::read_to_string(chart).expect("read chart CRD") == crd_yaml().expect("generate CRD"),
         "charts/clustered/crds/clusteredservice.yaml is stale: cp crds/clusteredservice.yaml charts/clustered/crds/"
     );
 }
@@ -44,25 +42,16 @@ fn chart_crd_is_the_generated_one() {
 /// Every schema node must say its type, the rule of structural schemas,
 /// except where Kubernetes allows otherwise.
 fn assert_structural(node: &Value, at: &str) {
-    let obj = node
-        .as_object()
-        .unwrap_or_else(|| panic!("{at}: schema is not an object"));
+    let obj = node.as_object().unwrap_or_else(|| panic!("{at}: schema is not an object"));
     for banned in ["$ref", "oneOf", "anyOf", "allOf", "not", "additionalItems"] {
-        assert!(
-            !obj.contains_key(banned),
-            "{at}: `{banned}` is not allowed in a structural schema"
-        );
+        assert!(!obj.contains_key(banned), "{at}: `{banned}` is not allowed in a structural schema");
     }
     let typed = obj.contains_key("type")
         || obj.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true))
         || obj.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
     assert!(typed, "{at}: no type");
     if let Some(props) = obj.get("properties").and_then(Value::as_object) {
-        assert_eq!(
-            obj.get("type"),
-            Some(&Value::from("object")),
-            "{at}: properties without type: object"
-        );
+        assert_eq!(obj.get("type"), Some(&Value::from("object")), "{at}: properties without type: object");
         for (name, child) in props {
             assert_structural(child, &format!("{at}.{name}"));
         }
@@ -95,17 +84,11 @@ fn valid_fixtures_and_the_example_parse_with_defaults() {
     files.push(repo_path("examples/clusteredservice.yaml"));
     for file in files {
         let text = std::fs::read_to_string(&file).expect("read fixture");
-        let csvc: ClusteredService =
-            serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        assert!(
-            csvc.spec.app_container_name().is_some(),
-            "{}: no app container",
-            file.display()
-        );
+        let csvc: ClusteredService = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        assert!(csvc.spec.app_container_name().is_some(), "{}: no app container", file.display());
     }
     let minimal: ClusteredService = serde_yaml::from_str(
-        &std::fs::read_to_string(repo_path("crds/tests/fixtures/valid/minimal.yaml"))
-            .expect("read"),
+        &std::fs::read_to_string(repo_path("crds/tests/fixtures/valid/minimal.yaml")).expect("read"),
     )
     .expect("parse");
     assert_eq!(minimal.spec.replicas, 1);
@@ -120,10 +103,7 @@ fn valid_fixtures_and_the_example_parse_with_defaults() {
 fn every_invalid_fixture_names_the_error_it_must_get() {
     for file in fixtures("invalid") {
         let text = std::fs::read_to_string(&file).expect("read fixture");
-        let expect = text
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("# expect: "));
+        let expect = text.lines().next().and_then(|l| l.strip_prefix("# expect: "));
         assert!(
             expect.is_some_and(|e| e.len() > 10),
             "{}: first line must be `# expect: <message the API server returns>`",
@@ -139,12 +119,6 @@ fn worker_count_accepts_auto_and_numbers_only() {
     assert_eq!(parse("3").expect("3"), WorkerCount::Fixed(3));
     assert_eq!(parse(r#""4""#).expect("\"4\""), WorkerCount::Fixed(4));
     assert!(parse(r#""lots""#).is_err());
-    assert_eq!(
-        serde_json::to_string(&WorkerCount::Auto).expect("ser"),
-        r#""auto""#
-    );
-    assert_eq!(
-        serde_json::to_string(&WorkerCount::Fixed(2)).expect("ser"),
-        "2"
-    );
+    assert_eq!(serde_json::to_string(&WorkerCount::Auto).expect("ser"), r#""auto""#);
+    assert_eq!(serde_json::to_string(&WorkerCount::Fixed(2)).expect("ser"), "2");
 }

@@ -52,30 +52,17 @@ impl Cluster {
     }
 
     async fn start() -> anyhow::Result<(PathBuf, PathBuf)> {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("info,kube=warn")
-            .with_test_writer()
-            .try_init();
+        let _ = tracing_subscriber::fmt().with_env_filter("info,kube=warn").with_test_writer().try_init();
         let kubeconfig = PathBuf::from(last_line_of("e2e/cluster/up").await?);
         let bin_dir = PathBuf::from(last_line_of("e2e/cluster/build").await?);
-        Self::connect(kubeconfig.clone(), bin_dir.clone())
-            .await?
-            .install_crd()
-            .await?;
+        Self::connect(kubeconfig.clone(), bin_dir.clone()).await?.install_crd().await?;
         Ok((kubeconfig, bin_dir))
     }
 
     async fn connect(kubeconfig: PathBuf, bin_dir: PathBuf) -> anyhow::Result<Cluster> {
-        let config = Config::from_custom_kubeconfig(
-            Kubeconfig::read_from(&kubeconfig)?,
-            &KubeConfigOptions::default(),
-        )
-        .await?;
-        Ok(Cluster {
-            client: Client::try_from(config)?,
-            kubeconfig,
-            bin_dir,
-        })
+        let config =
+            Config::from_custom_kubeconfig(Kubeconfig::read_from(&kubeconfig)?, &KubeConfigOptions::default()).await?;
+        Ok(Cluster { client: Client::try_from(config)?, kubeconfig, bin_dir })
     }
 
     /// Applies the checked-in CRD (the one users install) and waits until
@@ -84,19 +71,12 @@ impl Cluster {
         let path = repo_root().join("crds/clusteredservice.yaml");
         let crd: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
         let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
-        api.patch(
-            &crd.name_any(),
-            &PatchParams::apply("clustered-e2e").force(),
-            &Patch::Apply(&crd),
-        )
-        .await?;
+        api.patch(&crd.name_any(), &PatchParams::apply("clustered-e2e").force(), &Patch::Apply(&crd)).await?;
         let name = ClusteredService::crd_name();
         wait_for(Duration::from_secs(30), "CRD established", || async {
             let crd = api.get(name).await?;
             let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
-            Ok(conditions
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True"))
+            Ok(conditions.iter().any(|c| c.type_ == "Established" && c.status == "True"))
         })
         .await
     }
@@ -117,10 +97,8 @@ impl Cluster {
         }))?;
         let api: Api<Namespace> = Api::all(self.client.clone());
         let _ = api.delete(&name, &DeleteParams::default()).await;
-        wait_for(Duration::from_secs(120), "old namespace gone", || async {
-            Ok(api.get_opt(&name).await?.is_none())
-        })
-        .await?;
+        wait_for(Duration::from_secs(120), "old namespace gone", || async { Ok(api.get_opt(&name).await?.is_none()) })
+            .await?;
         api.create(&PostParams::default(), &ns).await?;
         Ok(name)
     }
@@ -129,10 +107,8 @@ impl Cluster {
     pub async fn delete_namespace(&self, name: &str) -> anyhow::Result<()> {
         let api: Api<Namespace> = Api::all(self.client.clone());
         let _ = api.delete(name, &DeleteParams::foreground()).await;
-        wait_for(Duration::from_secs(180), "namespace deleted", || async {
-            Ok(api.get_opt(name).await?.is_none())
-        })
-        .await
+        wait_for(Duration::from_secs(180), "namespace deleted", || async { Ok(api.get_opt(name).await?.is_none()) })
+            .await
     }
 
     /// Runs the cluster's kubectl; fails with its stderr if it fails.
@@ -155,11 +131,7 @@ impl Cluster {
         let mut child = Command::new(self.bin_dir.join(tool))
             .args(args)
             .env("KUBECONFIG", &self.kubeconfig)
-            .stdin(if stdin.is_some() {
-                std::process::Stdio::piped()
-            } else {
-                std::process::Stdio::null()
-            })
+            .stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -169,11 +141,7 @@ impl Cluster {
         }
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!(
-                "{tool} {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("{tool} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -188,18 +156,11 @@ pub struct Operator {
 
 impl Operator {
     pub async fn start(cluster: &Cluster, namespace: &str) -> anyhow::Result<Operator> {
-        use clustered_operator::{
-            controller, metrics::Metrics, probe::Prober, resources::Settings,
-        };
+        use clustered_operator::{controller, metrics::Metrics, probe::Prober, resources::Settings};
         use kube::runtime::events::{Recorder, Reporter};
 
-        let metrics = std::sync::Arc::new(Metrics::new(
-            &mut prometheus_client::registry::Registry::default(),
-        ));
-        let reporter = Reporter {
-            controller: "clustered-operator".into(),
-            instance: Some(format!("e2e-{namespace}")),
-        };
+        let metrics = std::sync::Arc::new(Metrics::new(&mut prometheus_client::registry::Registry::default()));
+        let reporter = Reporter { controller: "clustered-operator".into(), instance: Some(format!("e2e-{namespace}")) };
         let config = controller::Config {
             namespace: Some(namespace.to_string()),
             settings: Settings::default(),
@@ -216,10 +177,7 @@ impl Operator {
             })
             .await;
         });
-        Ok(Operator {
-            stop: Some(stop),
-            task,
-        })
+        Ok(Operator { stop: Some(stop), task })
     }
 
     /// Stops gracefully, letting running reconciles finish.
@@ -247,18 +205,10 @@ async fn last_line_of(script: &str) -> anyhow::Result<String> {
         .await
         .with_context(|| format!("running {}", path.display()))?;
     if !output.status.success() {
-        bail!(
-            "{script} failed ({}); its log above names the component that did not start",
-            output.status
-        );
+        bail!("{script} failed ({}); its log above names the component that did not start", output.status);
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
-    Ok(stdout
-        .lines()
-        .last()
-        .with_context(|| format!("{script} printed nothing"))?
-        .trim()
-        .to_string())
+    Ok(stdout.lines().last().with_context(|| format!("{script} printed nothing"))?.trim().to_string())
 }
 
 /// Polls `check` every 250 ms until it returns true; fails after `timeout`

@@ -40,34 +40,18 @@ pub struct Report {
 pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(0)
-        .build(connector)
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector)
 }
 
 /// One GET; an error for anything but a 2xx answer.
-pub async fn get(
-    client: &Client<HttpConnector, Empty<Bytes>>,
-    url: &str,
-) -> anyhow::Result<Answer> {
+pub async fn get(client: &Client<HttpConnector, Empty<Bytes>>, url: &str) -> anyhow::Result<Answer> {
     let request = async {
         let response = client.get(url.parse()?).await?;
         let status = response.status();
-        let worker = response
-            .headers()
-            .get("x-clusterd-worker")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let worker = response.headers().get("x-clusterd-worker").and_then(|v| v.to_str().ok()).map(str::to_string);
         let body = response.into_body().collect().await?.to_bytes();
-        anyhow::ensure!(
-            status.is_success(),
-            "{url}: {status} {}",
-            String::from_utf8_lossy(&body)
-        );
-        Ok(Answer {
-            worker,
-            body: serde_json::from_slice(&body).unwrap_or_default(),
-        })
+        anyhow::ensure!(status.is_success(), "{url}: {status} {}", String::from_utf8_lossy(&body));
+        Ok(Answer { worker, body: serde_json::from_slice(&body).unwrap_or_default() })
     };
     tokio::time::timeout(Duration::from_secs(30), request)
         .await
@@ -76,19 +60,12 @@ pub async fn get(
 
 /// Runs `clients` sequential request loops against `url` until `stop` is
 /// set, `max_requests` were sent, or `max_time` passed, whichever is first.
-pub async fn run(
-    url: &str,
-    clients: usize,
-    max_requests: u64,
-    max_time: Duration,
-    stop: Arc<AtomicBool>,
-) -> Report {
+pub async fn run(url: &str, clients: usize, max_requests: u64, max_time: Duration, stop: Arc<AtomicBool>) -> Report {
     let report = Arc::new(Mutex::new(Report::default()));
     let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let deadline = tokio::time::Instant::now() + max_time;
     let loops = (0..clients).map(|_| {
-        let (url, report, sent, stop) =
-            (url.to_string(), report.clone(), sent.clone(), stop.clone());
+        let (url, report, sent, stop) = (url.to_string(), report.clone(), sent.clone(), stop.clone());
         tokio::spawn(async move {
             let client = client();
             while !stop.load(Ordering::Relaxed)
@@ -100,10 +77,7 @@ pub async fn run(
                 match outcome {
                     Ok(answer) => {
                         report.ok += 1;
-                        *report
-                            .by_worker
-                            .entry(answer.worker.unwrap_or_default())
-                            .or_default() += 1;
+                        *report.by_worker.entry(answer.worker.unwrap_or_default()).or_default() += 1;
                     }
                     Err(e) => {
                         report.failed += 1;
@@ -118,7 +92,5 @@ pub async fn run(
     for handle in loops.collect::<Vec<_>>() {
         let _ = handle.await;
     }
-    Arc::try_unwrap(report)
-        .map(Mutex::into_inner)
-        .unwrap_or_default()
+    Arc::try_unwrap(report).map(Mutex::into_inner).unwrap_or_default()
 }

@@ -18,22 +18,14 @@ fn fixture_files(kind: &str) -> Vec<PathBuf> {
 }
 
 fn dynamic_api(cluster: &Cluster, ns: &str) -> Api<DynamicObject> {
-    Api::namespaced_with(
-        cluster.client.clone(),
-        ns,
-        &ApiResource::erase::<ClusteredService>(&()),
-    )
+    Api::namespaced_with(cluster.client.clone(), ns, &ApiResource::erase::<ClusteredService>(&()))
 }
 
 fn read_object(path: &PathBuf) -> DynamicObject {
-    serde_yaml::from_str(&std::fs::read_to_string(path).expect("read"))
-        .expect("fixture is YAML of an object")
+    serde_yaml::from_str(&std::fs::read_to_string(path).expect("read")).expect("fixture is YAML of an object")
 }
 
-const DRY_RUN: PostParams = PostParams {
-    dry_run: true,
-    field_manager: None,
-};
+const DRY_RUN: PostParams = PostParams { dry_run: true, field_manager: None };
 
 #[tokio::test]
 async fn valid_fixtures_and_the_example_are_accepted() -> anyhow::Result<()> {
@@ -44,8 +36,7 @@ async fn valid_fixtures_and_the_example_are_accepted() -> anyhow::Result<()> {
     files.push(repo_root().join("examples/clusteredservice.yaml"));
     for file in files {
         let created = api.create(&DRY_RUN, &read_object(&file)).await;
-        let created =
-            created.map_err(|e| anyhow::anyhow!("{} was rejected: {e}", file.display()))?;
+        let created = created.map_err(|e| anyhow::anyhow!("{} was rejected: {e}", file.display()))?;
         // Defaults come from the schema, so what the server stores parses
         // into the operator's types.
         let typed: ClusteredService = serde_json::from_value(serde_json::to_value(&created)?)?;
@@ -64,16 +55,9 @@ async fn invalid_fixtures_are_rejected_with_their_messages() -> anyhow::Result<(
     assert!(files.len() >= 10, "the invalid fixtures are missing");
     for file in files {
         let text = std::fs::read_to_string(&file)?;
-        let expect = text
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("# expect: "))
-            .expect("expect line");
+        let expect = text.lines().next().and_then(|l| l.strip_prefix("# expect: ")).expect("expect line");
         match api.create(&DRY_RUN, &read_object(&file)).await {
-            Ok(_) => wrong.push(format!(
-                "{}: accepted, but must fail with {expect:?}",
-                file.display()
-            )),
+            Ok(_) => wrong.push(format!("{}: accepted, but must fail with {expect:?}", file.display())),
             Err(kube::Error::Api(status)) if status.message.contains(expect) => {}
             Err(e) => wrong.push(format!("{}: wanted {expect:?}, got: {e}", file.display())),
         }
@@ -87,42 +71,22 @@ async fn invalid_fixtures_are_rejected_with_their_messages() -> anyhow::Result<(
 async fn kubectl_sees_short_name_columns_explain_and_scale() -> anyhow::Result<()> {
     let cluster = Cluster::get().await?;
     let ns = cluster.namespace("api-kubectl").await?;
-    let example =
-        std::fs::read_to_string(repo_root().join("crds/tests/fixtures/valid/minimal.yaml"))?;
+    let example = std::fs::read_to_string(repo_root().join("crds/tests/fixtures/valid/minimal.yaml"))?;
     cluster.kubectl_stdin(&["apply", "-n", &ns, "-f", "-"], &example)?;
 
     let table = cluster.kubectl(&["get", "csvc", "-n", &ns])?;
-    let header: Vec<&str> = table
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    assert_eq!(
-        header,
-        ["NAME", "READY", "WORKERS", "PORT", "MODE", "AGE"],
-        "{table}"
-    );
+    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "READY", "WORKERS", "PORT", "MODE", "AGE"], "{table}");
     let wide = cluster.kubectl(&["get", "clusteredservices", "-n", &ns, "-o", "wide"])?;
     for column in ["PORT", "AVAILABLE", "REASON"] {
-        assert!(
-            wide.lines().next().unwrap_or_default().contains(column),
-            "{wide}"
-        );
+        assert!(wide.lines().next().unwrap_or_default().contains(column), "{wide}");
     }
 
     let explain = cluster.kubectl(&["explain", "clusteredservice.spec.workers.count"])?;
     assert!(explain.contains("one worker per CPU"), "{explain}");
 
     cluster.kubectl(&["scale", "-n", &ns, "csvc/minimal", "--replicas=5"])?;
-    let replicas = cluster.kubectl(&[
-        "get",
-        "csvc/minimal",
-        "-n",
-        &ns,
-        "-o",
-        "jsonpath={.spec.replicas}",
-    ])?;
+    let replicas = cluster.kubectl(&["get", "csvc/minimal", "-n", &ns, "-o", "jsonpath={.spec.replicas}"])?;
     assert_eq!(replicas, "5");
     let scale = cluster.kubectl(&[
         "get",

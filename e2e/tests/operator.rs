@@ -55,9 +55,7 @@ async fn children_follow_the_spec_and_are_garbage_collected() -> anyhow::Result<
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
 
-    let created = csvcs
-        .create(&PostParams::default(), &demo("shop", 0, 2))
-        .await?;
+    let created = csvcs.create(&PostParams::default(), &demo("shop", 0, 2)).await?;
     wait_for(Duration::from_secs(30), "children created", || async {
         Ok(deployments.get_opt("shop").await?.is_some()
             && services.get_opt("shop").await?.is_some()
@@ -68,21 +66,11 @@ async fn children_follow_the_spec_and_are_garbage_collected() -> anyhow::Result<
     let owner = &deployment.owner_references()[0];
     assert_eq!(
         (owner.kind.as_str(), owner.uid.as_str()),
-        (
-            "ClusteredService",
-            created.uid().unwrap_or_default().as_str()
-        )
+        ("ClusteredService", created.uid().unwrap_or_default().as_str())
     );
-    let pod = deployment
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
-        .expect("pod spec");
+    let pod = deployment.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec");
     let command = pod.containers[0].command.clone().unwrap_or_default();
-    assert_eq!(
-        command.first().map(String::as_str),
-        Some("/clustered/bin/clusterd")
-    );
+    assert_eq!(command.first().map(String::as_str), Some("/clustered/bin/clusterd"));
     assert!(command.contains(&"--workers=2".to_string()), "{command:?}");
     assert_eq!(pod.automount_service_account_token, Some(false));
     assert_eq!(pod.init_containers.as_ref().map(Vec::len), Some(1));
@@ -91,62 +79,35 @@ async fn children_follow_the_spec_and_are_garbage_collected() -> anyhow::Result<
     // Change the spec: the children follow.
     let patch = serde_json::json!({ "spec": { "port": 9090, "replicas": 0, "workers": { "count": 3 },
         "autoscaling": { "minReplicas": 1, "maxReplicas": 4 } } });
-    csvcs
-        .patch("shop", &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    csvcs.patch("shop", &PatchParams::default(), &Patch::Merge(&patch)).await?;
     wait_for(Duration::from_secs(30), "children updated", || async {
-        let svc_port = services
-            .get("shop")
-            .await?
-            .spec
-            .and_then(|s| s.ports)
-            .map(|p| p[0].port);
-        let command = deployments
-            .get("shop")
-            .await?
-            .spec
-            .and_then(|s| s.template.spec)
-            .map(|p| p.containers[0].command.clone());
+        let svc_port = services.get("shop").await?.spec.and_then(|s| s.ports).map(|p| p[0].port);
+        let command =
+            deployments.get("shop").await?.spec.and_then(|s| s.template.spec).map(|p| p.containers[0].command.clone());
         let has_hpa = hpas.get_opt("shop").await?.is_some();
         Ok(svc_port == Some(9090)
             && has_hpa
-            && command
-                .flatten()
-                .is_some_and(|c| c.contains(&"--workers=3".to_string())))
+            && command.flatten().is_some_and(|c| c.contains(&"--workers=3".to_string())))
     })
     .await?;
     let hpa = hpas.get("shop").await?.spec.expect("hpa spec");
-    assert_eq!(
-        (hpa.scale_target_ref.kind.as_str(), hpa.max_replicas),
-        ("ClusteredService", 4)
-    );
+    assert_eq!((hpa.scale_target_ref.kind.as_str(), hpa.max_replicas), ("ClusteredService", 4));
 
     let patch = serde_json::json!({ "spec": { "autoscaling": null } });
-    csvcs
-        .patch("shop", &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    wait_for(Duration::from_secs(30), "HPA removed", || async {
-        Ok(hpas.get_opt("shop").await?.is_none())
-    })
-    .await?;
+    csvcs.patch("shop", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    wait_for(Duration::from_secs(30), "HPA removed", || async { Ok(hpas.get_opt("shop").await?.is_none()) }).await?;
 
     // Someone deletes a child: it comes back.
     services.delete("shop", &DeleteParams::default()).await?;
-    wait_for(Duration::from_secs(30), "Service recreated", || async {
-        Ok(services.get_opt("shop").await?.is_some())
-    })
-    .await?;
+    wait_for(Duration::from_secs(30), "Service recreated", || async { Ok(services.get_opt("shop").await?.is_some()) })
+        .await?;
 
     csvcs.delete("shop", &DeleteParams::foreground()).await?;
-    wait_for(
-        Duration::from_secs(60),
-        "children garbage-collected",
-        || async {
-            Ok(deployments.get_opt("shop").await?.is_none()
-                && services.get_opt("shop").await?.is_none()
-                && pdbs.get_opt("shop").await?.is_none())
-        },
-    )
+    wait_for(Duration::from_secs(60), "children garbage-collected", || async {
+        Ok(deployments.get_opt("shop").await?.is_none()
+            && services.get_opt("shop").await?.is_none()
+            && pdbs.get_opt("shop").await?.is_none())
+    })
     .await?;
     operator.stop().await;
     cluster.delete_namespace(&ns).await
@@ -158,9 +119,7 @@ async fn status_reports_every_pod_s_workers_and_follows_scale() -> anyhow::Resul
     let ns = cluster.namespace("op-status").await?;
     let operator = Operator::start(&cluster, &ns).await?;
     let csvcs: Api<ClusteredService> = Api::namespaced(cluster.client.clone(), &ns);
-    csvcs
-        .create(&PostParams::default(), &demo("web", 1, 2))
-        .await?;
+    csvcs.create(&PostParams::default(), &demo("web", 1, 2)).await?;
 
     let settled = |pods: usize| {
         let csvcs = csvcs.clone();
@@ -171,15 +130,12 @@ async fn status_reports_every_pod_s_workers_and_follows_scale() -> anyhow::Resul
                 let Some(status) = csvc.status else {
                     return Ok(false);
                 };
-                let available = status
-                    .conditions
-                    .iter()
-                    .any(|c| c.type_ == "Available" && c.status == "True");
+                let available = status.conditions.iter().any(|c| c.type_ == "Available" && c.status == "True");
                 let all_workers_ready = status.instances.len() == pods
-                    && status.instances.iter().all(|i| {
-                        i.workers.len() == 2
-                            && i.workers.iter().all(|w| w.state == WorkerState::Ready)
-                    });
+                    && status
+                        .instances
+                        .iter()
+                        .all(|i| i.workers.len() == 2 && i.workers.iter().all(|w| w.state == WorkerState::Ready));
                 Ok(available
                     && all_workers_ready
                     && status.ready_replicas == pods as i32
@@ -187,21 +143,12 @@ async fn status_reports_every_pod_s_workers_and_follows_scale() -> anyhow::Resul
             }
         }
     };
-    wait_for(
-        POD_START,
-        "1 pod with 2 ready workers in status",
-        settled(1),
-    )
-    .await?;
+    wait_for(POD_START, "1 pod with 2 ready workers in status", settled(1)).await?;
     let status = csvcs.get("web").await?.status.expect("status");
     assert_eq!(status.workers.ready, 2);
     assert_eq!(status.summary.workers, "2/2");
     assert_eq!(status.selector, "clustered.dev/service=web");
-    assert_eq!(
-        status.instances[0].cpu_limit,
-        Some(1.0),
-        "clusterd reads the pod's CPU limit from its cgroup"
-    );
+    assert_eq!(status.instances[0].cpu_limit, Some(1.0), "clusterd reads the pod's CPU limit from its cgroup");
     assert!(status.instances[0].workers.iter().all(|w| w.pid.is_some()));
 
     cluster.kubectl(&["scale", "-n", &ns, "csvc/web", "--replicas=2"])?;
@@ -223,9 +170,7 @@ async fn a_restart_mid_reconcile_converges_without_duplicates() -> anyhow::Resul
     let replicasets: Api<ReplicaSet> = Api::namespaced(cluster.client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns);
 
-    csvcs
-        .create(&PostParams::default(), &demo("api", 2, 1))
-        .await?;
+    csvcs.create(&PostParams::default(), &demo("api", 2, 1)).await?;
     // Killed as soon as it has started writing, again and again.
     for _ in 0..3 {
         let operator = Operator::start(&cluster, &ns).await?;
@@ -237,30 +182,13 @@ async fn a_restart_mid_reconcile_converges_without_duplicates() -> anyhow::Resul
     }
     let operator = Operator::start(&cluster, &ns).await?;
     wait_for(POD_START, "2 ready pods in status", || async {
-        Ok(csvcs
-            .get("api")
-            .await?
-            .status
-            .is_some_and(|s| s.ready_replicas == 2 && s.instances.len() == 2))
+        Ok(csvcs.get("api").await?.status.is_some_and(|s| s.ready_replicas == 2 && s.instances.len() == 2))
     })
     .await?;
-    assert_eq!(
-        deployments.list(&ListParams::default()).await?.items.len(),
-        1
-    );
-    assert_eq!(
-        replicasets.list(&ListParams::default()).await?.items.len(),
-        1,
-        "the pod template never flapped"
-    );
+    assert_eq!(deployments.list(&ListParams::default()).await?.items.len(), 1);
+    assert_eq!(replicasets.list(&ListParams::default()).await?.items.len(), 1, "the pod template never flapped");
     let running = pods.list(&ListParams::default()).await?.items;
-    assert_eq!(
-        running
-            .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .count(),
-        2
-    );
+    assert_eq!(running.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).count(), 2);
 
     operator.stop().await;
     cluster.delete_namespace(&ns).await

@@ -29,6 +29,9 @@ async fn seed_scenario_end_to_end() -> anyhow::Result<()> {
 
     step("the chart lints and its manifests pass a server-side dry run");
     cluster.helm(&["lint", chart])?;
+    // Offline, helm renders for an old default version: render for this server.
+    let version: serde_json::Value = serde_json::from_str(&cluster.kubectl(&["version", "-o", "json"])?)?;
+    let server = version["serverVersion"]["gitVersion"].as_str().expect("server version").to_string();
     let manifests = cluster.helm(&[
         "template",
         "clustered",
@@ -37,17 +40,17 @@ async fn seed_scenario_end_to_end() -> anyhow::Result<()> {
         RELEASE_NS,
         "--set",
         "replicas=2",
+        "--kube-version",
+        &server,
     ])?;
+    let _ = cluster.helm(&["uninstall", "clustered", "--namespace", RELEASE_NS, "--wait"]);
+    cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &format!("{{\"apiVersion\":\"v1\",\"kind\":\"Namespace\",\"metadata\":{{\"name\":\"{RELEASE_NS}\"}}}}"),
+    )?;
     cluster.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &manifests)?;
 
     step("helm install with two operator replicas and leader election");
-    let _ = cluster.helm(&[
-        "uninstall",
-        "clustered",
-        "--namespace",
-        RELEASE_NS,
-        "--wait",
-    ]);
     cluster.helm(&[
         "install",
         "clustered",
@@ -62,17 +65,10 @@ async fn seed_scenario_end_to_end() -> anyhow::Result<()> {
         "4m",
     ])?;
     let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), RELEASE_NS);
-    wait_for(
-        Duration::from_secs(60),
-        "a leader holds the lease",
-        || async {
-            let holder = leases
-                .get_opt("clustered-operator")
-                .await?
-                .and_then(|l| l.spec?.holder_identity);
-            Ok(holder.is_some_and(|h| h.starts_with("clustered-operator-")))
-        },
-    )
+    wait_for(Duration::from_secs(60), "a leader holds the lease", || async {
+        let holder = leases.get_opt("clustered-operator").await?.and_then(|l| l.spec?.holder_identity);
+        Ok(holder.is_some_and(|h| h.starts_with("clustered-operator-")))
+    })
     .await?;
 
     let ns = cluster.namespace("scenario").await?;
@@ -81,52 +77,30 @@ async fn seed_scenario_end_to_end() -> anyhow::Result<()> {
 
     step("kubectl apply -f examples/clusteredservice.yaml: 2 pods × 2 workers, Available");
     let example = repo_root().join("examples/clusteredservice.yaml");
-    cluster.kubectl(&[
-        "apply",
-        "-n",
-        &ns,
-        "-f",
-        example.to_str().expect("utf-8 path"),
-    ])?;
+    cluster.kubectl(&["apply", "-n", &ns, "-f", example.to_str().expect("utf-8 path")])?;
     wait_until(&csvcs, "2 pods with 2 ready workers each, Available", |s| {
-        s.instances.len() == 2
-            && s.instances.iter().all(|i| ready_workers(i) == 2)
-            && condition(s, "Available")
+        s.instances.len() == 2 && s.instances.iter().all(|i| ready_workers(i) == 2) && condition(s, "Available")
     })
     .await?;
     let status = csvcs.get("demo").await?.status.expect("status");
     assert_eq!((status.replicas, status.ready_replicas), (2, 2));
-    assert!(
-        status.instances.iter().all(|i| i.cpu_limit == Some(2.0)),
-        "{:?}",
-        status.instances
-    );
+    assert!(status.instances.iter().all(|i| i.cpu_limit == Some(2.0)), "{:?}", status.instances);
 
     step("the app container has no service-account token; the namespace enforces `restricted`");
     let pod_names: Vec<String> = status.instances.iter().map(|i| i.pod.clone()).collect();
     for pod in &pod_names {
         let spec = pods.get(pod).await?.spec.expect("pod spec");
         assert_eq!(spec.automount_service_account_token, Some(false));
-        let probe = "process.stdout.write(String(require('fs').existsSync('/var/run/secrets/kubernetes.io/serviceaccount')))";
-        let seen = cluster.kubectl(&[
-            "exec", "-n", &ns, pod, "-c", "app", "--", "node", "-e", probe,
-        ])?;
+        let probe =
+            "process.stdout.write(String(require('fs').existsSync('/var/run/secrets/kubernetes.io/serviceaccount')))";
+        let seen = cluster.kubectl(&["exec", "-n", &ns, pod, "-c", "app", "--", "node", "-e", probe])?;
         assert_eq!(seen, "false", "pod {pod} can see a token");
     }
-    let ns_labels =
-        cluster.kubectl(&["get", "namespace", &ns, "-o", "jsonpath={.metadata.labels}"])?;
-    assert!(
-        ns_labels.contains("\"pod-security.kubernetes.io/enforce\":\"restricted\""),
-        "{ns_labels}"
-    );
+    let ns_labels = cluster.kubectl(&["get", "namespace", &ns, "-o", "jsonpath={.metadata.labels}"])?;
+    assert!(ns_labels.contains("\"pod-security.kubernetes.io/enforce\":\"restricted\""), "{ns_labels}");
 
     let services: Api<Service> = Api::namespaced(cluster.client.clone(), &ns);
-    let ip = services
-        .get("demo")
-        .await?
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .expect("cluster IP");
+    let ip = services.get("demo").await?.spec.and_then(|s| s.cluster_ip).expect("cluster IP");
     let base = format!("http://{ip}:8080");
 
     step("the light route is served by other workers while heavy requests run");
@@ -134,74 +108,38 @@ async fn seed_scenario_end_to_end() -> anyhow::Result<()> {
 
     step("kill -9 a worker under load: it is replaced, its restart counted, no request fails");
     let victim_pod = &pod_names[0];
-    let instance = status
-        .instances
-        .iter()
-        .find(|i| &i.pod == victim_pod)
-        .expect("instance");
-    let victim = instance
-        .workers
-        .iter()
-        .find(|w| w.state == WorkerState::Ready)
-        .expect("a ready worker")
-        .clone();
+    let instance = status.instances.iter().find(|i| &i.pod == victim_pod).expect("instance");
+    let victim = instance.workers.iter().find(|w| w.state == WorkerState::Ready).expect("a ready worker").clone();
     let pid = victim.pid.expect("pid");
     let report = under_load(&format!("{base}/light"), async {
         let kill = format!("process.kill({pid}, 'SIGKILL')");
-        cluster.kubectl(&[
-            "exec", "-n", &ns, victim_pod, "-c", "app", "--", "node", "-e", &kill,
-        ])?;
+        cluster.kubectl(&["exec", "-n", &ns, victim_pod, "-c", "app", "--", "node", "-e", &kill])?;
         wait_until(&csvcs, "the killed worker replaced and counted", |s| {
-            s.instances
-                .iter()
-                .filter(|i| &i.pod == victim_pod)
-                .flat_map(|i| &i.workers)
-                .any(|w| {
-                    w.id == victim.id
-                        && w.restarts > victim.restarts
-                        && w.pid != Some(pid)
-                        && w.state == WorkerState::Ready
-                })
+            s.instances.iter().filter(|i| &i.pod == victim_pod).flat_map(|i| &i.workers).any(|w| {
+                w.id == victim.id && w.restarts > victim.restarts && w.pid != Some(pid) && w.state == WorkerState::Ready
+            })
         })
         .await
     })
     .await?;
-    assert_eq!(
-        report.failed, 0,
-        "failed requests while a worker was killed: {:?}",
-        report.errors
-    );
+    assert_eq!(report.failed, 0, "failed requests while a worker was killed: {:?}", report.errors);
 
     step("resize the pod's CPU limit to 3 in place: clusterd runs 3 workers");
     let resize = r#"{"spec":{"containers":[{"name":"app","resources":{"limits":{"cpu":"3"}}}]}}"#;
-    cluster.kubectl(&[
-        "patch",
-        "pod",
-        victim_pod,
-        "-n",
-        &ns,
-        "--subresource",
-        "resize",
-        "-p",
-        resize,
-    ])?;
+    cluster.kubectl(&["patch", "pod", victim_pod, "-n", &ns, "--subresource", "resize", "-p", resize])?;
     wait_until(&csvcs, "3 ready workers on the resized pod", |s| {
-        s.instances
-            .iter()
-            .any(|i| &i.pod == victim_pod && i.cpu_limit == Some(3.0) && ready_workers(i) == 3)
+        s.instances.iter().any(|i| &i.pod == victim_pod && i.cpu_limit == Some(3.0) && ready_workers(i) == 3)
     })
     .await?;
 
     step("kubectl scale csvc/demo --replicas=3: 3 pods");
     cluster.kubectl(&["scale", "-n", &ns, "csvc/demo", "--replicas=3"])?;
-    wait_until(&csvcs, "3 ready pods", |s| {
-        s.ready_replicas == 3 && s.instances.len() == 3
-    })
-    .await?;
+    wait_until(&csvcs, "3 ready pods", |s| s.ready_replicas == 3 && s.instances.len() == 3).await?;
 
     step("rolling update of the image under load: no request fails");
     let report = under_load(&format!("{base}/light"), async {
-        let image = r#"[{"op":"replace","path":"/spec/template/spec/containers/0/image","value":"clustered.dev/demo-app:v2"}]"#;
+        let image =
+            r#"[{"op":"replace","path":"/spec/template/spec/containers/0/image","value":"clustered.dev/demo-app:v2"}]"#;
         cluster.kubectl(&["patch", "csvc", "demo", "-n", &ns, "--type", "json", "-p", image])?;
         let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), &ns);
         wait_for(SLOW, "every pod on the new image and ready", || async {
@@ -214,73 +152,43 @@ async fn seed_scenario_end_to_end() -> anyhow::Result<()> {
                 .items
                 .iter()
                 .all(|p| image_of(p).as_deref() == Some("clustered.dev/demo-app:v2"));
-            Ok(all_new && st.updated_replicas == Some(want) && st.ready_replicas == Some(want) && st.replicas == Some(want))
+            Ok(all_new
+                && st.updated_replicas == Some(want)
+                && st.ready_replicas == Some(want)
+                && st.replicas == Some(want))
         })
         .await
     })
     .await?;
-    assert_eq!(
-        report.failed, 0,
-        "failed requests during the rolling update: {:?}",
-        report.errors
-    );
+    assert_eq!(report.failed, 0, "failed requests during the rolling update: {:?}", report.errors);
     assert!(report.ok > 0);
 
     step("an invalid ClusteredService is rejected with its message");
     let invalid = repo_root().join("crds/tests/fixtures/invalid/routes-without-proxy.yaml");
-    let rejected = cluster.kubectl(&[
-        "apply",
-        "-n",
-        &ns,
-        "-f",
-        invalid.to_str().expect("utf-8 path"),
-    ]);
+    let rejected = cluster.kubectl(&["apply", "-n", &ns, "-f", invalid.to_str().expect("utf-8 path")]);
     let message = format!("{:#}", rejected.expect_err("invalid CR accepted"));
-    assert!(
-        message.contains("spec.routes (route pools) need spec.portMode: proxy"),
-        "{message}"
-    );
+    assert!(message.contains("spec.routes (route pools) need spec.portMode: proxy"), "{message}");
 
     step("delete the ClusteredService: everything it owned is garbage-collected");
     cluster.kubectl(&["delete", "csvc", "demo", "-n", &ns, "--wait=true"])?;
     wait_for(SLOW, "children and pods gone", || async {
-        let left = cluster.kubectl(&[
-            "get",
-            "deployment,replicaset,service,pdb,pod",
-            "-n",
-            &ns,
-            "-o",
-            "name",
-        ])?;
+        let left = cluster.kubectl(&["get", "deployment,replicaset,service,pdb,pod", "-n", &ns, "-o", "name"])?;
         Ok(left.trim().is_empty())
     })
     .await?;
     cluster.delete_namespace(&ns).await?;
 
     step("helm uninstall leaves nothing behind (CRDs stay, as Helm keeps them by design)");
-    cluster.helm(&[
-        "uninstall",
-        "clustered",
-        "--namespace",
-        RELEASE_NS,
-        "--wait",
-    ])?;
-    let left = cluster.kubectl(&[
-        "get",
-        "deployment,replicaset,pod,service,serviceaccount,role,rolebinding",
-        "-n",
-        RELEASE_NS,
-        "-o",
-        "name",
-        "-l",
-        "app.kubernetes.io/instance=clustered",
-    ])?;
-    assert!(left.trim().is_empty(), "left after uninstall: {left}");
+    cluster.helm(&["uninstall", "clustered", "--namespace", RELEASE_NS, "--wait"])?;
+    // The operator's pods get their grace period to stop; then nothing is left.
+    let kinds = "deployment,replicaset,pod,service,serviceaccount,role,rolebinding,lease";
+    wait_for(Duration::from_secs(60), "the release's objects gone", || async {
+        let left = cluster.kubectl(&["get", kinds, "-n", RELEASE_NS, "-o", "name"])?;
+        Ok(left.lines().all(|l| l == "serviceaccount/default"))
+    })
+    .await?;
     let cluster_wide = cluster.kubectl(&["get", "clusterrole,clusterrolebinding", "-o", "name"])?;
-    assert!(
-        !cluster_wide.contains("clustered-operator"),
-        "{cluster_wide}"
-    );
+    assert!(!cluster_wide.contains("clustered-operator"), "{cluster_wide}");
     cluster.delete_namespace(RELEASE_NS).await
 }
 
@@ -306,10 +214,7 @@ async fn light_route_stays_free(base: &str) -> anyhow::Result<()> {
     for h in heavy {
         heavy_workers.insert(h.await??.worker.unwrap_or_default());
     }
-    assert!(
-        light_done_while_heavy_ran,
-        "light requests waited for the heavy ones"
-    );
+    assert!(light_done_while_heavy_ran, "light requests waited for the heavy ones");
     assert!(
         light_workers.is_disjoint(&heavy_workers),
         "light {light_workers:?} shared workers with heavy {heavy_workers:?}"
@@ -318,16 +223,10 @@ async fn light_route_stays_free(base: &str) -> anyhow::Result<()> {
 }
 
 /// Runs `during` while 4 clients send GETs to `url`; returns their report.
-async fn under_load(
-    url: &str,
-    during: impl Future<Output = anyhow::Result<()>>,
-) -> anyhow::Result<load::Report> {
+async fn under_load(url: &str, during: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<load::Report> {
     let stop = Arc::new(AtomicBool::new(false));
     let (url, flag) = (url.to_string(), stop.clone());
-    let generator =
-        tokio::spawn(
-            async move { load::run(&url, 4, 200_000, Duration::from_secs(300), flag).await },
-        );
+    let generator = tokio::spawn(async move { load::run(&url, 4, 200_000, Duration::from_secs(300), flag).await });
     let result = during.await;
     stop.store(true, Ordering::Relaxed);
     let report = generator.await?;
@@ -339,33 +238,17 @@ async fn wait_until(
     what: &str,
     check: impl Fn(&ClusteredServiceStatus) -> bool,
 ) -> anyhow::Result<()> {
-    wait_for(SLOW, what, || async {
-        Ok(csvcs.get("demo").await?.status.as_ref().is_some_and(&check))
-    })
-    .await
+    wait_for(SLOW, what, || async { Ok(csvcs.get("demo").await?.status.as_ref().is_some_and(&check)) }).await
 }
 
 fn ready_workers(instance: &clustered_api::v1alpha1::Instance) -> usize {
-    instance
-        .workers
-        .iter()
-        .filter(|w| w.state == WorkerState::Ready)
-        .count()
+    instance.workers.iter().filter(|w| w.state == WorkerState::Ready).count()
 }
 
 fn condition(status: &ClusteredServiceStatus, type_: &str) -> bool {
-    status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == type_ && c.status == "True")
+    status.conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
 }
 
 fn image_of(pod: &Pod) -> Option<String> {
-    pod.spec
-        .as_ref()?
-        .containers
-        .iter()
-        .find(|c| c.name == "app")?
-        .image
-        .clone()
+    pod.spec.as_ref()?.containers.iter().find(|c| c.name == "app")?.image.clone()
 }

@@ -95,50 +95,25 @@ pub struct Config {
 }
 
 /// Runs the controller until `shutdown` resolves.
-pub async fn run(
-    client: Client,
-    config: Config,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) {
-    let Config {
-        namespace,
-        settings,
-        prober,
-        recorder,
-        metrics,
-        status_interval,
-    } = config;
+pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let Config { namespace, settings, prober, recorder, metrics, status_interval } = config;
     let ours = watcher::Config::default().labels(SERVICE_LABEL);
 
     // Status writes do not change the generation, so they do not trigger
     // reconciles of their own; the periodic requeue asks clusterd again.
     let (csvc_reader, csvc_writer) = reflector::store();
-    let csvcs = watcher(
-        scoped::<ClusteredService>(&client, namespace.as_deref()),
-        watcher::Config::default().any_semantic(),
-    )
-    .default_backoff()
-    .reflect(csvc_writer)
-    .applied_objects()
-    .predicate_filter(predicates::generation, Default::default());
+    let csvcs =
+        watcher(scoped::<ClusteredService>(&client, namespace.as_deref()), watcher::Config::default().any_semantic())
+            .default_backoff()
+            .reflect(csvc_writer)
+            .applied_objects()
+            .predicate_filter(predicates::generation, Default::default());
 
     let (pods, pod_events) = reflect(scoped::<Pod>(&client, namespace.as_deref()), ours.clone());
-    let (deployments, deployment_events) = reflect(
-        scoped::<Deployment>(&client, namespace.as_deref()),
-        ours.clone(),
-    );
-    let (services, service_events) = reflect(
-        scoped::<Service>(&client, namespace.as_deref()),
-        ours.clone(),
-    );
-    let (pdbs, pdb_events) = reflect(
-        scoped::<PodDisruptionBudget>(&client, namespace.as_deref()),
-        ours.clone(),
-    );
-    let (hpas, hpa_events) = reflect(
-        scoped::<HorizontalPodAutoscaler>(&client, namespace.as_deref()),
-        ours,
-    );
+    let (deployments, deployment_events) = reflect(scoped::<Deployment>(&client, namespace.as_deref()), ours.clone());
+    let (services, service_events) = reflect(scoped::<Service>(&client, namespace.as_deref()), ours.clone());
+    let (pdbs, pdb_events) = reflect(scoped::<PodDisruptionBudget>(&client, namespace.as_deref()), ours.clone());
+    let (hpas, hpa_events) = reflect(scoped::<HorizontalPodAutoscaler>(&client, namespace.as_deref()), ours);
 
     let ctx = Arc::new(Context {
         client,
@@ -147,13 +122,7 @@ pub async fn run(
         recorder,
         metrics,
         status_interval,
-        stores: Stores {
-            pods,
-            deployments,
-            services,
-            pdbs,
-            hpas,
-        },
+        stores: Stores { pods, deployments, services, pdbs, hpas },
         memory: Mutex::default(),
     });
 
@@ -188,24 +157,12 @@ where
 }
 
 /// A store of `K` and the stream that fills it.
-fn reflect<K>(
-    api: Api<K>,
-    config: watcher::Config,
-) -> (
-    Store<K>,
-    impl Stream<Item = Result<K, watcher::Error>> + Send,
-)
+fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send)
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    (
-        reader,
-        watcher(api, config)
-            .default_backoff()
-            .reflect(writer)
-            .applied_objects(),
-    )
+    (reader, watcher(api, config).default_backoff().reflect(writer).applied_objects())
 }
 
 async fn reconcile(csvc: Arc<ClusteredService>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -213,10 +170,7 @@ async fn reconcile(csvc: Arc<ClusteredService>, ctx: Arc<Context>) -> Result<Act
     let result = reconcile_inner(&csvc, &ctx).await;
     ctx.metrics.observe_duration(started.elapsed());
     let outcome = if result.is_ok() { "ok" } else { "error" };
-    ctx.metrics
-        .reconciles
-        .get_or_create(&ResultLabel { result: outcome })
-        .inc();
+    ctx.metrics.reconciles.get_or_create(&ResultLabel { result: outcome }).inc();
     if result.is_ok() {
         ctx.remember(&csvc, |m| m.failures = 0);
     }
@@ -236,69 +190,28 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
     let problem = match resources::deployment(csvc, &ctx.settings) {
         Ok(deployment) => {
             let previous = stores.deployments.get(&ObjectRef::new(&name).within(&ns));
-            ensure(
-                Api::namespaced(client.clone(), &ns),
-                &stores.deployments,
-                &ns,
-                &name,
-                Some(deployment),
-            )
-            .await?;
-            let scaled_from = previous
-                .and_then(|d| d.spec.as_ref()?.replicas)
-                .filter(|&r| r != csvc.spec.replicas);
+            ensure(Api::namespaced(client.clone(), &ns), &stores.deployments, &ns, &name, Some(deployment)).await?;
+            let scaled_from = previous.and_then(|d| d.spec.as_ref()?.replicas).filter(|&r| r != csvc.spec.replicas);
             if let Some(from) = scaled_from {
-                ctx.event(
-                    csvc,
-                    EventType::Normal,
-                    "Scaled",
-                    format!("pods {from} → {}", csvc.spec.replicas),
-                )
-                .await;
+                ctx.event(csvc, EventType::Normal, "Scaled", format!("pods {from} → {}", csvc.spec.replicas)).await;
             }
             None
         }
         Err(e) => Some(e.to_string()),
     };
-    ensure(
-        Api::namespaced(client.clone(), &ns),
-        &stores.services,
-        &ns,
-        &name,
-        Some(resources::service(csvc)),
-    )
-    .await?;
+    ensure(Api::namespaced(client.clone(), &ns), &stores.services, &ns, &name, Some(resources::service(csvc))).await?;
     let pdb = resources::pod_disruption_budget(csvc);
-    ensure(
-        Api::namespaced(client.clone(), &ns),
-        &stores.pdbs,
-        &ns,
-        &name,
-        Some(pdb),
-    )
-    .await?;
-    ensure(
-        Api::namespaced(client.clone(), &ns),
-        &stores.hpas,
-        &ns,
-        &name,
-        resources::hpa(csvc),
-    )
-    .await?;
+    ensure(Api::namespaced(client.clone(), &ns), &stores.pdbs, &ns, &name, Some(pdb)).await?;
+    ensure(Api::namespaced(client.clone(), &ns), &stores.hpas, &ns, &name, resources::hpa(csvc)).await?;
 
     let pods: Vec<Arc<Pod>> = stores
         .pods
         .state()
         .into_iter()
-        .filter(|p| {
-            p.namespace().as_deref() == Some(&ns) && p.labels().get(SERVICE_LABEL) == Some(&name)
-        })
+        .filter(|p| p.namespace().as_deref() == Some(&ns) && p.labels().get(SERVICE_LABEL) == Some(&name))
         .collect();
-    let askable: Vec<&Pod> = pods
-        .iter()
-        .map(AsRef::as_ref)
-        .filter(|p| p.metadata.deletion_timestamp.is_none() && has_started(p))
-        .collect();
+    let askable: Vec<&Pod> =
+        pods.iter().map(AsRef::as_ref).filter(|p| p.metadata.deletion_timestamp.is_none() && has_started(p)).collect();
     let admin_port = u16::try_from(csvc.spec.admin_port).unwrap_or(9901);
     let reports = ctx.prober.reports(&askable, admin_port).await;
     let failed = reports.values().filter(|r| r.is_err()).count();
@@ -342,12 +255,7 @@ async fn write_status(
         "kind": ClusteredService::kind(&()),
         "status": new,
     });
-    api.patch_status(
-        &csvc.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(patch),
-    )
-    .await?;
+    api.patch_status(&csvc.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
     ctx.metrics.status_writes.inc();
     ctx.remember(csvc, |m| m.last_status_write = Some(Instant::now()));
     Ok(None)
@@ -362,59 +270,29 @@ async fn publish_transitions(
     ctx: &Context,
 ) {
     let degraded = |s: Option<&ClusteredServiceStatus>| {
-        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == DEGRADED))
-            .filter(|c| c.status == "True")
-            .cloned()
+        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == DEGRADED)).filter(|c| c.status == "True").cloned()
     };
     match (degraded(old), degraded(Some(new))) {
-        (None, Some(now)) => {
-            ctx.event(csvc, EventType::Warning, &now.reason, now.message)
-                .await
-        }
-        (Some(_), None) => {
-            ctx.event(
-                csvc,
-                EventType::Normal,
-                "Recovered",
-                "no longer degraded".into(),
-            )
-            .await
-        }
+        (None, Some(now)) => ctx.event(csvc, EventType::Warning, &now.reason, now.message).await,
+        (Some(_), None) => ctx.event(csvc, EventType::Normal, "Recovered", "no longer degraded".into()).await,
         _ => {}
     }
     let crash_looping = |s: Option<&ClusteredServiceStatus>| -> Vec<(String, i32)> {
         s.into_iter()
             .flat_map(|s| &s.instances)
-            .flat_map(|i| {
-                i.workers
-                    .iter()
-                    .filter(|w| w.state == WorkerState::CrashLoop)
-                    .map(|w| (i.pod.clone(), w.id))
-            })
+            .flat_map(|i| i.workers.iter().filter(|w| w.state == WorkerState::CrashLoop).map(|w| (i.pod.clone(), w.id)))
             .collect()
     };
     let before = crash_looping(old);
-    for (pod, id) in crash_looping(Some(new))
-        .into_iter()
-        .filter(|w| !before.contains(w))
-    {
-        let note = format!(
-            "worker {id} of pod {pod} keeps crashing; clusterd restarts it at the maximum backoff"
-        );
-        ctx.event(csvc, EventType::Warning, "WorkerCrashLoop", note)
-            .await;
+    for (pod, id) in crash_looping(Some(new)).into_iter().filter(|w| !before.contains(w)) {
+        let note = format!("worker {id} of pod {pod} keeps crashing; clusterd restarts it at the maximum backoff");
+        ctx.event(csvc, EventType::Warning, "WorkerCrashLoop", note).await;
     }
 }
 
 /// Applies `desired` (or deletes the object when `None`), unless the
 /// cached object already carries the hash of the same desired state.
-async fn ensure<K>(
-    api: Api<K>,
-    store: &Store<K>,
-    ns: &str,
-    name: &str,
-    desired: Option<K>,
-) -> Result<(), Error>
+async fn ensure<K>(api: Api<K>, store: &Store<K>, ns: &str, name: &str, desired: Option<K>) -> Result<(), Error>
 where
     K: Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
 {
@@ -430,74 +308,47 @@ where
         return Ok(());
     };
     let hash = content_hash(&desired);
-    if current
-        .as_ref()
-        .and_then(|c| c.annotations().get(APPLIED_HASH))
-        == Some(&hash)
-    {
+    if current.as_ref().and_then(|c| c.annotations().get(APPLIED_HASH)) == Some(&hash) {
         return Ok(());
     }
     desired.annotations_mut().insert(APPLIED_HASH.into(), hash);
-    api.patch(
-        name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&desired),
-    )
-    .await?;
+    api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired)).await?;
     info!(kind = %K::kind(&()), %ns, %name, "applied");
     Ok(())
 }
 
 fn content_hash(value: &impl Serialize) -> String {
     let mut hasher = DefaultHasher::new();
-    serde_json::to_string(value)
-        .unwrap_or_default()
-        .hash(&mut hasher);
+    serde_json::to_string(value).unwrap_or_default().hash(&mut hasher);
     format!("{:016x}", hasher.finish())
 }
 
 /// A pod whose containers have started has an IP and, soon, a clusterd.
 fn has_started(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .is_some_and(|s| s.pod_ip.is_some() && s.phase.as_deref() == Some("Running"))
+    pod.status.as_ref().is_some_and(|s| s.pod_ip.is_some() && s.phase.as_deref() == Some("Running"))
 }
 
 fn error_policy(csvc: Arc<ClusteredService>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&ErrorLabel {
-            error: error.label(),
-        })
-        .inc();
+    ctx.metrics.reconcile_errors.get_or_create(&ErrorLabel { error: error.label() }).inc();
     let failures = ctx.remember(&csvc, |m| {
         m.failures = m.failures.saturating_add(1);
         m.failures
     });
     // 1 s, 2 s, 4 s, … up to 5 minutes.
-    let backoff =
-        Duration::from_secs(1 << failures.min(9).saturating_sub(1)).min(Duration::from_secs(300));
+    let backoff = Duration::from_secs(1 << failures.min(9).saturating_sub(1)).min(Duration::from_secs(300));
     warn!(name = %csvc.name_any(), error = %error, ?backoff, "reconcile failed, retrying");
     Action::requeue(backoff)
 }
 
 impl Context {
     fn remember<T>(&self, csvc: &ClusteredService, f: impl FnOnce(&mut Memory) -> T) -> T {
-        let mut memory = self
-            .memory
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut memory = self.memory.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         f(memory.entry(ObjectRef::from(csvc)).or_default())
     }
 
     async fn event(&self, csvc: &ClusteredService, type_: EventType, reason: &str, note: String) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
+        let event =
+            Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
         if let Err(e) = self.recorder.publish(&event, &csvc.object_ref(&())).await {
             warn!(error = %e, "could not publish event");
         }

@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub struct Elector {
     api: Api<Lease>,
@@ -60,19 +60,23 @@ impl Elector {
         }
     }
 
-    /// Gives the lease up on a clean shutdown so a standby takes over at once.
+    /// Gives the lease up on a clean shutdown so a standby takes over at
+    /// once. If that fails the lease simply expires.
     pub async fn release(&self) {
-        if let Ok(mut lease) = self.api.get(&self.name).await
-            && holder(&lease) == Some(&self.identity)
-        {
+        let released = async {
+            let mut lease = self.api.get(&self.name).await?;
+            if holder(&lease) != Some(&self.identity) {
+                return Ok(());
+            }
             if let Some(spec) = lease.spec.as_mut() {
                 spec.holder_identity = None;
                 spec.renew_time = None;
             }
-            let _ = self
-                .api
-                .replace(&self.name, &PostParams::default(), &lease)
-                .await;
+            self.api.replace(&self.name, &PostParams::default(), &lease).await.map(drop)
+        };
+        match released.await {
+            Ok(()) => info!(lease = %self.name, "released the lease"),
+            Err(e) => warn!(lease = %self.name, error = %e, "could not release the lease; it expires on its own"),
         }
     }
 
@@ -83,10 +87,7 @@ impl Elector {
         let now = Timestamp::now();
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
             let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(self.name.clone()),
-                    ..Default::default()
-                },
+                metadata: ObjectMeta { name: Some(self.name.clone()), ..Default::default() },
                 spec: Some(self.spec(now, None, 0)),
             };
             self.api.create(&PostParams::default(), &lease).await?;
@@ -100,9 +101,7 @@ impl Elector {
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
         let acquired = if mine { spec.acquire_time } else { None };
         lease.spec = Some(self.spec(now, acquired, transitions));
-        self.api
-            .replace(&lease.name_any(), &PostParams::default(), &lease)
-            .await?;
+        self.api.replace(&lease.name_any(), &PostParams::default(), &lease).await?;
         Ok(true)
     }
 
@@ -130,9 +129,7 @@ fn expired(spec: &LeaseSpec, now: Timestamp) -> bool {
         return true;
     }
     let duration = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)));
-    renewed
-        .saturating_add(duration)
-        .is_ok_and(|deadline| deadline < now)
+    renewed.saturating_add(duration).is_ok_and(|deadline| deadline < now)
 }
 
 #[cfg(test)]
@@ -143,9 +140,7 @@ mod tests {
         LeaseSpec {
             holder_identity: holder.map(Into::into),
             lease_duration_seconds: Some(15),
-            renew_time: Some(MicroTime(
-                Timestamp::from_second(1_000 - renewed_secs_ago).expect("time"),
-            )),
+            renew_time: Some(MicroTime(Timestamp::from_second(1_000 - renewed_secs_ago).expect("time"))),
             ..Default::default()
         }
     }

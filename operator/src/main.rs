@@ -5,9 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use clustered_operator::{
-    controller, leader::Elector, metrics::Metrics, probe::Prober, resources::Settings, server,
-};
+use clustered_operator::{controller, leader::Elector, metrics::Metrics, probe::Prober, resources::Settings, server};
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
@@ -19,11 +17,7 @@ use tracing::{error, info};
 #[command(version)]
 struct Args {
     /// Image with the clusterd binary, copied into every pod.
-    #[arg(
-        long,
-        env = "CLUSTERD_IMAGE",
-        default_value = "clustered.dev/clusterd:dev"
-    )]
+    #[arg(long, env = "CLUSTERD_IMAGE", default_value = "clustered.dev/clusterd:dev")]
     clusterd_image: String,
     /// Watch one namespace only (default: all).
     #[arg(long, env = "WATCH_NAMESPACE")]
@@ -63,64 +57,52 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args.log_format);
-    let client = Client::try_default()
-        .await
-        .context("no Kubernetes configuration (in-cluster or kubeconfig)")?;
+    let client = Client::try_default().await.context("no Kubernetes configuration (in-cluster or kubeconfig)")?;
 
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
-    let health = Arc::new(server::Health {
-        ready: false.into(),
-    });
-    let server = tokio::spawn(server::serve(
-        args.listen,
-        Arc::new(registry),
-        health.clone(),
-    ));
+    let health = Arc::new(server::Health { ready: false.into() });
+    let server = tokio::spawn(server::serve(args.listen, Arc::new(registry), health.clone()));
 
-    let identity = args
-        .identity
-        .clone()
-        .unwrap_or_else(|| format!("clustered-operator-{}", std::process::id()));
-    let elector = args.leader_elect.then(|| {
-        Elector::new(
-            client.clone(),
-            &args.lease_namespace,
-            &args.lease_name,
-            &identity,
-        )
+    // One shutdown flag for the whole process: a SIGTERM that arrives while
+    // this replica is still waiting for the lease must not be forgotten.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
     });
+    let stopped = move || {
+        let mut stop = stop_rx.clone();
+        async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        }
+    };
+
+    let identity = args.identity.clone().unwrap_or_else(|| format!("clustered-operator-{}", std::process::id()));
+    let elector =
+        args.leader_elect.then(|| Elector::new(client.clone(), &args.lease_namespace, &args.lease_name, &identity));
     if let Some(elector) = &elector {
         health.ready.store(true, Ordering::Relaxed);
         tokio::select! {
+            biased;
+            () = stopped() => return Ok(()),
             () = elector.acquire() => {}
-            () = shutdown_signal() => return Ok(()),
         }
         metrics.leader.set(1);
     }
 
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "clustered-operator".into(),
-            instance: Some(identity),
-        },
-    );
-    let settings = Settings {
-        clusterd_image: args.clusterd_image,
-        pre_stop_delay_seconds: args.pre_stop_delay_seconds,
-    };
-    let prober = Prober::new(
-        args.probe_concurrency,
-        Duration::from_millis(args.probe_timeout_ms),
-    );
+    let recorder =
+        Recorder::new(client.clone(), Reporter { controller: "clustered-operator".into(), instance: Some(identity) });
+    let settings =
+        Settings { clusterd_image: args.clusterd_image, pre_stop_delay_seconds: args.pre_stop_delay_seconds };
+    let prober = Prober::new(args.probe_concurrency, Duration::from_millis(args.probe_timeout_ms));
     health.ready.store(true, Ordering::Relaxed);
     info!(namespace = ?args.namespace, "starting controller");
 
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<String>();
     let shutdown = async move {
         tokio::select! {
-            () = shutdown_signal() => info!("shutting down"),
+            () = stopped() => info!("shutting down"),
             Ok(why) = lost_rx => error!(%why, "lost leadership, stopping"),
         }
     };
@@ -134,14 +116,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let status_interval = Duration::from_secs(args.status_interval_seconds);
-    let config = controller::Config {
-        namespace: args.namespace,
-        settings,
-        prober,
-        recorder,
-        metrics,
-        status_interval,
-    };
+    let config = controller::Config { namespace: args.namespace, settings, prober, recorder, metrics, status_interval };
     let run = controller::run(client, config, shutdown);
     tokio::select! {
         () = run => {}
@@ -169,9 +144,5 @@ fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if format == "json" {
-        builder.json().init()
-    } else {
-        builder.init()
-    }
+    if format == "json" { builder.json().init() } else { builder.init() }
 }

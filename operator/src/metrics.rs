@@ -3,9 +3,7 @@
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::{
-    counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
-};
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,44 +30,22 @@ impl Metrics {
         let metrics = Self {
             reconciles: Family::default(),
             reconcile_errors: Family::default(),
-            reconcile_duration: Histogram::new([
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
+            reconcile_duration: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
             status_writes: Counter::default(),
             status_probe_failures: Counter::default(),
             leader: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("clustered_operator");
-        r.register(
-            "reconciles",
-            "Reconciles by result",
-            metrics.reconciles.clone(),
-        );
-        r.register(
-            "reconcile_errors",
-            "Failed reconciles by error kind",
-            metrics.reconcile_errors.clone(),
-        );
-        r.register(
-            "reconcile_duration_seconds",
-            "Time per reconcile",
-            metrics.reconcile_duration.clone(),
-        );
-        r.register(
-            "status_writes",
-            "Status updates written to the API server",
-            metrics.status_writes.clone(),
-        );
+        r.register("reconciles", "Reconciles by result", metrics.reconciles.clone());
+        r.register("reconcile_errors", "Failed reconciles by error kind", metrics.reconcile_errors.clone());
+        r.register("reconcile_duration_seconds", "Time per reconcile", metrics.reconcile_duration.clone());
+        r.register("status_writes", "Status updates written to the API server", metrics.status_writes.clone());
         r.register(
             "status_probe_failures",
             "clusterd /status requests that failed",
             metrics.status_probe_failures.clone(),
         );
-        r.register(
-            "leader",
-            "1 while this replica holds the leader lease",
-            metrics.leader.clone(),
-        );
+        r.register("leader", "1 while this replica holds the leader lease", metrics.leader.clone());
         metrics
     }
 

@@ -33,24 +33,16 @@ impl Prober {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
-        Self {
-            client,
-            permits: Arc::new(Semaphore::new(concurrency)),
-            timeout,
-        }
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
+        Self { client, permits: Arc::new(Semaphore::new(concurrency)), timeout }
     }
 
     /// Reports of every pod that has an IP, keyed by pod name.
     pub async fn reports(&self, pods: &[&Pod], admin_port: u16) -> BTreeMap<String, Report> {
         // Collected first: an iterator borrowing the pods must not live
         // across an await of this (Send) future.
-        let asks: Vec<(String, String)> = pods
-            .iter()
-            .filter_map(|pod| Some((pod.name_any(), pod.status.as_ref()?.pod_ip.clone()?)))
-            .collect();
+        let asks: Vec<(String, String)> =
+            pods.iter().filter_map(|pod| Some((pod.name_any(), pod.status.as_ref()?.pod_ip.clone()?))).collect();
         stream::iter(asks)
             .map(|(name, ip)| async move { (name, self.ask(&ip, admin_port).await) })
             .buffer_unordered(16)
@@ -60,20 +52,11 @@ impl Prober {
 
     async fn ask(&self, ip: &str, port: u16) -> Report {
         let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
-        let host = if ip.contains(':') {
-            format!("[{ip}]")
-        } else {
-            ip.to_string()
-        };
-        let uri: hyper::Uri = format!("http://{host}:{port}{STATUS_PATH}")
-            .parse()
-            .map_err(|e| format!("bad address {ip}: {e}"))?;
+        let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
+        let uri: hyper::Uri =
+            format!("http://{host}:{port}{STATUS_PATH}").parse().map_err(|e| format!("bad address {ip}: {e}"))?;
         let fetch = async {
-            let response = self
-                .client
-                .get(uri)
-                .await
-                .map_err(|e| format!("clusterd unreachable: {e}"))?;
+            let response = self.client.get(uri).await.map_err(|e| format!("clusterd unreachable: {e}"))?;
             if !response.status().is_success() {
                 return Err(format!("clusterd answered {}", response.status()));
             }
@@ -82,8 +65,7 @@ impl Prober {
                 .await
                 .map_err(|e| format!("reading clusterd status: {e}"))?
                 .to_bytes();
-            serde_json::from_slice::<ClusterdStatus>(&body)
-                .map_err(|e| format!("clusterd status unreadable: {e}"))
+            serde_json::from_slice::<ClusterdStatus>(&body).map_err(|e| format!("clusterd status unreadable: {e}"))
         };
         tokio::time::timeout(self.timeout, fetch)
             .await

@@ -21,11 +21,7 @@ pub struct Health {
     pub ready: AtomicBool,
 }
 
-pub async fn serve(
-    addr: SocketAddr,
-    registry: Arc<Registry>,
-    health: Arc<Health>,
-) -> std::io::Result<()> {
+pub async fn serve(addr: SocketAddr, registry: Arc<Registry>, health: Arc<Health>) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     info!(%addr, "serving /healthz, /readyz and /metrics");
     loop {
@@ -36,9 +32,8 @@ pub async fn serve(
                 let (registry, health) = (registry.clone(), health.clone());
                 async move { Ok::<_, Infallible>(route(&req, &registry, &health)) }
             });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await
+            if let Err(e) =
+                auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await
             {
                 debug!(error = %e, "admin connection ended");
             }
@@ -58,16 +53,11 @@ fn route(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Respo
                     let mut response = text(StatusCode::OK, body);
                     response.headers_mut().insert(
                         http::header::CONTENT_TYPE,
-                        http::HeaderValue::from_static(
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        ),
+                        http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
                     );
                     response
                 }
-                Err(e) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("encoding metrics: {e}\n"),
-                ),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")),
             }
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),

@@ -4,8 +4,7 @@
 use std::collections::BTreeMap;
 
 use clustered_api::v1alpha1::{
-    ClusteredService, ClusteredServiceStatus, Instance, InstanceWorker, Summary, WorkerState,
-    WorkerTotals,
+    ClusteredService, ClusteredServiceStatus, Instance, InstanceWorker, Summary, WorkerState, WorkerTotals,
 };
 use clustered_api::wire::ClusterdStatus;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -36,24 +35,14 @@ pub struct Observed<'a> {
 
 /// The status for `csvc` given what was observed. Conditions keep their
 /// `lastTransitionTime` when their status did not change.
-pub fn compute(
-    csvc: &ClusteredService,
-    observed: &Observed<'_>,
-    now: Timestamp,
-) -> ClusteredServiceStatus {
+pub fn compute(csvc: &ClusteredService, observed: &Observed<'_>, now: Timestamp) -> ClusteredServiceStatus {
     let generation = csvc.metadata.generation;
-    let mut live: Vec<&Pod> = observed
-        .pods
-        .iter()
-        .copied()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect();
+    let mut live: Vec<&Pod> =
+        observed.pods.iter().copied().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
     live.sort_by_key(|p| p.name_any());
 
-    let instances: Vec<Instance> = live
-        .iter()
-        .map(|pod| instance(pod, observed.reports.get(&pod.name_any())))
-        .collect();
+    let instances: Vec<Instance> =
+        live.iter().map(|pod| instance(pod, observed.reports.get(&pod.name_any()))).collect();
     let ready_replicas = live.iter().filter(|p| pod_ready(p)).count() as i32;
     let workers = WorkerTotals {
         desired: instances.iter().map(|i| i.desired_workers).sum(),
@@ -61,20 +50,10 @@ pub fn compute(
     };
     let desired_replicas = csvc.spec.replicas;
 
-    let previous = csvc
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
+    let previous = csvc.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let conditions = [
         available(desired_replicas, ready_replicas),
-        progressing(
-            csvc,
-            observed.deployment,
-            live.len() as i32,
-            ready_replicas,
-            &workers,
-        ),
+        progressing(csvc, observed.deployment, live.len() as i32, ready_replicas, &workers),
         degraded(observed.problem.as_deref(), observed.deployment, &instances),
     ]
     .into_iter()
@@ -113,8 +92,7 @@ fn instance(pod: &Pod, report: Option<&Report>) -> Instance {
         Some(Ok(status)) => {
             instance.cpu_limit = status.cpu.cores;
             instance.desired_workers = status.desired_workers as i32;
-            instance.ready_workers =
-                status.workers.iter().filter(|w| w.state.is_ready()).count() as i32;
+            instance.ready_workers = status.workers.iter().filter(|w| w.state.is_ready()).count() as i32;
             instance.workers = status
                 .workers
                 .iter()
@@ -135,11 +113,7 @@ fn instance(pod: &Pod, report: Option<&Report>) -> Instance {
 }
 
 fn pending_reason(pod: &Pod) -> String {
-    let phase = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .unwrap_or("Pending");
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
     format!("pod is {phase}; clusterd not asked yet")
 }
 
@@ -176,21 +150,11 @@ fn progressing(
 ) -> Verdict {
     let desired = csvc.spec.replicas;
     let Some(deployment) = deployment else {
-        return (
-            PROGRESSING,
-            true,
-            "Creating",
-            "the Deployment does not exist yet".into(),
-        );
+        return (PROGRESSING, true, "Creating", "the Deployment does not exist yet".into());
     };
     let status = deployment.status.clone().unwrap_or_default();
     if status.observed_generation < deployment.metadata.generation {
-        return (
-            PROGRESSING,
-            true,
-            "RollingOut",
-            "the Deployment controller has not seen the latest spec yet".into(),
-        );
+        return (PROGRESSING, true, "RollingOut", "the Deployment controller has not seen the latest spec yet".into());
     }
     let updated = status.updated_replicas.unwrap_or(0);
     if updated < desired || pods != desired {
@@ -198,77 +162,38 @@ fn progressing(
         return (PROGRESSING, true, "RollingOut", message);
     }
     if ready < desired || workers.ready < workers.desired {
-        let message = format!(
-            "{ready} of {desired} pods and {} of {} workers ready",
-            workers.ready, workers.desired
-        );
+        let message = format!("{ready} of {desired} pods and {} of {} workers ready", workers.ready, workers.desired);
         return (PROGRESSING, true, "WaitingForReady", message);
     }
-    (
-        PROGRESSING,
-        false,
-        "Complete",
-        format!(
-            "{desired} pods with {} workers are up to date and ready",
-            workers.ready
-        ),
-    )
+    (PROGRESSING, false, "Complete", format!("{desired} pods with {} workers are up to date and ready", workers.ready))
 }
 
 /// Degraded when something needs a person: a worker crash-looping, a
 /// rollout that stopped making progress, or a ready pod whose workers are
 /// not all serving.
-fn degraded(
-    problem: Option<&str>,
-    deployment: Option<&Deployment>,
-    instances: &[Instance],
-) -> Verdict {
+fn degraded(problem: Option<&str>, deployment: Option<&Deployment>, instances: &[Instance]) -> Verdict {
     if let Some(problem) = problem {
         return (DEGRADED, true, "InvalidSpec", problem.to_string());
     }
     let crash_looping: Vec<String> = instances
         .iter()
         .flat_map(|i| {
-            i.workers
-                .iter()
-                .filter(|w| w.state == WorkerState::CrashLoop)
-                .map(move |w| format!("{}/{}", i.pod, w.id))
+            i.workers.iter().filter(|w| w.state == WorkerState::CrashLoop).map(move |w| format!("{}/{}", i.pod, w.id))
         })
         .collect();
     if !crash_looping.is_empty() {
-        return (
-            DEGRADED,
-            true,
-            "WorkerCrashLoop",
-            format!("workers crash-looping: {}", crash_looping.join(", ")),
-        );
+        return (DEGRADED, true, "WorkerCrashLoop", format!("workers crash-looping: {}", crash_looping.join(", ")));
     }
     let stalled = deployment
-        .and_then(|d| {
-            d.status
-                .as_ref()?
-                .conditions
-                .as_ref()?
-                .iter()
-                .find(|c| c.type_ == "Progressing")
-                .cloned()
-        })
+        .and_then(|d| d.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Progressing").cloned())
         .filter(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
     if let Some(c) = stalled {
-        return (
-            DEGRADED,
-            true,
-            "ProgressDeadlineExceeded",
-            c.message.unwrap_or_default(),
-        );
+        return (DEGRADED, true, "ProgressDeadlineExceeded", c.message.unwrap_or_default());
     }
     let unhealthy: Vec<String> = instances
         .iter()
         .flat_map(|i| {
-            i.workers
-                .iter()
-                .filter(|w| w.state == WorkerState::Unhealthy)
-                .map(move |w| format!("{}/{}", i.pod, w.id))
+            i.workers.iter().filter(|w| w.state == WorkerState::Unhealthy).map(move |w| format!("{}/{}", i.pod, w.id))
         })
         .collect();
     if !unhealthy.is_empty() {
@@ -279,12 +204,7 @@ fn degraded(
             format!("workers failing health checks: {}", unhealthy.join(", ")),
         );
     }
-    (
-        DEGRADED,
-        false,
-        "AsExpected",
-        "no worker is crash-looping or failing health checks".into(),
-    )
+    (DEGRADED, false, "AsExpected", "no worker is crash-looping or failing health checks".into())
 }
 
 fn transition_time(previous: &[Condition], type_: &str, status: bool, now: Timestamp) -> Time {
@@ -313,14 +233,8 @@ mod tests {
 
     fn pod(name: &str, ready: bool) -> Pod {
         Pod {
-            metadata: kube::api::ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some("node-1".into()),
-                ..Default::default()
-            }),
+            metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+            spec: Some(PodSpec { node_name: Some("node-1".into()), ..Default::default() }),
             status: Some(PodStatus {
                 phase: Some("Running".into()),
                 conditions: Some(vec![PodCondition {
@@ -335,10 +249,7 @@ mod tests {
 
     fn report(states: &[WorkerState]) -> Report {
         Ok(ClusterdStatus {
-            cpu: CpuLimit {
-                cores: Some(2.0),
-                source: "cgroup-v1".into(),
-            },
+            cpu: CpuLimit { cores: Some(2.0), source: "cgroup-v1".into() },
             desired_workers: states.len() as u32,
             workers: states
                 .iter()
@@ -357,10 +268,7 @@ mod tests {
 
     fn settled_deployment(replicas: i32) -> Deployment {
         Deployment {
-            metadata: kube::api::ObjectMeta {
-                generation: Some(1),
-                ..Default::default()
-            },
+            metadata: kube::api::ObjectMeta { generation: Some(1), ..Default::default() },
             spec: None,
             status: Some(DeploymentStatus {
                 observed_generation: Some(1),
@@ -373,11 +281,7 @@ mod tests {
     }
 
     fn condition<'a>(status: &'a ClusteredServiceStatus, type_: &str) -> &'a Condition {
-        status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == type_)
-            .expect("condition present")
+        status.conditions.iter().find(|c| c.type_ == type_).expect("condition present")
     }
 
     #[test]
@@ -385,102 +289,47 @@ mod tests {
         let cr = csvc(&format!("  replicas: 2\n{APP}"));
         let (a, b) = (pod("web-a", true), pod("web-b", true));
         let reports = BTreeMap::from([
-            (
-                "web-a".to_string(),
-                report(&[WorkerState::Ready, WorkerState::Ready]),
-            ),
-            (
-                "web-b".to_string(),
-                report(&[WorkerState::Ready, WorkerState::Ready]),
-            ),
+            ("web-a".to_string(), report(&[WorkerState::Ready, WorkerState::Ready])),
+            ("web-b".to_string(), report(&[WorkerState::Ready, WorkerState::Ready])),
         ]);
         let d = settled_deployment(2);
         let status = compute(
             &cr,
-            &Observed {
-                deployment: Some(&d),
-                pods: vec![&b, &a],
-                reports: &reports,
-                problem: None,
-            },
+            &Observed { deployment: Some(&d), pods: vec![&b, &a], reports: &reports, problem: None },
             Timestamp::UNIX_EPOCH,
         );
 
         assert_eq!(status.observed_generation, Some(4));
         assert_eq!((status.replicas, status.ready_replicas), (2, 2));
         assert_eq!(status.selector, "clustered.dev/service=web");
-        assert_eq!(
-            status.workers,
-            WorkerTotals {
-                desired: 4,
-                ready: 4
-            }
-        );
-        assert_eq!(
-            status.summary,
-            Summary {
-                pods: "2/2".into(),
-                workers: "4/4".into()
-            }
-        );
-        assert_eq!(
-            status
-                .instances
-                .iter()
-                .map(|i| i.pod.as_str())
-                .collect::<Vec<_>>(),
-            ["web-a", "web-b"]
-        );
+        assert_eq!(status.workers, WorkerTotals { desired: 4, ready: 4 });
+        assert_eq!(status.summary, Summary { pods: "2/2".into(), workers: "4/4".into() });
+        assert_eq!(status.instances.iter().map(|i| i.pod.as_str()).collect::<Vec<_>>(), ["web-a", "web-b"]);
         let first = &status.instances[0];
-        assert_eq!(
-            (first.cpu_limit, first.node.as_deref()),
-            (Some(2.0), Some("node-1"))
-        );
+        assert_eq!((first.cpu_limit, first.node.as_deref()), (Some(2.0), Some("node-1")));
         assert_eq!(first.workers[1].pid, Some(101));
         assert_eq!(first.workers[1].restarts, 1);
         assert_eq!(condition(&status, AVAILABLE).status, "True");
         assert_eq!(condition(&status, PROGRESSING).reason, "Complete");
         assert_eq!(condition(&status, DEGRADED).status, "False");
-        assert!(
-            status
-                .conditions
-                .iter()
-                .all(|c| c.observed_generation == Some(4))
-        );
+        assert!(status.conditions.iter().all(|c| c.observed_generation == Some(4)));
     }
 
     #[test]
     fn crash_loop_degrades_and_names_the_worker() {
         let cr = csvc(APP);
         let a = pod("web-a", true);
-        let reports = BTreeMap::from([(
-            "web-a".to_string(),
-            report(&[WorkerState::Ready, WorkerState::CrashLoop]),
-        )]);
+        let reports = BTreeMap::from([("web-a".to_string(), report(&[WorkerState::Ready, WorkerState::CrashLoop]))]);
         let d = settled_deployment(1);
         let status = compute(
             &cr,
-            &Observed {
-                deployment: Some(&d),
-                pods: vec![&a],
-                reports: &reports,
-                problem: None,
-            },
+            &Observed { deployment: Some(&d), pods: vec![&a], reports: &reports, problem: None },
             Timestamp::UNIX_EPOCH,
         );
         let degraded = condition(&status, DEGRADED);
-        assert_eq!(
-            (degraded.status.as_str(), degraded.reason.as_str()),
-            ("True", "WorkerCrashLoop")
-        );
+        assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "WorkerCrashLoop"));
         assert!(degraded.message.contains("web-a/1"), "{}", degraded.message);
-        assert_eq!(
-            status.workers,
-            WorkerTotals {
-                desired: 2,
-                ready: 1
-            }
-        );
+        assert_eq!(status.workers, WorkerTotals { desired: 2, ready: 1 });
     }
 
     #[test]
@@ -489,24 +338,15 @@ mod tests {
         let a = pod("web-a", false);
         let mut gone = pod("web-z", true);
         gone.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
-        let reports =
-            BTreeMap::from([("web-a".to_string(), Err("connection refused".to_string()))]);
+        let reports = BTreeMap::from([("web-a".to_string(), Err("connection refused".to_string()))]);
         let status = compute(
             &cr,
-            &Observed {
-                deployment: None,
-                pods: vec![&a, &gone],
-                reports: &reports,
-                problem: None,
-            },
+            &Observed { deployment: None, pods: vec![&a, &gone], reports: &reports, problem: None },
             Timestamp::UNIX_EPOCH,
         );
         assert_eq!(status.replicas, 1, "terminating pods are not counted");
         assert_eq!(status.instances.len(), 1, "and have no instance");
-        assert_eq!(
-            status.instances[0].message.as_deref(),
-            Some("connection refused")
-        );
+        assert_eq!(status.instances[0].message.as_deref(), Some("connection refused"));
         assert_eq!(condition(&status, AVAILABLE).status, "False");
         assert_eq!(condition(&status, PROGRESSING).reason, "Creating");
         assert_eq!(status.summary.pods, "0/3");
@@ -518,36 +358,20 @@ mod tests {
         let a = pod("web-a", true);
         let reports = BTreeMap::from([("web-a".to_string(), report(&[WorkerState::Ready]))]);
         let d = settled_deployment(1);
-        let observed = Observed {
-            deployment: Some(&d),
-            pods: vec![&a],
-            reports: &reports,
-            problem: None,
-        };
+        let observed = Observed { deployment: Some(&d), pods: vec![&a], reports: &reports, problem: None };
         let t1 = Timestamp::from_second(1_000).expect("t1");
         let t2 = Timestamp::from_second(2_000).expect("t2");
         let mut cr = cr;
         cr.status = Some(compute(&cr, &observed, t1));
         let again = compute(&cr, &observed, t2);
-        assert!(
-            !changed(cr.status.as_ref(), &again),
-            "nothing changed, nothing to write"
-        );
+        assert!(!changed(cr.status.as_ref(), &again), "nothing changed, nothing to write");
         assert_eq!(condition(&again, AVAILABLE).last_transition_time, Time(t1));
 
         let down = pod("web-a", false);
-        let observed = Observed {
-            deployment: Some(&d),
-            pods: vec![&down],
-            reports: &reports,
-            problem: None,
-        };
+        let observed = Observed { deployment: Some(&d), pods: vec![&down], reports: &reports, problem: None };
         let flipped = compute(&cr, &observed, t2);
         assert_eq!(condition(&flipped, AVAILABLE).status, "False");
-        assert_eq!(
-            condition(&flipped, AVAILABLE).last_transition_time,
-            Time(t2)
-        );
+        assert_eq!(condition(&flipped, AVAILABLE).last_transition_time, Time(t2));
         assert!(changed(cr.status.as_ref(), &flipped));
     }
 
@@ -558,12 +382,7 @@ mod tests {
         let d = settled_deployment(0);
         let status = compute(
             &cr,
-            &Observed {
-                deployment: Some(&d),
-                pods: vec![],
-                reports: &reports,
-                problem: None,
-            },
+            &Observed { deployment: Some(&d), pods: vec![], reports: &reports, problem: None },
             Timestamp::UNIX_EPOCH,
         );
         assert_eq!(condition(&status, AVAILABLE).reason, "ScaledToZero");

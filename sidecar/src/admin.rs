@@ -39,8 +39,7 @@ impl Admin {
             let admin = Arc::clone(&self);
             tokio::spawn(async move {
                 let service = service_fn(move |req| Arc::clone(&admin).handle(req));
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service);
+                let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "admin connection ended with an error");
                 }
@@ -48,19 +47,13 @@ impl Admin {
         }
     }
 
-    async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-    ) -> Result<Response<ProxyBody>, Infallible> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
         let response = match req.uri().path() {
             "/healthz" => plain(StatusCode::OK, "ok\n".into()),
             "/readyz" => self.readyz(),
             "/status" => match self.status_json().await {
                 Some(json) => with_type(StatusCode::OK, json, "application/json"),
-                None => plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "supervisor is gone\n".into(),
-                ),
+                None => plain(StatusCode::SERVICE_UNAVAILABLE, "supervisor is gone\n".into()),
             },
             "/metrics" => match self.status().await {
                 Some(status) => with_type(
@@ -68,15 +61,9 @@ impl Admin {
                     self.metrics.render(&status),
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 ),
-                None => plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "supervisor is gone\n".into(),
-                ),
+                None => plain(StatusCode::SERVICE_UNAVAILABLE, "supervisor is gone\n".into()),
             },
-            _ => plain(
-                StatusCode::NOT_FOUND,
-                "not found: try /healthz, /readyz, /status, /metrics\n".into(),
-            ),
+            _ => plain(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz, /status, /metrics\n".into()),
         };
         Ok(response)
     }
@@ -88,10 +75,7 @@ impl Admin {
         } else if ready >= self.min_ready {
             plain(StatusCode::OK, format!("ready: {ready} workers\n"))
         } else {
-            plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: {ready} of {} workers ready\n", self.min_ready),
-            )
+            plain(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {ready} of {} workers ready\n", self.min_ready))
         }
     }
 
@@ -110,9 +94,6 @@ impl Admin {
 fn with_type(status: StatusCode, body: String, content_type: &'static str) -> Response<ProxyBody> {
     let mut response = Response::new(full(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
     response
 }

@@ -25,16 +25,8 @@ pub fn parse_proc_cgroup(content: &str) -> Vec<CgroupEntry> {
             let hierarchy = parts.next()?.parse().ok()?;
             let controllers = parts.next()?;
             let path = parts.next()?.to_string();
-            let controllers = controllers
-                .split(',')
-                .filter(|c| !c.is_empty())
-                .map(str::to_string)
-                .collect();
-            Some(CgroupEntry {
-                hierarchy,
-                controllers,
-                path,
-            })
+            let controllers = controllers.split(',').filter(|c| !c.is_empty()).map(str::to_string).collect();
+            Some(CgroupEntry { hierarchy, controllers, path })
         })
         .collect()
 }
@@ -62,18 +54,8 @@ fn parse_mountinfo_line(line: &str) -> Option<Mount> {
     let mut right = right.split(' ');
     let fs_type = right.next()?.to_string();
     let _source = right.next();
-    let super_options = right
-        .next()
-        .unwrap_or("")
-        .split(',')
-        .map(str::to_string)
-        .collect();
-    Some(Mount {
-        root,
-        mount_point,
-        fs_type,
-        super_options,
-    })
+    let super_options = right.next().unwrap_or("").split(',').map(str::to_string).collect();
+    Some(Mount { root, mount_point, fs_type, super_options })
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
@@ -83,9 +65,7 @@ fn unescape_octal(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'\\'
-            && let Some(code) = s
-                .get(i + 1..i + 4)
-                .and_then(|o| u8::from_str_radix(o, 8).ok())
+            && let Some(code) = s.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok())
         {
             out.push(code);
             i += 4;
@@ -108,9 +88,7 @@ pub fn join_cgroup_path(mount: &Mount, cgroup_path: &str) -> PathBuf {
     let relative = if mount.root == "/" {
         Some(cgroup_path)
     } else {
-        cgroup_path
-            .strip_prefix(mount.root.as_str())
-            .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+        cgroup_path.strip_prefix(mount.root.as_str()).filter(|rest| rest.is_empty() || rest.starts_with('/'))
     };
     match relative {
         Some(rest) => mount_point.join(rest.trim_start_matches('/')),
@@ -122,20 +100,14 @@ pub fn join_cgroup_path(mount: &Mount, cgroup_path: &str) -> PathBuf {
 
 /// Directory of this process's cgroup v2, if cgroup v2 is mounted.
 pub fn v2_cgroup_dir(proc_cgroup: &str, mountinfo: &str) -> Option<PathBuf> {
-    let entry = parse_proc_cgroup(proc_cgroup)
-        .into_iter()
-        .find(|e| e.hierarchy == 0 && e.controllers.is_empty())?;
-    let mount = parse_mountinfo(mountinfo)
-        .into_iter()
-        .find(|m| m.fs_type == "cgroup2")?;
+    let entry = parse_proc_cgroup(proc_cgroup).into_iter().find(|e| e.hierarchy == 0 && e.controllers.is_empty())?;
+    let mount = parse_mountinfo(mountinfo).into_iter().find(|m| m.fs_type == "cgroup2")?;
     Some(join_cgroup_path(&mount, &entry.path))
 }
 
 /// Directory of this process's cgroup v1 `cpu` controller, if mounted.
 pub fn v1_cpu_cgroup_dir(proc_cgroup: &str, mountinfo: &str) -> Option<PathBuf> {
-    let entry = parse_proc_cgroup(proc_cgroup)
-        .into_iter()
-        .find(|e| e.controllers.iter().any(|c| c == "cpu"))?;
+    let entry = parse_proc_cgroup(proc_cgroup).into_iter().find(|e| e.controllers.iter().any(|c| c == "cpu"))?;
     let mount = parse_mountinfo(mountinfo)
         .into_iter()
         .find(|m| m.fs_type == "cgroup" && m.super_options.iter().any(|o| o == "cpu"))?;
@@ -150,10 +122,7 @@ pub fn parse_cpu_max(content: &str) -> Option<f64> {
         return None;
     }
     let quota: f64 = quota.parse().ok()?;
-    let period = fields
-        .next()
-        .and_then(|p| p.parse::<f64>().ok())
-        .unwrap_or(DEFAULT_PERIOD_US);
+    let period = fields.next().and_then(|p| p.parse::<f64>().ok()).unwrap_or(DEFAULT_PERIOD_US);
     cores(quota, period)
 }
 
@@ -161,9 +130,7 @@ pub fn parse_cpu_max(content: &str) -> Option<f64> {
 /// a quota of -1 (or any value ≤ 0) means no limit.
 pub fn parse_cfs(quota: &str, period: Option<&str>) -> Option<f64> {
     let quota: f64 = quota.trim().parse().ok()?;
-    let period = period
-        .and_then(|p| p.trim().parse::<f64>().ok())
-        .unwrap_or(DEFAULT_PERIOD_US);
+    let period = period.and_then(|p| p.trim().parse::<f64>().ok()).unwrap_or(DEFAULT_PERIOD_US);
     cores(quota, period)
 }
 
@@ -199,9 +166,7 @@ fn read(path: &Path) -> Option<String> {
 fn mount_point_of(mountinfo: &str, fs_type: &str, option: Option<&str>) -> Option<PathBuf> {
     parse_mountinfo(mountinfo)
         .into_iter()
-        .find(|m| {
-            m.fs_type == fs_type && option.is_none_or(|o| m.super_options.iter().any(|s| s == o))
-        })
+        .find(|m| m.fs_type == fs_type && option.is_none_or(|o| m.super_options.iter().any(|s| s == o)))
         .map(|m| PathBuf::from(m.mount_point))
 }
 
@@ -213,9 +178,7 @@ fn under(root: &Path, path: &Path) -> PathBuf {
 fn detect_v2(proc_cgroup: &str, mountinfo: &str, root: &Path) -> Option<f64> {
     let dir = v2_cgroup_dir(proc_cgroup, mountinfo)?;
     let stop = mount_point_of(mountinfo, "cgroup2", None)?;
-    tightest(&dir_and_parents(&dir, &stop), |d| {
-        parse_cpu_max(&read(&under(root, d).join("cpu.max"))?)
-    })
+    tightest(&dir_and_parents(&dir, &stop), |d| parse_cpu_max(&read(&under(root, d).join("cpu.max"))?))
 }
 
 fn detect_v1(proc_cgroup: &str, mountinfo: &str, root: &Path) -> Option<f64> {
@@ -241,11 +204,7 @@ pub fn detect_from(proc_cgroup: &str, mountinfo: &str, root: &Path) -> Option<Cp
 /// CPUs this process may run on.
 pub fn affinity_count() -> usize {
     nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
-        .map(|set| {
-            (0..nix::sched::CpuSet::count())
-                .filter(|&i| set.is_set(i).unwrap_or(false))
-                .count()
-        })
+        .map(|set| (0..nix::sched::CpuSet::count()).filter(|&i| set.is_set(i).unwrap_or(false)).count())
         .ok()
         .filter(|&n| n > 0)
         .unwrap_or(1)
@@ -265,10 +224,7 @@ pub fn detect(override_cores: Option<f64>) -> CpuLimit {
 }
 
 fn limit(cores: Option<f64>, source: &str) -> CpuLimit {
-    CpuLimit {
-        cores,
-        source: source.to_string(),
-    }
+    CpuLimit { cores, source: source.to_string() }
 }
 
 #[cfg(test)]

@@ -167,11 +167,7 @@ pub struct RouteSpec {
 impl RouteSpec {
     /// The pool's name in /status and metrics: the prefix, or `=PATH`.
     pub fn pool_name(&self) -> String {
-        if self.exact {
-            format!("={}", self.prefix)
-        } else {
-            self.prefix.clone()
-        }
+        if self.exact { format!("={}", self.prefix) } else { self.prefix.clone() }
     }
 }
 
@@ -184,23 +180,15 @@ fn parse_exact_route(s: &str) -> Result<RouteSpec, String> {
 }
 
 fn parse_route(s: &str) -> Result<RouteSpec, String> {
-    let (prefix, n) = s
-        .rsplit_once('=')
-        .ok_or_else(|| format!("expected PREFIX=N, got {s:?}"))?;
+    let (prefix, n) = s.rsplit_once('=').ok_or_else(|| format!("expected PREFIX=N, got {s:?}"))?;
     if !prefix.starts_with('/') {
         return Err(format!("route prefix must start with '/', got {prefix:?}"));
     }
-    let workers: u32 = n
-        .parse()
-        .map_err(|_| format!("route worker count must be a positive integer, got {n:?}"))?;
+    let workers: u32 = n.parse().map_err(|_| format!("route worker count must be a positive integer, got {n:?}"))?;
     if workers == 0 {
         return Err("a route needs at least 1 worker".into());
     }
-    Ok(RouteSpec {
-        prefix: prefix.to_string(),
-        workers,
-        exact: false,
-    })
+    Ok(RouteSpec { prefix: prefix.to_string(), workers, exact: false })
 }
 
 impl Config {
@@ -208,9 +196,7 @@ impl Config {
     pub fn from_args() -> Config {
         let config = Config::parse();
         if let Err(msg) = config.validate() {
-            Config::command()
-                .error(ErrorKind::ArgumentConflict, msg)
-                .exit();
+            Config::command().error(ErrorKind::ArgumentConflict, msg).exit();
         }
         config
     }
@@ -220,9 +206,7 @@ impl Config {
         if let (Some(min), Some(max)) = (self.min_workers, self.max_workers)
             && min > max
         {
-            return Err(format!(
-                "--min-workers {min} is greater than --max-workers {max}"
-            ));
+            return Err(format!("--min-workers {min} is greater than --max-workers {max}"));
         }
         if self.max_workers == Some(0) {
             return Err("--max-workers must be at least 1".into());
@@ -230,13 +214,9 @@ impl Config {
         if let Some(cpu) = self.cpu_limit
             && !(cpu.is_finite() && cpu > 0.0)
         {
-            return Err(format!(
-                "--cpu-limit must be a positive number of cores, got {cpu}"
-            ));
+            return Err(format!("--cpu-limit must be a positive number of cores, got {cpu}"));
         }
-        if !self.pools().is_empty()
-            && (self.port_mode != PortMode::Proxy || self.protocol != Protocol::Http)
-        {
+        if !self.pools().is_empty() && (self.port_mode != PortMode::Proxy || self.protocol != Protocol::Http) {
             return Err("--route needs --port-mode proxy and --protocol http".into());
         }
         let mut prefixes: Vec<String> = self.pools().iter().map(RouteSpec::pool_name).collect();
@@ -245,10 +225,7 @@ impl Config {
             return Err("each --route prefix may be given only once".into());
         }
         if !self.health_path.starts_with('/') {
-            return Err(format!(
-                "--health-path must start with '/', got {:?}",
-                self.health_path
-            ));
+            return Err(format!("--health-path must start with '/', got {:?}", self.health_path));
         }
         if self.health_failure_threshold == 0 {
             return Err("--health-failure-threshold must be at least 1".into());
@@ -264,11 +241,7 @@ impl Config {
 
     /// Every route pool: prefix routes, then exact ones.
     pub fn pools(&self) -> Vec<RouteSpec> {
-        self.routes
-            .iter()
-            .chain(&self.exact_routes)
-            .cloned()
-            .collect()
+        self.routes.iter().chain(&self.exact_routes).cloned().collect()
     }
 }
 
@@ -298,57 +271,19 @@ mod tests {
     #[test]
     fn routes_parse_and_validate() {
         let c = parse(&["clusterd", "--route", "/report=2", "--", "x"]).expect("parse");
-        assert_eq!(
-            c.routes,
-            vec![RouteSpec {
-                prefix: "/report".into(),
-                workers: 2,
-                exact: false
-            }]
-        );
+        assert_eq!(c.routes, vec![RouteSpec { prefix: "/report".into(), workers: 2, exact: false }]);
         assert!(parse(&["clusterd", "--route", "report=2", "--", "x"]).is_err());
         assert!(parse(&["clusterd", "--route", "/a=0", "--", "x"]).is_err());
-        let c = parse(&[
-            "clusterd",
-            "--route",
-            "/=1",
-            "--route-exact",
-            "/=1",
-            "--",
-            "x",
-        ])
-        .expect("parse");
+        let c = parse(&["clusterd", "--route", "/=1", "--route-exact", "/=1", "--", "x"]).expect("parse");
         let names: Vec<String> = c.pools().iter().map(RouteSpec::pool_name).collect();
         assert_eq!(names, ["/", "=/"]);
         assert!(parse(&["clusterd", "--route", "/a=1", "--route", "/a=2", "--", "x"]).is_err());
-        assert!(
-            parse(&[
-                "clusterd",
-                "--route",
-                "/a=1",
-                "--port-mode",
-                "inherit",
-                "--",
-                "x"
-            ])
-            .is_err()
-        );
+        assert!(parse(&["clusterd", "--route", "/a=1", "--port-mode", "inherit", "--", "x"]).is_err());
     }
 
     #[test]
     fn bad_bounds_are_rejected() {
-        assert!(
-            parse(&[
-                "clusterd",
-                "--min-workers",
-                "3",
-                "--max-workers",
-                "2",
-                "--",
-                "x"
-            ])
-            .is_err()
-        );
+        assert!(parse(&["clusterd", "--min-workers", "3", "--max-workers", "2", "--", "x"]).is_err());
         assert!(parse(&["clusterd", "--cpu-limit", "0", "--", "x"]).is_err());
         assert!(parse(&["clusterd"]).is_err());
         assert!(parse(&["clusterd", "--install-to", "/tmp/x"]).is_ok());

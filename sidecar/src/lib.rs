@@ -41,11 +41,7 @@ pub mod exit {
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     #[error("cannot bind the {what} port {addr}: {source}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        source: io::Error,
-    },
+    Bind { what: &'static str, addr: SocketAddr, source: io::Error },
     #[error("cannot run {command:?}: {source}")]
     Command { command: String, source: io::Error },
     #[error("{0}")]
@@ -56,9 +52,7 @@ impl StartupError {
     pub fn exit_code(&self) -> u8 {
         match self {
             StartupError::Bind { .. } => exit::CANNOT_BIND,
-            StartupError::Command { source, .. } if source.kind() == io::ErrorKind::NotFound => {
-                exit::NOT_FOUND
-            }
+            StartupError::Command { source, .. } if source.kind() == io::ErrorKind::NotFound => exit::NOT_FOUND,
             StartupError::Command { .. } => exit::CANNOT_EXECUTE,
             StartupError::Other(_) => exit::INTERNAL,
         }
@@ -131,9 +125,7 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartupError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartupError::Bind { what, addr, source })
+    TcpListener::bind(addr).await.map_err(|source| StartupError::Bind { what, addr, source })
 }
 
 /// Runs clusterd until it shuts down; returns the exit status.
@@ -146,17 +138,11 @@ pub async fn run(config: Config) -> Result<u8, StartupError> {
     signals::install(events_tx.clone())?;
 
     let command = config.command.join(" ");
-    let spec = CommandSpec::resolve(&config.command).map_err(|source| StartupError::Command {
-        command: command.clone(),
-        source,
-    })?;
+    let spec = CommandSpec::resolve(&config.command)
+        .map_err(|source| StartupError::Command { command: command.clone(), source })?;
     let cpu = cgroup::detect(config.cpu_limit);
 
-    let admin_listener = bind(
-        "admin",
-        SocketAddr::new(config.admin_bind, config.admin_port),
-    )
-    .await?;
+    let admin_listener = bind("admin", SocketAddr::new(config.admin_bind, config.admin_port)).await?;
     let shared_addr = SocketAddr::new(config.bind, config.port);
     let metrics = Arc::new(Metrics::new());
     let shared = Arc::new(Shared::default());
@@ -165,21 +151,14 @@ pub async fn run(config: Config) -> Result<u8, StartupError> {
     let (port, proxy_listener) = match config.port_mode {
         PortMode::Proxy => {
             let listener = bind("shared", shared_addr).await?;
-            (
-                PortSetup::Proxy {
-                    router: Arc::clone(&router),
-                    shutdown: proxy_shutdown.clone(),
-                },
-                Some(listener),
-            )
+            (PortSetup::Proxy { router: Arc::clone(&router), shutdown: proxy_shutdown.clone() }, Some(listener))
         }
         PortMode::Inherit => {
-            let listener =
-                std::net::TcpListener::bind(shared_addr).map_err(|source| StartupError::Bind {
-                    what: "shared",
-                    addr: shared_addr,
-                    source,
-                })?;
+            let listener = std::net::TcpListener::bind(shared_addr).map_err(|source| StartupError::Bind {
+                what: "shared",
+                addr: shared_addr,
+                source,
+            })?;
             (PortSetup::Inherit(Some(listener)), None)
         }
         PortMode::Reuseport => (PortSetup::Reuseport, None),
@@ -194,10 +173,7 @@ pub async fn run(config: Config) -> Result<u8, StartupError> {
         Arc::clone(&shared),
         Arc::clone(&metrics),
     );
-    supervisor.start().map_err(|e| StartupError::Command {
-        command,
-        source: e.0,
-    })?;
+    supervisor.start().map_err(|e| StartupError::Command { command, source: e.0 })?;
     tracing::info!(
         port = config.port,
         mode = config.port_mode.as_str(),
@@ -217,21 +193,9 @@ pub async fn run(config: Config) -> Result<u8, StartupError> {
         }
     });
     if let Some(listener) = proxy_listener {
-        spawn_proxy(
-            &config,
-            listener,
-            router,
-            Arc::clone(&metrics),
-            proxy_shutdown,
-            events_tx.clone(),
-        );
+        spawn_proxy(&config, listener, router, Arc::clone(&metrics), proxy_shutdown, events_tx.clone());
     }
-    let admin = Arc::new(admin::Admin {
-        shared,
-        events: events_tx.clone(),
-        metrics,
-        min_ready: config.min_ready,
-    });
+    let admin = Arc::new(admin::Admin { shared, events: events_tx.clone(), metrics, min_ready: config.min_ready });
     tokio::spawn(admin.serve(admin_listener));
     if config.cpu_limit.is_none() {
         tokio::spawn(poll_cpu_limit(config.cpu_poll_interval, events_tx.clone()));
@@ -269,10 +233,7 @@ fn spawn_proxy(
     });
 }
 
-async fn poll_cpu_limit(
-    interval: std::time::Duration,
-    events: tokio::sync::mpsc::UnboundedSender<Event>,
-) {
+async fn poll_cpu_limit(interval: std::time::Duration, events: tokio::sync::mpsc::UnboundedSender<Event>) {
     let mut ticker = tokio::time::interval(interval);
     ticker.tick().await;
     loop {

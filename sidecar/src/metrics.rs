@@ -60,72 +60,25 @@ impl Metrics {
         let cpu_limit = Gauge::<f64, AtomicU64>::default();
         let desired_workers = Gauge::default();
         registry.register("workers", "Worker slots by state", workers.clone());
-        registry.register(
-            "worker_restarts",
-            "Worker processes restarted after exiting",
-            restarts.clone(),
-        );
-        registry.register(
-            "requests",
-            "Requests proxied, by pool and worker id",
-            requests.clone(),
-        );
-        registry.register(
-            "in_flight_requests",
-            "Requests (or TCP connections) being proxied",
-            in_flight.clone(),
-        );
-        registry.register(
-            "proxy_errors",
-            "Failed attempts to reach a worker",
-            proxy_errors.clone(),
-        );
-        registry.register(
-            "proxy_retries",
-            "Requests retried on another worker",
-            retries.clone(),
-        );
-        registry.register(
-            "cpu_limit_cores",
-            "CPU limit clusterd sees",
-            cpu_limit.clone(),
-        );
-        registry.register(
-            "desired_workers",
-            "Workers the policy asks for",
-            desired_workers.clone(),
-        );
-        Metrics {
-            registry,
-            workers,
-            restarts,
-            requests,
-            in_flight,
-            proxy_errors,
-            retries,
-            cpu_limit,
-            desired_workers,
-        }
+        registry.register("worker_restarts", "Worker processes restarted after exiting", restarts.clone());
+        registry.register("requests", "Requests proxied, by pool and worker id", requests.clone());
+        registry.register("in_flight_requests", "Requests (or TCP connections) being proxied", in_flight.clone());
+        registry.register("proxy_errors", "Failed attempts to reach a worker", proxy_errors.clone());
+        registry.register("proxy_retries", "Requests retried on another worker", retries.clone());
+        registry.register("cpu_limit_cores", "CPU limit clusterd sees", cpu_limit.clone());
+        registry.register("desired_workers", "Workers the policy asks for", desired_workers.clone());
+        Metrics { registry, workers, restarts, requests, in_flight, proxy_errors, retries, cpu_limit, desired_workers }
     }
 
     pub fn count_request(&self, pool: &str, worker: u32) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                pool: pool.to_string(),
-                worker: worker.to_string(),
-            })
-            .inc();
+        self.requests.get_or_create(&RequestLabels { pool: pool.to_string(), worker: worker.to_string() }).inc();
     }
 
     /// Encodes the registry after refreshing the gauges that mirror `status`.
     pub fn render(&self, status: &ClusterdStatus) -> String {
         for state in ALL_STATES {
             let count = status.workers.iter().filter(|w| w.state == state).count();
-            self.workers
-                .get_or_create(&StateLabels {
-                    state: format!("{state:?}"),
-                })
-                .set(count as i64);
+            self.workers.get_or_create(&StateLabels { state: format!("{state:?}") }).set(count as i64);
         }
         self.desired_workers.set(i64::from(status.desired_workers));
         let mut out = String::new();

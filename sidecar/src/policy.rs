@@ -73,16 +73,11 @@ impl WorkerPolicy {
 /// can exceed `desired` when the routes claim everything. Scaling therefore
 /// only ever adds or removes default-pool workers (highest ids first).
 pub fn slot_layout(desired: u32, routes: &[RouteSpec]) -> Vec<String> {
-    let mut layout: Vec<String> = routes
-        .iter()
-        .flat_map(|r| std::iter::repeat_n(r.pool_name(), r.workers as usize))
-        .collect();
+    let mut layout: Vec<String> =
+        routes.iter().flat_map(|r| std::iter::repeat_n(r.pool_name(), r.workers as usize)).collect();
     let dedicated = layout.len() as u32;
     let default_workers = desired.saturating_sub(dedicated).max(1);
-    layout.extend(std::iter::repeat_n(
-        DEFAULT_POOL.to_string(),
-        default_workers as usize,
-    ));
+    layout.extend(std::iter::repeat_n(DEFAULT_POOL.to_string(), default_workers as usize));
     layout
 }
 
@@ -91,12 +86,7 @@ mod tests {
     use super::*;
 
     fn auto(rounding: Rounding) -> WorkerPolicy {
-        WorkerPolicy {
-            workers: WorkerCount::Auto,
-            min: None,
-            max: None,
-            rounding,
-        }
+        WorkerPolicy { workers: WorkerCount::Auto, min: None, max: None, rounding }
     }
 
     #[test]
@@ -116,17 +106,10 @@ mod tests {
 
     #[test]
     fn bounds_apply_to_auto_and_fixed() {
-        let p = WorkerPolicy {
-            min: Some(2),
-            max: Some(4),
-            ..auto(Rounding::Floor)
-        };
+        let p = WorkerPolicy { min: Some(2), max: Some(4), ..auto(Rounding::Floor) };
         assert_eq!(p.desired(1.0), 2);
         assert_eq!(p.desired(8.0), 4);
-        let fixed = WorkerPolicy {
-            workers: WorkerCount::Fixed(6),
-            ..p
-        };
+        let fixed = WorkerPolicy { workers: WorkerCount::Fixed(6), ..p };
         assert_eq!(fixed.desired(1.0), 4);
     }
 
@@ -140,15 +123,8 @@ mod tests {
 
     #[test]
     fn route_pools_take_the_lowest_ids_and_default_keeps_one() {
-        let routes = vec![RouteSpec {
-            prefix: "/report".into(),
-            workers: 1,
-            exact: false,
-        }];
-        assert_eq!(
-            slot_layout(3, &routes),
-            vec!["/report", "default", "default"]
-        );
+        let routes = vec![RouteSpec { prefix: "/report".into(), workers: 1, exact: false }];
+        assert_eq!(slot_layout(3, &routes), vec!["/report", "default", "default"]);
         assert_eq!(slot_layout(1, &routes), vec!["/report", "default"]);
         assert_eq!(slot_layout(2, &[]), vec!["default", "default"]);
     }

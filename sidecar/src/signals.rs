@@ -9,14 +9,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::supervisor::Event;
 
-const HANDLED: [Signal; 6] = [
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGHUP,
-    Signal::SIGQUIT,
-    Signal::SIGUSR1,
-    Signal::SIGUSR2,
-];
+const HANDLED: [Signal; 6] =
+    [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2];
 
 /// Installs the handlers now (before any worker exists) and forwards each
 /// delivery to the supervisor.

@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use clusterd::cgroup::{detect_from, parse_cfs, parse_cpu_max, v1_cpu_cgroup_dir, v2_cgroup_dir};
 
 fn fixture(layout: &str) -> (String, String) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(layout);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(layout);
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect("fixture");
     (read("cgroup"), read("mountinfo"))
 }
@@ -18,8 +16,7 @@ struct FakeRoot(PathBuf);
 
 impl FakeRoot {
     fn new(name: &str) -> FakeRoot {
-        let dir =
-            std::env::temp_dir().join(format!("clusterd-fixture-{}-{name}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("clusterd-fixture-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("fake root");
         FakeRoot(dir)
@@ -42,10 +39,7 @@ impl Drop for FakeRoot {
 fn v1_in_runc_container_strips_the_mount_root() {
     let (cgroup, mountinfo) = fixture("v1-runc");
     // /proc/self/cgroup shows the host path, but that path is the mount's root.
-    assert_eq!(
-        v1_cpu_cgroup_dir(&cgroup, &mountinfo),
-        Some(PathBuf::from("/sys/fs/cgroup/cpu,cpuacct"))
-    );
+    assert_eq!(v1_cpu_cgroup_dir(&cgroup, &mountinfo), Some(PathBuf::from("/sys/fs/cgroup/cpu,cpuacct")));
     let root = FakeRoot::new("v1-runc");
     root.write("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us", "250000\n");
     root.write("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us", "100000\n");
@@ -57,59 +51,39 @@ fn v1_in_runc_container_strips_the_mount_root() {
 #[test]
 fn v1_on_host_joins_the_path_and_takes_the_tightest_ancestor() {
     let (cgroup, mountinfo) = fixture("v1-host");
-    assert_eq!(
-        v1_cpu_cgroup_dir(&cgroup, &mountinfo),
-        Some(PathBuf::from("/sys/fs/cgroup/cpu/clustered-test-1234"))
-    );
+    assert_eq!(v1_cpu_cgroup_dir(&cgroup, &mountinfo), Some(PathBuf::from("/sys/fs/cgroup/cpu/clustered-test-1234")));
     let root = FakeRoot::new("v1-host");
     root.write("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "-1\n");
     root.write("/sys/fs/cgroup/cpu/cpu.cfs_period_us", "100000\n");
-    root.write(
-        "/sys/fs/cgroup/cpu/clustered-test-1234/cpu.cfs_quota_us",
-        "300000\n",
-    );
-    root.write(
-        "/sys/fs/cgroup/cpu/clustered-test-1234/cpu.cfs_period_us",
-        "100000\n",
-    );
-    assert_eq!(
-        detect_from(&cgroup, &mountinfo, &root.0).and_then(|l| l.cores),
-        Some(3.0)
-    );
+    root.write("/sys/fs/cgroup/cpu/clustered-test-1234/cpu.cfs_quota_us", "300000\n");
+    root.write("/sys/fs/cgroup/cpu/clustered-test-1234/cpu.cfs_period_us", "100000\n");
+    assert_eq!(detect_from(&cgroup, &mountinfo, &root.0).and_then(|l| l.cores), Some(3.0));
     // The unified (v2) mount of a hybrid host has no cpu.max: v1 decides.
     root.write("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "150000\n");
-    assert_eq!(
-        detect_from(&cgroup, &mountinfo, &root.0).and_then(|l| l.cores),
-        Some(1.5)
-    );
+    assert_eq!(detect_from(&cgroup, &mountinfo, &root.0).and_then(|l| l.cores), Some(1.5));
 }
 
 #[test]
 fn v1_without_quota_is_no_limit() {
     let (cgroup, mountinfo) = fixture("v1-host");
     let root = FakeRoot::new("v1-unlimited");
-    root.write(
-        "/sys/fs/cgroup/cpu/clustered-test-1234/cpu.cfs_quota_us",
-        "-1\n",
-    );
-    root.write(
-        "/sys/fs/cgroup/cpu/clustered-test-1234/cpu.cfs_period_us",
-        "100000\n",
-    );
+    root.write("/sys/fs/cgroup/cpu/clustered-test-1234/cpu.cfs_quota_us", "-1\n");
+    root.write("/sys/fs/cgroup/cpu/clustered-test-1234/cpu.cfs_period_us", "100000\n");
     assert_eq!(detect_from(&cgroup, &mountinfo, &root.0), None);
 }
 
 #[test]
 fn v2_nested_path_and_parent_limits() {
     let (cgroup, mountinfo) = fixture("v2-nested");
-    let leaf = "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod7.slice/cri-containerd-abc.scope";
-    assert_eq!(
-        v2_cgroup_dir(&cgroup, &mountinfo),
-        Some(PathBuf::from(leaf))
-    );
+    let leaf =
+        "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod7.slice/cri-containerd-abc.scope";
+    assert_eq!(v2_cgroup_dir(&cgroup, &mountinfo), Some(PathBuf::from(leaf)));
     let root = FakeRoot::new("v2-nested");
     root.write(&format!("{leaf}/cpu.max"), "max 100000\n");
-    root.write("/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod7.slice/cpu.max", "200000 100000\n");
+    root.write(
+        "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod7.slice/cpu.max",
+        "200000 100000\n",
+    );
     let limit = detect_from(&cgroup, &mountinfo, &root.0).expect("limit");
     assert_eq!(limit.cores, Some(2.0));
     assert_eq!(limit.source, "cgroup-v2");
@@ -118,17 +92,11 @@ fn v2_nested_path_and_parent_limits() {
 #[test]
 fn v2_container_sees_its_cgroup_as_root() {
     let (cgroup, mountinfo) = fixture("v2-container-root");
-    assert_eq!(
-        v2_cgroup_dir(&cgroup, &mountinfo),
-        Some(PathBuf::from("/sys/fs/cgroup"))
-    );
+    assert_eq!(v2_cgroup_dir(&cgroup, &mountinfo), Some(PathBuf::from("/sys/fs/cgroup")));
     let root = FakeRoot::new("v2-root");
     // Missing period: the kernel default of 100000 applies.
     root.write("/sys/fs/cgroup/cpu.max", "150000\n");
-    assert_eq!(
-        detect_from(&cgroup, &mountinfo, &root.0).and_then(|l| l.cores),
-        Some(1.5)
-    );
+    assert_eq!(detect_from(&cgroup, &mountinfo, &root.0).and_then(|l| l.cores), Some(1.5));
     root.write("/sys/fs/cgroup/cpu.max", "max 100000\n");
     assert_eq!(detect_from(&cgroup, &mountinfo, &root.0), None);
 }
@@ -136,22 +104,13 @@ fn v2_container_sees_its_cgroup_as_root() {
 #[test]
 fn hybrid_docker_layout_uses_v1_cpu_controller() {
     let (cgroup, mountinfo) = fixture("hybrid");
-    assert_eq!(
-        v2_cgroup_dir(&cgroup, &mountinfo),
-        Some(PathBuf::from("/sys/fs/cgroup/unified"))
-    );
-    assert_eq!(
-        v1_cpu_cgroup_dir(&cgroup, &mountinfo),
-        Some(PathBuf::from("/sys/fs/cgroup/cpu,cpuacct"))
-    );
+    assert_eq!(v2_cgroup_dir(&cgroup, &mountinfo), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+    assert_eq!(v1_cpu_cgroup_dir(&cgroup, &mountinfo), Some(PathBuf::from("/sys/fs/cgroup/cpu,cpuacct")));
     let root = FakeRoot::new("hybrid");
     root.write("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us", "100000\n");
     root.write("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us", "50000\n");
     let limit = detect_from(&cgroup, &mountinfo, &root.0).expect("limit");
-    assert_eq!(
-        (limit.cores, limit.source.as_str()),
-        (Some(2.0), "cgroup-v1")
-    );
+    assert_eq!((limit.cores, limit.source.as_str()), (Some(2.0), "cgroup-v1"));
 }
 
 #[test]

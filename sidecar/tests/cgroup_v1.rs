@@ -49,11 +49,7 @@ impl Drop for CpuCgroup {
 }
 
 fn ready_count(status: &clustered_api::wire::ClusterdStatus) -> usize {
-    status
-        .workers
-        .iter()
-        .filter(|w| w.state == WorkerState::Ready)
-        .count()
+    status.workers.iter().filter(|w| w.state == WorkerState::Ready).count()
 }
 
 #[test]
@@ -75,22 +71,16 @@ fn workers_follow_the_cfs_quota() {
     assert_eq!(status.desired_workers, 2);
 
     assert!(cgroup.set_cpus(3));
-    let status = clusterd.wait_status("3 ready workers", SLOW, |s| {
-        s.workers.len() == 3 && ready_count(s) == 3
-    });
+    let status = clusterd.wait_status("3 ready workers", SLOW, |s| s.workers.len() == 3 && ready_count(s) == 3);
     assert_eq!(status.cpu.cores, Some(3.0));
     let removed: Vec<u32> = status.workers[1..].iter().filter_map(|w| w.pid).collect();
 
     assert!(cgroup.set_cpus(1));
-    let status = clusterd.wait_status("1 worker", SLOW, |s| {
-        s.workers.len() == 1 && ready_count(s) == 1
-    });
+    let status = clusterd.wait_status("1 worker", SLOW, |s| s.workers.len() == 1 && ready_count(s) == 1);
     assert_eq!(status.desired_workers, 1);
     assert_eq!(status.workers[0].id, 0, "the highest ids are removed first");
     for pid in removed {
-        wait_until("removed worker to be drained and stopped", SLOW, || {
-            !process_alive(pid)
-        });
+        wait_until("removed worker to be drained and stopped", SLOW, || !process_alive(pid));
     }
     assert!(clusterd.logs().contains("removing worker slot"));
 

@@ -27,36 +27,15 @@ fn missing_command_is_a_usage_error() {
 fn bad_values_are_usage_errors() {
     for (args, needle) in [
         (&["--workers", "lots", "--", "true"][..], "auto"),
-        (
-            &["--route", "report=1", "--", "true"][..],
-            "must start with '/'",
-        ),
-        (
-            &["--min-workers", "4", "--max-workers", "2", "--", "true"][..],
-            "greater than --max-workers",
-        ),
-        (
-            &["--health-period", "soon", "--", "true"][..],
-            "health-period",
-        ),
-        (
-            &["--route", "/a=1", "--port-mode", "inherit", "--", "true"][..],
-            "--port-mode proxy",
-        ),
+        (&["--route", "report=1", "--", "true"][..], "must start with '/'"),
+        (&["--min-workers", "4", "--max-workers", "2", "--", "true"][..], "greater than --max-workers"),
+        (&["--health-period", "soon", "--", "true"][..], "health-period"),
+        (&["--route", "/a=1", "--port-mode", "inherit", "--", "true"][..], "--port-mode proxy"),
         (&["--cpu-limit=0", "--", "true"][..], "cpu-limit"),
     ] {
         let output = run(args);
-        assert_eq!(
-            output.status.code(),
-            Some(2),
-            "{args:?}: {}",
-            stderr(&output)
-        );
-        assert!(
-            stderr(&output).contains(needle),
-            "{args:?}: {}",
-            stderr(&output)
-        );
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains(needle), "{args:?}: {}", stderr(&output));
     }
 }
 
@@ -82,14 +61,7 @@ fn help_lists_the_contract_flags() {
 #[test]
 fn unknown_command_exits_127() {
     let (port, admin) = (free_port().to_string(), free_port().to_string());
-    let output = run(&[
-        "--port",
-        &port,
-        "--admin-port",
-        &admin,
-        "--",
-        "no-such-command-clusterd-test",
-    ]);
+    let output = run(&["--port", &port, "--admin-port", &admin, "--", "no-such-command-clusterd-test"]);
     assert_eq!(output.status.code(), Some(127));
     assert!(stderr(&output).contains("not found"), "{}", stderr(&output));
 }
@@ -97,14 +69,7 @@ fn unknown_command_exits_127() {
 #[test]
 fn non_executable_command_exits_126() {
     let (port, admin) = (free_port().to_string(), free_port().to_string());
-    let output = run(&[
-        "--port",
-        &port,
-        "--admin-port",
-        &admin,
-        "--",
-        &app("server.js"),
-    ]);
+    let output = run(&["--port", &port, "--admin-port", &admin, "--", &app("server.js")]);
     assert_eq!(output.status.code(), Some(126), "{}", stderr(&output));
 }
 
@@ -113,22 +78,9 @@ fn port_in_use_exits_3() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port().to_string();
     let admin = free_port().to_string();
-    let output = run(&[
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--admin-port",
-        &admin,
-        "--",
-        "true",
-    ]);
+    let output = run(&["--bind", "127.0.0.1", "--port", &port, "--admin-port", &admin, "--", "true"]);
     assert_eq!(output.status.code(), Some(3));
-    assert!(
-        stderr(&output).contains("cannot bind the shared port"),
-        "{}",
-        stderr(&output)
-    );
+    assert!(stderr(&output).contains("cannot bind the shared port"), "{}", stderr(&output));
 }
 
 #[test]
@@ -139,33 +91,19 @@ fn sigquit_is_a_quick_shutdown_with_128_plus_signal() {
     let exit = clusterd.wait_exit(SLOW);
     assert_eq!(exit.code(), Some(128 + 3));
     for pid in workers {
-        wait_until("worker to stop", Duration::from_secs(10), || {
-            !process_alive(pid)
-        });
+        wait_until("worker to stop", Duration::from_secs(10), || !process_alive(pid));
     }
 }
 
 #[test]
 fn workers_get_their_identity_in_the_environment() {
     let script = "echo \"ENV id=$WORKER_ID app=$NODE_APP_INSTANCE n=$CLUSTERD_WORKERS mode=$CLUSTERD_PORT_MODE port=${PORT:+set}\"; exec sleep 30";
-    let clusterd = Launch::new(
-        &["--workers", "2", "--health-check", "none"],
-        &["sh", "-c", script],
-    )
-    .start();
+    let clusterd = Launch::new(&["--workers", "2", "--health-check", "none"], &["sh", "-c", script]).start();
     clusterd.wait_ready(2);
-    wait_until("both workers to report", SLOW, || {
-        clusterd.logs().matches("ENV id=").count() >= 2
-    });
+    wait_until("both workers to report", SLOW, || clusterd.logs().matches("ENV id=").count() >= 2);
     let logs = clusterd.logs();
-    assert!(
-        logs.contains("[worker 0] ENV id=0 app=0 n=2 mode=proxy port=set"),
-        "{logs}"
-    );
-    assert!(
-        logs.contains("[worker 1] ENV id=1 app=1 n=2 mode=proxy port=set"),
-        "{logs}"
-    );
+    assert!(logs.contains("[worker 0] ENV id=0 app=0 n=2 mode=proxy port=set"), "{logs}");
+    assert!(logs.contains("[worker 1] ENV id=1 app=1 n=2 mode=proxy port=set"), "{logs}");
 }
 
 #[test]
@@ -174,10 +112,7 @@ fn install_to_copies_the_binary() {
     let dest = dir.join("bin/clusterd");
     let output = run(&["--install-to", dest.to_str().expect("utf-8 path")]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    let installed = Command::new(&dest)
-        .arg("--version")
-        .output()
-        .expect("run installed copy");
+    let installed = Command::new(&dest).arg("--version").output().expect("run installed copy");
     assert!(String::from_utf8_lossy(&installed.stdout).starts_with("clusterd "));
     let _ = std::fs::remove_dir_all(dir);
 }

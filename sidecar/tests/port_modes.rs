@@ -22,12 +22,7 @@ fn distinct_workers(port: u16, path: &str) -> BTreeSet<u32> {
             .collect();
         for handle in handles {
             let response = handle.join().expect("client thread").expect("request");
-            assert_eq!(
-                response.status,
-                200,
-                "body: {}",
-                String::from_utf8_lossy(&response.body)
-            );
+            assert_eq!(response.status, 200, "body: {}", String::from_utf8_lossy(&response.body));
             seen.insert(response.json()["worker"].as_u64().expect("worker in body") as u32);
         }
     }
@@ -40,46 +35,24 @@ fn proxy_http_spreads_requests_and_labels_the_worker() {
     let clusterd = Launch::node(&["--workers", "2", "--health-period", "1s"]).start();
     let status = clusterd.wait_ready(2);
     assert_eq!(status.port_mode, "proxy");
-    assert!(
-        status
-            .workers
-            .iter()
-            .all(|w| w.port.is_some() && w.pool.as_deref() == Some("default"))
-    );
+    assert!(status.workers.iter().all(|w| w.port.is_some() && w.pool.as_deref() == Some("default")));
     assert!(distinct_workers(clusterd.port, "/?ms=20").len() >= 2);
     let response = get(clusterd.port, "/light", Duration::from_secs(10)).expect("request");
     // The proxy's label agrees with the app's own.
-    assert_eq!(
-        response.header("x-clusterd-worker"),
-        response.header("x-worker-id")
-    );
+    assert_eq!(response.header("x-clusterd-worker"), response.header("x-worker-id"));
     let status = clusterd.status().expect("status");
     assert!(status.workers.iter().map(|w| w.requests).sum::<u64>() >= 2);
     let metrics = get(clusterd.admin, "/metrics", Duration::from_secs(5)).expect("metrics");
     let text = String::from_utf8_lossy(&metrics.body);
-    assert!(
-        text.contains("clusterd_requests_total{pool=\"default\",worker=\"0\"}"),
-        "{text}"
-    );
-    assert!(
-        text.contains("clusterd_workers{state=\"Ready\"} 2"),
-        "{text}"
-    );
+    assert!(text.contains("clusterd_requests_total{pool=\"default\",worker=\"0\"}"), "{text}");
+    assert!(text.contains("clusterd_workers{state=\"Ready\"} 2"), "{text}");
     assert!(text.contains("clusterd_desired_workers 2"), "{text}");
 }
 
 #[test]
 fn proxy_tcp_spreads_connections() {
     let _serial = serial();
-    let clusterd = Launch::node(&[
-        "--workers",
-        "2",
-        "--protocol",
-        "tcp",
-        "--health-check",
-        "tcp",
-    ])
-    .start();
+    let clusterd = Launch::node(&["--workers", "2", "--protocol", "tcp", "--health-check", "tcp"]).start();
     clusterd.wait_ready(2);
     assert!(distinct_workers(clusterd.port, "/?ms=20").len() >= 2);
 }
@@ -87,15 +60,7 @@ fn proxy_tcp_spreads_connections() {
 #[test]
 fn inherit_mode_with_node() {
     let _serial = serial();
-    let clusterd = Launch::node(&[
-        "--workers",
-        "2",
-        "--port-mode",
-        "inherit",
-        "--startup-grace",
-        "300ms",
-    ])
-    .start();
+    let clusterd = Launch::node(&["--workers", "2", "--port-mode", "inherit", "--startup-grace", "300ms"]).start();
     let status = clusterd.wait_ready(2);
     assert_eq!(status.port_mode, "inherit");
     assert!(distinct_workers(clusterd.port, "/?ms=30").len() >= 2);
@@ -104,15 +69,7 @@ fn inherit_mode_with_node() {
 #[test]
 fn inherit_mode_with_python() {
     let _serial = serial();
-    let clusterd = Launch::python(&[
-        "--workers",
-        "2",
-        "--port-mode",
-        "inherit",
-        "--startup-grace",
-        "300ms",
-    ])
-    .start();
+    let clusterd = Launch::python(&["--workers", "2", "--port-mode", "inherit", "--startup-grace", "300ms"]).start();
     clusterd.wait_ready(2);
     assert!(distinct_workers(clusterd.port, "/?ms=30").len() >= 2);
 }
@@ -125,42 +82,21 @@ fn inherit_mode_passes_systemd_socket_activation_env() {
                   and os.environ['LISTEN_FDNAMES'] == 'clusterd'; print('LISTEN_OK' if ok else 'LISTEN_BAD', os.environ.get('LISTEN_PID'), os.getpid(), flush=True); \
                   os.execvp('python3', ['python3', sys.argv[1]])";
     let clusterd = Launch::new(
-        &[
-            "--workers",
-            "1",
-            "--port-mode",
-            "inherit",
-            "--startup-grace",
-            "300ms",
-        ],
+        &["--workers", "1", "--port-mode", "inherit", "--startup-grace", "300ms"],
         &["python3", "-c", script, &app("server.py")],
     )
     .start();
     clusterd.wait_ready(1);
     let response = get(clusterd.port, "/pid", Duration::from_secs(10)).expect("request");
     assert_eq!(response.status, 200);
-    wait_until("the worker's report", SLOW, || {
-        clusterd.logs().contains("LISTEN_")
-    });
-    assert!(
-        clusterd.logs().contains("LISTEN_OK"),
-        "logs:\n{}",
-        clusterd.logs()
-    );
+    wait_until("the worker's report", SLOW, || clusterd.logs().contains("LISTEN_"));
+    assert!(clusterd.logs().contains("LISTEN_OK"), "logs:\n{}", clusterd.logs());
 }
 
 #[test]
 fn reuseport_mode_with_python() {
     let _serial = serial();
-    let clusterd = Launch::python(&[
-        "--workers",
-        "2",
-        "--port-mode",
-        "reuseport",
-        "--startup-grace",
-        "500ms",
-    ])
-    .start();
+    let clusterd = Launch::python(&["--workers", "2", "--port-mode", "reuseport", "--startup-grace", "500ms"]).start();
     let status = clusterd.wait_ready(2);
     assert_eq!(status.port_mode, "reuseport");
     assert!(distinct_workers(clusterd.port, "/?ms=10").len() >= 2);

@@ -20,10 +20,7 @@ fn proc_status(pid: u32) -> Option<String> {
 }
 
 fn field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(name))
-        .map(str::trim)
+    status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim)
 }
 
 /// (pid, name, state) of the children of `parent`, from the host's /proc.
@@ -46,65 +43,37 @@ fn children(parent: u32) -> Vec<(u32, String, String)> {
 }
 
 fn zombies(parent: u32) -> Vec<(u32, String, String)> {
-    children(parent)
-        .into_iter()
-        .filter(|(_, _, state)| state.starts_with('Z'))
-        .collect()
+    children(parent).into_iter().filter(|(_, _, state)| state.starts_with('Z')).collect()
 }
 
 fn assert_orphans_adopted_and_reaped(clusterd: &Clusterd, clusterd_pid: u32) {
-    wait_until(
-        "orphaned sleeps to be re-parented to clusterd",
-        SLOW,
-        || {
-            children(clusterd_pid)
-                .iter()
-                .filter(|(_, name, _)| name == "sleep")
-                .count()
-                >= 4
-        },
-    );
+    wait_until("orphaned sleeps to be re-parented to clusterd", SLOW, || {
+        children(clusterd_pid).iter().filter(|(_, name, _)| name == "sleep").count() >= 4
+    });
     wait_until("orphans to exit and be reaped", SLOW, || {
-        !children(clusterd_pid)
-            .iter()
-            .any(|(_, name, _)| name == "sleep")
+        !children(clusterd_pid).iter().any(|(_, name, _)| name == "sleep")
     });
     let left = zombies(clusterd_pid);
-    assert!(
-        left.is_empty(),
-        "zombies left: {left:?}\nlogs:\n{}",
-        clusterd.logs()
-    );
+    assert!(left.is_empty(), "zombies left: {left:?}\nlogs:\n{}", clusterd.logs());
 }
 
 #[test]
 fn as_pid1_in_a_pid_namespace_every_zombie_is_reaped() {
     let _serial = serial();
-    let mut launch = Launch::new(&["--workers", "2"], &[]).wrapped(&[
-        "unshare",
-        "--pid",
-        "--fork",
-        "--mount-proc",
-    ]);
+    let mut launch = Launch::new(&["--workers", "2"], &[]).wrapped(&["unshare", "--pid", "--fork", "--mount-proc"]);
     launch.command = orphaning_worker();
     let mut clusterd = launch.start();
     let status = clusterd.wait_ready(2);
     assert_eq!(status.pid, 1, "clusterd should be PID 1 in its namespace");
 
     // The launched process is `unshare`; clusterd is its only child.
-    let host_pid = children(clusterd.pid())
-        .first()
-        .map(|c| c.0)
-        .expect("clusterd under unshare");
+    let host_pid = children(clusterd.pid()).first().map(|c| c.0).expect("clusterd under unshare");
     assert_orphans_adopted_and_reaped(&clusterd, host_pid);
 
     kill(Pid::from_raw(host_pid as i32), Signal::SIGTERM).expect("SIGTERM clusterd");
     let exit = clusterd.wait_exit(SLOW);
     assert_eq!(exit.code(), Some(0), "logs:\n{}", clusterd.logs());
-    assert!(
-        proc_status(host_pid).is_none(),
-        "clusterd (pid 1) still exists"
-    );
+    assert!(proc_status(host_pid).is_none(), "clusterd (pid 1) still exists");
 }
 
 #[test]
@@ -132,10 +101,6 @@ fn sigkilled_clusterd_takes_its_workers_along() {
     clusterd.wait_exit(SLOW);
     // PR_SET_PDEATHSIG: the kernel kills the workers; their reaper is now init.
     for pid in workers {
-        wait_until(
-            "worker to die with clusterd",
-            Duration::from_secs(10),
-            || !process_alive(pid),
-        );
+        wait_until("worker to die with clusterd", Duration::from_secs(10), || !process_alive(pid));
     }
 }

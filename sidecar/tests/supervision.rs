@@ -24,13 +24,7 @@ fn killed_worker_is_replaced_without_failed_requests() {
     let before = clusterd.wait_ready(2);
     let victim = before.workers[0].pid.expect("pid");
 
-    let load = Load::start(
-        clusterd.port,
-        "/?ms=5",
-        LOAD_CLIENTS,
-        LOAD_TIME * 2,
-        LOAD_MAX,
-    );
+    let load = Load::start(clusterd.port, "/?ms=5", LOAD_CLIENTS, LOAD_TIME * 2, LOAD_MAX);
     std::thread::sleep(LOAD_TIME / 2);
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL).expect("kill -9 worker");
     let outcomes = load.finish();
@@ -40,16 +34,9 @@ fn killed_worker_is_replaced_without_failed_requests() {
         w.pid.is_some_and(|p| p != victim) && w.state == WorkerState::Ready
     });
     assert_eq!(after.workers[0].restarts, 1);
-    assert_eq!(
-        after.workers[0].last_exit.as_deref(),
-        Some("killed by SIGKILL")
-    );
+    assert_eq!(after.workers[0].last_exit.as_deref(), Some("killed by SIGKILL"));
     assert_eq!(after.workers[1].restarts, 0);
-    assert!(
-        outcomes.len() > 10,
-        "load made only {} requests",
-        outcomes.len()
-    );
+    assert!(outcomes.len() > 10, "load made only {} requests", outcomes.len());
     let failed = failures(&outcomes);
     assert!(
         failed.is_empty(),
@@ -67,13 +54,7 @@ fn sigterm_drains_in_flight_requests_and_leaves_no_process() {
     let status = clusterd.wait_ready(2);
     let pids = worker_pids(&status);
 
-    let load = Load::start(
-        clusterd.port,
-        "/?ms=100",
-        LOAD_CLIENTS,
-        LOAD_TIME * 2,
-        LOAD_MAX,
-    );
+    let load = Load::start(clusterd.port, "/?ms=100", LOAD_CLIENTS, LOAD_TIME * 2, LOAD_MAX);
     std::thread::sleep(LOAD_TIME / 2);
     let signalled = Instant::now();
     clusterd.signal(Signal::SIGTERM);
@@ -82,25 +63,13 @@ fn sigterm_drains_in_flight_requests_and_leaves_no_process() {
 
     assert_eq!(exit.code(), Some(0), "logs:\n{}", clusterd.logs());
     let before: Vec<_> = outcomes.iter().filter(|o| o.sent < signalled).collect();
-    assert!(
-        before.len() >= LOAD_CLIENTS,
-        "only {} requests before the signal",
-        before.len()
-    );
+    assert!(before.len() >= LOAD_CLIENTS, "only {} requests before the signal", before.len());
     let failed: Vec<_> = before.iter().filter(|o| !o.ok()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests sent before SIGTERM failed: {failed:?}",
-        failed.len(),
-        before.len()
-    );
+    assert!(failed.is_empty(), "{} of {} requests sent before SIGTERM failed: {failed:?}", failed.len(), before.len());
     for pid in pids {
         assert!(!process_alive(pid), "worker {pid} outlived clusterd");
     }
-    assert!(
-        clusterd.logs().contains("got SIGTERM"),
-        "workers were not asked to stop gracefully"
-    );
+    assert!(clusterd.logs().contains("got SIGTERM"), "workers were not asked to stop gracefully");
 }
 
 #[test]
@@ -110,20 +79,12 @@ fn sighup_replaces_every_worker_without_failed_requests() {
     let before = clusterd.wait_ready(2);
     let old: BTreeSet<u32> = worker_pids(&before).into_iter().collect();
 
-    let load = Load::start(
-        clusterd.port,
-        "/?ms=5",
-        LOAD_CLIENTS,
-        Duration::from_secs(20),
-        LOAD_MAX * 4,
-    );
+    let load = Load::start(clusterd.port, "/?ms=5", LOAD_CLIENTS, Duration::from_secs(20), LOAD_MAX * 4);
     std::thread::sleep(Duration::from_millis(500));
     clusterd.signal(Signal::SIGHUP);
     let after = clusterd.wait_status("all workers replaced", SLOW, |s| {
         s.workers.len() == 2
-            && s.workers
-                .iter()
-                .all(|w| w.state == WorkerState::Ready && w.pid.is_some_and(|p| !old.contains(&p)))
+            && s.workers.iter().all(|w| w.state == WorkerState::Ready && w.pid.is_some_and(|p| !old.contains(&p)))
     });
     std::thread::sleep(Duration::from_millis(500));
     let outcomes = load.finish();
@@ -131,10 +92,7 @@ fn sighup_replaces_every_worker_without_failed_requests() {
     for pid in &old {
         wait_until("old worker to exit", SLOW, || !process_alive(*pid));
     }
-    assert!(
-        after.workers.iter().all(|w| w.restarts == 0),
-        "a reload is not a restart"
-    );
+    assert!(after.workers.iter().all(|w| w.restarts == 0), "a reload is not a restart");
     let failed = failures(&outcomes);
     assert!(
         failed.is_empty(),
@@ -143,10 +101,7 @@ fn sighup_replaces_every_worker_without_failed_requests() {
         outcomes.len(),
         &failed[..failed.len().min(5)]
     );
-    let served_by: BTreeSet<u32> = outcomes
-        .iter()
-        .filter_map(|o| o.result.as_ref().ok().and_then(|r| r.1))
-        .collect();
+    let served_by: BTreeSet<u32> = outcomes.iter().filter_map(|o| o.result.as_ref().ok().and_then(|r| r.1)).collect();
     assert_eq!(served_by, BTreeSet::from([0, 1]));
 }
 
@@ -174,11 +129,7 @@ fn hung_worker_is_taken_out_of_rotation_killed_and_restarted() {
     let unhealthy = clusterd.wait_status("a worker to become Unhealthy", SLOW, |s| {
         s.workers.iter().any(|w| w.state == WorkerState::Unhealthy)
     });
-    let hung = unhealthy
-        .workers
-        .iter()
-        .find(|w| w.state == WorkerState::Unhealthy)
-        .expect("unhealthy worker");
+    let hung = unhealthy.workers.iter().find(|w| w.state == WorkerState::Unhealthy).expect("unhealthy worker");
     let (id, hung_pid) = (hung.id as usize, hung.pid.expect("pid"));
     assert_eq!(before.workers[id].pid, Some(hung_pid));
 
@@ -193,10 +144,7 @@ fn hung_worker_is_taken_out_of_rotation_killed_and_restarted() {
         let w = &s.workers[id];
         w.restarts == 1 && w.pid.is_some_and(|p| p != hung_pid) && w.state == WorkerState::Ready
     });
-    assert_eq!(
-        after.workers[id].last_exit.as_deref(),
-        Some("killed by SIGKILL")
-    );
+    assert_eq!(after.workers[id].last_exit.as_deref(), Some("killed by SIGKILL"));
     assert!(!process_alive(hung_pid));
     let _ = hang.join();
 }
@@ -205,22 +153,11 @@ fn hung_worker_is_taken_out_of_rotation_killed_and_restarted() {
 fn crashing_command_backs_off_into_crash_loop() {
     let _serial = serial();
     let clusterd = Launch::new(
-        &[
-            "--workers",
-            "1",
-            "--initial-backoff",
-            "50ms",
-            "--max-backoff",
-            "200ms",
-            "--crash-loop-threshold",
-            "3",
-        ],
+        &["--workers", "1", "--initial-backoff", "50ms", "--max-backoff", "200ms", "--crash-loop-threshold", "3"],
         &["sh", "-c", "exit 7"],
     )
     .start();
-    let status = clusterd.wait_status("CrashLoop", SLOW, |s| {
-        s.workers[0].state == WorkerState::CrashLoop
-    });
+    let status = clusterd.wait_status("CrashLoop", SLOW, |s| s.workers[0].state == WorkerState::CrashLoop);
     assert!(status.workers[0].restarts >= 2);
     assert_eq!(status.workers[0].last_exit.as_deref(), Some("exit code 7"));
     let ready = get(clusterd.admin, "/readyz", Duration::from_secs(5)).expect("readyz");
@@ -232,21 +169,9 @@ fn crashing_command_backs_off_into_crash_loop() {
 #[test]
 fn route_pool_keeps_light_requests_on_other_workers() {
     let _serial = serial();
-    let clusterd = Launch::node(&[
-        "--workers",
-        "3",
-        "--route",
-        "/report=1",
-        "--health-period",
-        "5s",
-    ])
-    .start();
+    let clusterd = Launch::node(&["--workers", "3", "--route", "/report=1", "--health-period", "5s"]).start();
     let status = clusterd.wait_ready(3);
-    let pools: Vec<_> = status
-        .workers
-        .iter()
-        .map(|w| w.pool.clone().unwrap_or_default())
-        .collect();
+    let pools: Vec<_> = status.workers.iter().map(|w| w.pool.clone().unwrap_or_default()).collect();
     assert_eq!(pools, ["/report", "default", "default"]);
 
     // Three heavy reports queue up on the single /report worker.
@@ -266,20 +191,13 @@ fn route_pool_keeps_light_requests_on_other_workers() {
 
     let mut light_workers = BTreeSet::new();
     for _ in 0..20 {
-        let response =
-            get(clusterd.port, "/light", Duration::from_secs(10)).expect("light request");
+        let response = get(clusterd.port, "/light", Duration::from_secs(10)).expect("light request");
         assert_eq!(response.status, 200);
         light_workers.insert(response.worker().expect("worker header"));
     }
     let finished_heavy = done.load(Ordering::SeqCst);
-    assert!(
-        finished_heavy < 3,
-        "all heavy requests finished before the light ones ({finished_heavy})"
-    );
-    assert!(
-        !light_workers.contains(&0),
-        "light requests reached the /report worker: {light_workers:?}"
-    );
+    assert!(finished_heavy < 3, "all heavy requests finished before the light ones ({finished_heavy})");
+    assert!(!light_workers.contains(&0), "light requests reached the /report worker: {light_workers:?}");
 
     for handle in heavy {
         let response = handle.join().expect("heavy thread").expect("heavy request");
@@ -291,15 +209,7 @@ fn route_pool_keeps_light_requests_on_other_workers() {
 #[test]
 fn max_requests_recycles_workers_without_failed_requests() {
     let _serial = serial();
-    let clusterd = Launch::node(&[
-        "--workers",
-        "2",
-        "--max-requests",
-        "25",
-        "--health-period",
-        "1s",
-    ])
-    .start();
+    let clusterd = Launch::node(&["--workers", "2", "--max-requests", "25", "--health-period", "1s"]).start();
     let before = clusterd.wait_ready(2);
     let old: BTreeSet<u32> = worker_pids(&before).into_iter().collect();
     let load = Load::start(clusterd.port, "/light", 2, Duration::from_secs(10), 60);
@@ -313,9 +223,7 @@ fn max_requests_recycles_workers_without_failed_requests() {
         &failed[..failed.len().min(5)]
     );
     clusterd.wait_status("recycled workers", SLOW, |s| {
-        s.workers
-            .iter()
-            .all(|w| w.state == WorkerState::Ready && w.pid.is_some_and(|p| !old.contains(&p)))
+        s.workers.iter().all(|w| w.state == WorkerState::Ready && w.pid.is_some_and(|p| !old.contains(&p)))
     });
 }
 
@@ -323,43 +231,20 @@ fn max_requests_recycles_workers_without_failed_requests() {
 fn no_ready_worker_in_pool_returns_503() {
     let _serial = serial();
     // The health path never answers 2xx, so the worker never joins the rotation.
-    let clusterd = Launch::node(&[
-        "--workers",
-        "1",
-        "--health-path",
-        "/missing",
-        "--hung-after",
-        "60s",
-    ])
-    .start();
+    let clusterd = Launch::node(&["--workers", "1", "--health-path", "/missing", "--hung-after", "60s"]).start();
     clusterd.wait_status("worker started", SLOW, |s| s.workers[0].pid.is_some());
     let response = get(clusterd.port, "/light", Duration::from_secs(10)).expect("request");
     assert_eq!(response.status, 503);
     assert!(String::from_utf8_lossy(&response.body).contains("no worker available"));
-    assert_eq!(
-        get(clusterd.admin, "/readyz", Duration::from_secs(5))
-            .expect("readyz")
-            .status,
-        503
-    );
+    assert_eq!(get(clusterd.admin, "/readyz", Duration::from_secs(5)).expect("readyz").status, 503);
 }
 
 #[test]
 fn max_memory_recycles_a_worker_gracefully() {
     let _serial = serial();
     // Any Node process is above 1 MiB: the worker is recycled once Ready.
-    let clusterd = Launch::node(&[
-        "--workers",
-        "1",
-        "--max-memory-mib",
-        "1",
-        "--health-period",
-        "500ms",
-    ])
-    .start();
-    let first = clusterd.wait_status("worker ready", SLOW, |s| {
-        s.workers[0].state == WorkerState::Ready
-    });
+    let clusterd = Launch::node(&["--workers", "1", "--max-memory-mib", "1", "--health-period", "500ms"]).start();
+    let first = clusterd.wait_status("worker ready", SLOW, |s| s.workers[0].state == WorkerState::Ready);
     let old = first.workers[0].pid.expect("pid");
     let after = clusterd.wait_status("worker recycled", SLOW, |s| {
         s.workers[0].pid.is_some_and(|p| p != old) && s.workers[0].state == WorkerState::Ready
@@ -373,34 +258,12 @@ fn max_memory_recycles_a_worker_gracefully() {
 #[test]
 fn exact_route_wins_over_prefix_route() {
     let _serial = serial();
-    let clusterd = Launch::node(&[
-        "--workers",
-        "3",
-        "--route",
-        "/=1",
-        "--route-exact",
-        "/light=1",
-    ])
-    .start();
+    let clusterd = Launch::node(&["--workers", "3", "--route", "/=1", "--route-exact", "/light=1"]).start();
     let status = clusterd.wait_ready(3);
-    let pools: Vec<_> = status
-        .workers
-        .iter()
-        .map(|w| w.pool.clone().unwrap_or_default())
-        .collect();
+    let pools: Vec<_> = status.workers.iter().map(|w| w.pool.clone().unwrap_or_default()).collect();
     assert_eq!(pools, ["/", "=/light", "default"]);
     for _ in 0..4 {
-        assert_eq!(
-            get(clusterd.port, "/light", Duration::from_secs(10))
-                .expect("light")
-                .worker(),
-            Some(1)
-        );
-        assert_eq!(
-            get(clusterd.port, "/healthz", Duration::from_secs(10))
-                .expect("prefix")
-                .worker(),
-            Some(0)
-        );
+        assert_eq!(get(clusterd.port, "/light", Duration::from_secs(10)).expect("light").worker(), Some(1));
+        assert_eq!(get(clusterd.port, "/healthz", Duration::from_secs(10)).expect("prefix").worker(), Some(0));
     }
 }

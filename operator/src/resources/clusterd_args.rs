@@ -43,16 +43,9 @@ pub fn clusterd_args(spec: &ClusteredServiceSpec) -> Vec<String> {
         format!("--crash-loop-threshold={}", restart.crash_loop_threshold),
     ]);
     args.extend(restart.max_requests.map(|n| format!("--max-requests={n}")));
-    args.extend(
-        restart
-            .max_memory_mib
-            .map(|n| format!("--max-memory-mib={n}")),
-    );
+    args.extend(restart.max_memory_mib.map(|n| format!("--max-memory-mib={n}")));
 
-    args.push(format!(
-        "--drain-timeout={}s",
-        spec.shutdown.drain_timeout_seconds
-    ));
+    args.push(format!("--drain-timeout={}s", spec.shutdown.drain_timeout_seconds));
     args.push("--log-format=json".into());
     args
 }
@@ -117,10 +110,7 @@ mod tests {
             "--crash-loop-threshold=5",
             "--drain-timeout=25s",
         ] {
-            assert!(
-                args.iter().any(|a| a == expected),
-                "missing {expected} in {args:?}"
-            );
+            assert!(args.iter().any(|a| a == expected), "missing {expected} in {args:?}");
         }
         assert!(!args.iter().any(|a| a.starts_with("--route")));
         assert!(!args.iter().any(|a| a.starts_with("--max-requests")));
@@ -168,15 +158,9 @@ mod tests {
             "--max-memory-mib=300",
             "--drain-timeout=7s",
         ] {
-            assert!(
-                args.iter().any(|a| a == expected),
-                "missing {expected} in {args:?}"
-            );
+            assert!(args.iter().any(|a| a == expected), "missing {expected} in {args:?}");
         }
-        assert!(
-            !args.iter().any(|a| a.starts_with("--health-path")),
-            "TCP checks have no path"
-        );
+        assert!(!args.iter().any(|a| a.starts_with("--health-path")), "TCP checks have no path");
     }
 
     #[test]
@@ -184,10 +168,6 @@ mod tests {
         let spec = csvc(&format!("  workers: {{count: 3}}\n{APP}")).spec;
         let args = clusterd_args(&spec);
         assert!(args.contains(&"--workers=3".to_string()));
-        assert!(
-            !args
-                .iter()
-                .any(|a| a.starts_with("--min-workers") || a.starts_with("--max-workers"))
-        );
+        assert!(!args.iter().any(|a| a.starts_with("--min-workers") || a.starts_with("--max-workers")));
     }
 }

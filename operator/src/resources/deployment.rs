@@ -3,9 +3,8 @@
 use clustered_api::v1alpha1::ClusteredService;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, Lifecycle,
-    LifecycleHandler, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecurityContext, SleepAction, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, Lifecycle, LifecycleHandler, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, SleepAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -35,20 +34,11 @@ pub enum TemplateError {
 }
 
 /// The Deployment running `csvc`.
-pub fn deployment(
-    csvc: &ClusteredService,
-    settings: &Settings,
-) -> Result<Deployment, TemplateError> {
+pub fn deployment(csvc: &ClusteredService, settings: &Settings) -> Result<Deployment, TemplateError> {
     let spec = &csvc.spec;
     let mut template: PodTemplateSpec = spec.template.clone();
-    let pod = template
-        .spec
-        .as_mut()
-        .ok_or(TemplateError::MissingPodSpec)?;
-    let app_name = spec
-        .app_container_name()
-        .ok_or(TemplateError::MissingPodSpec)?
-        .to_string();
+    let pod = template.spec.as_mut().ok_or(TemplateError::MissingPodSpec)?;
+    let app_name = spec.app_container_name().ok_or(TemplateError::MissingPodSpec)?.to_string();
     let app = pod
         .containers
         .iter_mut()
@@ -58,18 +48,13 @@ pub fn deployment(
     inject_clusterd(pod, settings, spec.shutdown.drain_timeout_seconds);
 
     let meta = template.metadata.get_or_insert_with(Default::default);
-    meta.labels
-        .get_or_insert_with(Default::default)
-        .extend(selector_labels(csvc));
+    meta.labels.get_or_insert_with(Default::default).extend(selector_labels(csvc));
 
     Ok(Deployment {
         metadata: child_meta(csvc),
         spec: Some(DeploymentSpec {
             replicas: Some(spec.replicas),
-            selector: LabelSelector {
-                match_labels: Some(selector_labels(csvc)),
-                ..Default::default()
-            },
+            selector: LabelSelector { match_labels: Some(selector_labels(csvc)), ..Default::default() },
             template,
             ..Default::default()
         }),
@@ -81,11 +66,8 @@ pub fn deployment(
 /// probes are clusterd's.
 fn wrap_app_container(app: &mut Container, csvc: &ClusteredService) -> Result<(), TemplateError> {
     let spec = &csvc.spec;
-    let command = app
-        .command
-        .take()
-        .filter(|c| !c.is_empty())
-        .ok_or_else(|| TemplateError::MissingCommand(app.name.clone()))?;
+    let command =
+        app.command.take().filter(|c| !c.is_empty()).ok_or_else(|| TemplateError::MissingCommand(app.name.clone()))?;
     let mut wrapped = vec![CLUSTERD_BIN.to_string()];
     wrapped.extend(clusterd_args(spec));
     wrapped.push("--".into());
@@ -110,21 +92,15 @@ fn wrap_app_container(app: &mut Container, csvc: &ClusteredService) -> Result<()
         failure_threshold: Some(failure_threshold),
         ..Default::default()
     };
-    app.liveness_probe
-        .get_or_insert_with(|| probe("/healthz", 3));
-    app.readiness_probe.get_or_insert_with(|| Probe {
-        period_seconds: Some(2),
-        ..probe("/readyz", 1)
-    });
+    app.liveness_probe.get_or_insert_with(|| probe("/healthz", 3));
+    app.readiness_probe.get_or_insert_with(|| Probe { period_seconds: Some(2), ..probe("/readyz", 1) });
 
-    app.volume_mounts
-        .get_or_insert_with(Vec::new)
-        .push(VolumeMount {
-            name: CLUSTERD_VOLUME.into(),
-            mount_path: CLUSTERD_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        });
+    app.volume_mounts.get_or_insert_with(Vec::new).push(VolumeMount {
+        name: CLUSTERD_VOLUME.into(),
+        mount_path: CLUSTERD_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    });
     Ok(())
 }
 
@@ -133,10 +109,7 @@ fn wrap_app_container(app: &mut Container, csvc: &ClusteredService) -> Result<()
 fn inject_clusterd(pod: &mut PodSpec, settings: &Settings, drain_timeout_seconds: i32) {
     pod.volumes.get_or_insert_with(Vec::new).push(Volume {
         name: CLUSTERD_VOLUME.into(),
-        empty_dir: Some(EmptyDirVolumeSource {
-            size_limit: Some(Quantity("64Mi".into())),
-            ..Default::default()
-        }),
+        empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(Quantity("64Mi".into())), ..Default::default() }),
         ..Default::default()
     });
     pod.init_containers.get_or_insert_with(Vec::new).insert(
@@ -145,11 +118,7 @@ fn inject_clusterd(pod: &mut PodSpec, settings: &Settings, drain_timeout_seconds
             name: "clusterd-install".into(),
             image: Some(settings.clusterd_image.clone()),
             image_pull_policy: Some("IfNotPresent".into()),
-            command: Some(vec![
-                "/clusterd".into(),
-                "--install-to".into(),
-                CLUSTERD_BIN.into(),
-            ]),
+            command: Some(vec!["/clusterd".into(), "--install-to".into(), CLUSTERD_BIN.into()]),
             volume_mounts: Some(vec![VolumeMount {
                 name: CLUSTERD_VOLUME.into(),
                 mount_path: CLUSTERD_DIR.into(),
@@ -157,18 +126,10 @@ fn inject_clusterd(pod: &mut PodSpec, settings: &Settings, drain_timeout_seconds
             }]),
             resources: Some(ResourceRequirements {
                 requests: Some(
-                    [
-                        ("cpu".into(), Quantity("10m".into())),
-                        ("memory".into(), Quantity("16Mi".into())),
-                    ]
-                    .into(),
+                    [("cpu".into(), Quantity("10m".into())), ("memory".into(), Quantity("16Mi".into()))].into(),
                 ),
                 limits: Some(
-                    [
-                        ("cpu".into(), Quantity("100m".into())),
-                        ("memory".into(), Quantity("32Mi".into())),
-                    ]
-                    .into(),
+                    [("cpu".into(), Quantity("100m".into())), ("memory".into(), Quantity("32Mi".into()))].into(),
                 ),
                 ..Default::default()
             }),
@@ -189,32 +150,18 @@ fn inject_clusterd(pod: &mut PodSpec, settings: &Settings, drain_timeout_seconds
     *grace = (*grace).max(needed);
     if pre_stop > 0 {
         for container in &mut pod.containers {
-            if container
-                .command
-                .as_ref()
-                .and_then(|c| c.first())
-                .is_some_and(|c| c == CLUSTERD_BIN)
-            {
-                container
-                    .lifecycle
-                    .get_or_insert_with(Lifecycle::default)
-                    .pre_stop
-                    .get_or_insert(LifecycleHandler {
-                        sleep: Some(SleepAction { seconds: pre_stop }),
-                        ..Default::default()
-                    });
+            if container.command.as_ref().and_then(|c| c.first()).is_some_and(|c| c == CLUSTERD_BIN) {
+                container.lifecycle.get_or_insert_with(Lifecycle::default).pre_stop.get_or_insert(LifecycleHandler {
+                    sleep: Some(SleepAction { seconds: pre_stop }),
+                    ..Default::default()
+                });
             }
         }
     }
 }
 
 fn container_port(name: &str, port: i32) -> ContainerPort {
-    ContainerPort {
-        name: Some(name.into()),
-        container_port: port,
-        protocol: Some("TCP".into()),
-        ..Default::default()
-    }
+    ContainerPort { name: Some(name.into()), container_port: port, protocol: Some("TCP".into()), ..Default::default() }
 }
 
 /// What the `restricted` Pod Security Standard asks of a container.
@@ -223,14 +170,8 @@ fn restricted_security_context() -> SecurityContext {
         allow_privilege_escalation: Some(false),
         read_only_root_filesystem: Some(true),
         run_as_non_root: Some(true),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".into()]),
-            ..Default::default()
-        }),
-        seccomp_profile: Some(SeccompProfile {
-            type_: "RuntimeDefault".into(),
-            ..Default::default()
-        }),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
         ..Default::default()
     }
 }
@@ -242,10 +183,7 @@ mod tests {
     use crate::resources::test_support::{APP, csvc};
 
     fn pod_spec(d: &Deployment) -> &PodSpec {
-        d.spec
-            .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
-            .expect("pod spec")
+        d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec")
     }
 
     #[test]
@@ -254,17 +192,10 @@ mod tests {
         let app = &pod_spec(&d).containers[0];
         let command = app.command.as_ref().expect("command");
         assert_eq!(command[0], CLUSTERD_BIN);
-        let sep = command
-            .iter()
-            .position(|a| a == "--")
-            .expect("-- separator");
+        let sep = command.iter().position(|a| a == "--").expect("-- separator");
         assert_eq!(&command[sep + 1..], ["node", "server.js"]);
         assert!(command[1..sep].contains(&"--port=8080".to_string()));
-        assert_eq!(
-            app.args.as_deref(),
-            Some(&["--verbose".to_string()][..]),
-            "args still reach the app"
-        );
+        assert_eq!(app.args.as_deref(), Some(&["--verbose".to_string()][..]), "args still reach the app");
     }
 
     #[test]
@@ -272,65 +203,28 @@ mod tests {
         let d = deployment(&csvc(APP), &Settings::default()).expect("deployment");
         let pod = pod_spec(&d);
         let app = &pod.containers[0];
-        let ports: Vec<_> = app
-            .ports
-            .iter()
-            .flatten()
-            .map(|p| (p.name.as_deref(), p.container_port))
-            .collect();
-        assert_eq!(
-            ports,
-            [(Some("http"), 8080), (Some("clusterd-admin"), 9901)]
-        );
-        let path = |p: &Option<Probe>| {
-            p.as_ref()
-                .and_then(|p| p.http_get.as_ref())
-                .and_then(|h| h.path.clone())
-        };
+        let ports: Vec<_> = app.ports.iter().flatten().map(|p| (p.name.as_deref(), p.container_port)).collect();
+        assert_eq!(ports, [(Some("http"), 8080), (Some("clusterd-admin"), 9901)]);
+        let path = |p: &Option<Probe>| p.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|h| h.path.clone());
         assert_eq!(path(&app.liveness_probe).as_deref(), Some("/healthz"));
         assert_eq!(path(&app.readiness_probe).as_deref(), Some("/readyz"));
         let mount = &app.volume_mounts.as_ref().expect("mounts")[0];
-        assert_eq!(
-            (mount.mount_path.as_str(), mount.read_only),
-            (CLUSTERD_DIR, Some(true))
-        );
+        assert_eq!((mount.mount_path.as_str(), mount.read_only), (CLUSTERD_DIR, Some(true)));
         let init = &pod.init_containers.as_ref().expect("init containers")[0];
         assert_eq!(init.image.as_deref(), Some("clustered.dev/clusterd:dev"));
-        assert_eq!(
-            init.command
-                .as_ref()
-                .expect("init command")
-                .last()
-                .map(String::as_str),
-            Some(CLUSTERD_BIN)
-        );
-        assert_eq!(
-            init.security_context
-                .as_ref()
-                .and_then(|s| s.run_as_non_root),
-            Some(true)
-        );
-        assert_eq!(
-            pod.volumes.as_ref().expect("volumes")[0].name,
-            CLUSTERD_VOLUME
-        );
+        assert_eq!(init.command.as_ref().expect("init command").last().map(String::as_str), Some(CLUSTERD_BIN));
+        assert_eq!(init.security_context.as_ref().and_then(|s| s.run_as_non_root), Some(true));
+        assert_eq!(pod.volumes.as_ref().expect("volumes")[0].name, CLUSTERD_VOLUME);
     }
 
     #[test]
     fn no_token_and_a_grace_period_covering_the_drain() {
-        let d = deployment(
-            &csvc(&format!("  shutdown: {{drainTimeoutSeconds: 40}}\n{APP}")),
-            &Settings::default(),
-        )
-        .expect("deployment");
+        let d = deployment(&csvc(&format!("  shutdown: {{drainTimeoutSeconds: 40}}\n{APP}")), &Settings::default())
+            .expect("deployment");
         let pod = pod_spec(&d);
         assert_eq!(pod.automount_service_account_token, Some(false));
         assert_eq!(pod.termination_grace_period_seconds, Some(3 + 40 + 5));
-        let pre_stop = pod.containers[0]
-            .lifecycle
-            .as_ref()
-            .and_then(|l| l.pre_stop.as_ref())
-            .expect("preStop");
+        let pre_stop = pod.containers[0].lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).expect("preStop");
         assert_eq!(pre_stop.sleep.as_ref().map(|s| s.seconds), Some(3));
     }
 
@@ -350,10 +244,7 @@ mod tests {
         let pod = pod_spec(&d);
         assert_eq!(pod.automount_service_account_token, Some(true));
         assert_eq!(pod.termination_grace_period_seconds, Some(120));
-        let readiness = pod.containers[0]
-            .readiness_probe
-            .as_ref()
-            .and_then(|p| p.http_get.as_ref());
+        let readiness = pod.containers[0].readiness_probe.as_ref().and_then(|p| p.http_get.as_ref());
         assert_eq!(readiness.and_then(|h| h.path.as_deref()), Some("/mine"));
     }
 
@@ -370,37 +261,19 @@ mod tests {
 ";
         let d = deployment(&csvc(yaml), &Settings::default()).expect("deployment");
         let pod = pod_spec(&d);
-        assert_eq!(
-            pod.containers[0].command.as_deref(),
-            Some(&["sleep".to_string(), "infinity".to_string()][..])
-        );
-        assert_eq!(
-            pod.containers[1].command.as_ref().expect("app")[0],
-            CLUSTERD_BIN
-        );
+        assert_eq!(pod.containers[0].command.as_deref(), Some(&["sleep".to_string(), "infinity".to_string()][..]));
+        assert_eq!(pod.containers[1].command.as_ref().expect("app")[0], CLUSTERD_BIN);
     }
 
     #[test]
     fn replicas_selector_labels_and_owner() {
-        let d = deployment(
-            &csvc(&format!("  replicas: 5\n{APP}")),
-            &Settings::default(),
-        )
-        .expect("deployment");
+        let d = deployment(&csvc(&format!("  replicas: 5\n{APP}")), &Settings::default()).expect("deployment");
         let spec = d.spec.as_ref().expect("spec");
         assert_eq!(spec.replicas, Some(5));
         let selector = spec.selector.match_labels.as_ref().expect("selector");
         assert_eq!(selector.get(SERVICE_LABEL).map(String::as_str), Some("web"));
-        let pod_labels = spec
-            .template
-            .metadata
-            .as_ref()
-            .and_then(|m| m.labels.as_ref())
-            .expect("pod labels");
-        assert_eq!(
-            pod_labels.get(SERVICE_LABEL).map(String::as_str),
-            Some("web")
-        );
+        let pod_labels = spec.template.metadata.as_ref().and_then(|m| m.labels.as_ref()).expect("pod labels");
+        assert_eq!(pod_labels.get(SERVICE_LABEL).map(String::as_str), Some("web"));
         let owner = &d.metadata.owner_references.as_ref().expect("owner")[0];
         assert_eq!(
             (owner.kind.as_str(), owner.name.as_str(), owner.controller),
@@ -422,9 +295,6 @@ mod tests {
             Some(TemplateError::UnknownAppContainer("web".into()))
         );
         let no_containers = csvc("  template:\n    spec:\n      containers: []\n");
-        assert_eq!(
-            deployment(&no_containers, &Settings::default()).err(),
-            Some(TemplateError::MissingPodSpec)
-        );
+        assert_eq!(deployment(&no_containers, &Settings::default()).err(), Some(TemplateError::MissingPodSpec));
     }
 }

@@ -2,8 +2,8 @@
 
 use clustered_api::v1alpha1::{ClusteredService, Protocol};
 use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
-    MetricTarget, ResourceMetricSource,
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec, MetricTarget,
+    ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -44,10 +44,7 @@ pub fn pod_disruption_budget(csvc: &ClusteredService) -> PodDisruptionBudget {
         metadata: child_meta(csvc),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector {
-                match_labels: Some(selector_labels(csvc)),
-                ..Default::default()
-            }),
+            selector: Some(LabelSelector { match_labels: Some(selector_labels(csvc)), ..Default::default() }),
             ..Default::default()
         }),
         status: None,
@@ -100,23 +97,14 @@ mod tests {
         assert_eq!(port.port, 3000);
         assert_eq!(port.target_port, Some(IntOrString::String("http".into())));
         assert_eq!(port.app_protocol.as_deref(), Some("tcp"));
-        assert_eq!(
-            spec.selector
-                .expect("selector")
-                .get(SERVICE_LABEL)
-                .map(String::as_str),
-            Some("web")
-        );
+        assert_eq!(spec.selector.expect("selector").get(SERVICE_LABEL).map(String::as_str), Some("web"));
         assert_eq!(svc.metadata.owner_references.expect("owner")[0].name, "web");
     }
 
     #[test]
     fn pdb_allows_one_pod_down() {
         let pdb = pod_disruption_budget(&csvc(APP));
-        assert_eq!(
-            pdb.spec.expect("spec").max_unavailable,
-            Some(IntOrString::Int(1))
-        );
+        assert_eq!(pdb.spec.expect("spec").max_unavailable, Some(IntOrString::Int(1)));
     }
 
     #[test]
@@ -127,10 +115,7 @@ mod tests {
         ));
         let spec = hpa(&with).expect("hpa").spec.expect("spec");
         assert_eq!(spec.scale_target_ref.kind, "ClusteredService");
-        assert_eq!(
-            spec.scale_target_ref.api_version.as_deref(),
-            Some("clustered.dev/v1alpha1")
-        );
+        assert_eq!(spec.scale_target_ref.api_version.as_deref(), Some("clustered.dev/v1alpha1"));
         assert_eq!((spec.min_replicas, spec.max_replicas), (Some(2), 7));
         let metrics = spec.metrics.expect("metrics");
         let target = &metrics[0].resource.as_ref().expect("resource").target;

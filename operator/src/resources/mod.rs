@@ -34,10 +34,7 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self {
-            clusterd_image: "clustered.dev/clusterd:dev".into(),
-            pre_stop_delay_seconds: 3,
-        }
+        Self { clusterd_image: "clustered.dev/clusterd:dev".into(), pre_stop_delay_seconds: 3 }
     }
 }
 

@@ -58,11 +58,7 @@ impl HttpProxy {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
             .build(connector);
-        HttpProxy {
-            router,
-            client,
-            metrics,
-        }
+        HttpProxy { router, client, metrics }
     }
 
     /// Serves the shared port until `shutdown`, then lets open connections
@@ -90,12 +86,7 @@ impl HttpProxy {
         graceful.shutdown().await;
     }
 
-    fn spawn_connection(
-        self: &Arc<Self>,
-        graceful: &GracefulShutdown,
-        stream: TcpStream,
-        peer: SocketAddr,
-    ) {
+    fn spawn_connection(self: &Arc<Self>, graceful: &GracefulShutdown, stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
         let proxy = Arc::clone(self);
         let service = service_fn(move |req| Arc::clone(&proxy).handle(req, peer));
@@ -125,10 +116,7 @@ impl HttpProxy {
             Some(len) if len <= REPLAYABLE_BODY_LIMIT => match body.collect().await {
                 Ok(collected) => RequestBody::Replayable(collected.to_bytes()),
                 Err(e) => {
-                    return Ok(plain(
-                        StatusCode::BAD_REQUEST,
-                        format!("reading request body: {e}\n"),
-                    ));
+                    return Ok(plain(StatusCode::BAD_REQUEST, format!("reading request body: {e}\n")));
                 }
             },
             _ => RequestBody::Streaming(Some(body)),
@@ -151,10 +139,7 @@ impl HttpProxy {
             tried.push(backend.pid);
             let guard = InFlight::start(Arc::clone(&backend), Arc::clone(&self.metrics));
             let Some(attempt_body) = body.for_attempt() else {
-                return plain(
-                    StatusCode::BAD_GATEWAY,
-                    "request body already sent to a failed worker\n".into(),
-                );
+                return plain(StatusCode::BAD_GATEWAY, "request body already sent to a failed worker\n".into());
             };
             let request = build_request(parts, &backend, attempt_body);
             match self.client.request(request).await {
@@ -163,15 +148,10 @@ impl HttpProxy {
                     self.metrics.proxy_errors.inc();
                     // Idempotent requests may be repeated whenever no response
                     // arrived; others only if the connection never opened.
-                    let retry = body.is_replayable()
-                        && (idempotent || e.is_connect())
-                        && tried.len() < MAX_ATTEMPTS;
+                    let retry = body.is_replayable() && (idempotent || e.is_connect()) && tried.len() < MAX_ATTEMPTS;
                     tracing::debug!(worker = backend.worker_id, pid = backend.pid, error = ?e, retry, "worker request failed");
                     if !retry {
-                        return plain(
-                            StatusCode::BAD_GATEWAY,
-                            format!("worker {} failed: {e}\n", backend.worker_id),
-                        );
+                        return plain(StatusCode::BAD_GATEWAY, format!("worker {} failed: {e}\n", backend.worker_id));
                     }
                     self.metrics.retries.inc();
                 }
@@ -179,12 +159,7 @@ impl HttpProxy {
         }
     }
 
-    fn respond(
-        &self,
-        response: Response<Incoming>,
-        guard: InFlight,
-        pool: &Pool,
-    ) -> Response<ProxyBody> {
+    fn respond(&self, response: Response<Incoming>, guard: InFlight, pool: &Pool) -> Response<ProxyBody> {
         let backend = guard.backend();
         backend.requests.fetch_add(1, Ordering::Relaxed);
         self.metrics.count_request(&pool.name, backend.worker_id);
@@ -192,10 +167,7 @@ impl HttpProxy {
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(X_CLUSTERD_WORKER.clone(), worker);
-        let body = TrackedBody {
-            inner: body,
-            _guard: guard,
-        };
+        let body = TrackedBody { inner: body, _guard: guard };
         Response::from_parts(parts, UnsyncBoxBody::new(body))
     }
 }
@@ -219,20 +191,12 @@ impl RequestBody {
 }
 
 fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-    )
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE)
 }
 
-fn build_request(
-    parts: &http::request::Parts,
-    backend: &Backend,
-    body: ProxyBody,
-) -> Request<ProxyBody> {
+fn build_request(parts: &http::request::Parts, backend: &Backend, body: ProxyBody) -> Request<ProxyBody> {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = Uri::try_from(format!("http://{}{}", backend.addr, path))
-        .unwrap_or_else(|_| Uri::from_static("/"));
+    let uri = Uri::try_from(format!("http://{}{}", backend.addr, path)).unwrap_or_else(|_| Uri::from_static("/"));
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
@@ -279,10 +243,7 @@ fn no_worker(pool: &Pool, first_attempt: bool) -> Response<ProxyBody> {
     let text = if first_attempt {
         format!("clusterd: no worker available in pool {:?}\n", pool.name)
     } else {
-        format!(
-            "clusterd: no other worker available in pool {:?} after a worker failed\n",
-            pool.name
-        )
+        format!("clusterd: no other worker available in pool {:?} after a worker failed\n", pool.name)
     };
     plain(StatusCode::SERVICE_UNAVAILABLE, text)
 }
@@ -294,10 +255,7 @@ pub fn full(bytes: Bytes) -> ProxyBody {
 pub fn plain(status: StatusCode, text: String) -> Response<ProxyBody> {
     let mut response = Response::new(full(Bytes::from(text)));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 
@@ -312,10 +270,7 @@ impl Body for TrackedBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
@@ -335,10 +290,7 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
         headers.insert("x-secret", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert("x-kept", HeaderValue::from_static("1"));

@@ -17,18 +17,14 @@ use crate::policy::DEFAULT_POOL;
 
 /// Takes the connections already queued in the listener's backlog when
 /// shutdown begins: closing the listener would reset them.
-pub fn drain_backlog(
-    listener: tokio::net::TcpListener,
-) -> Vec<(tokio::net::TcpStream, SocketAddr)> {
+pub fn drain_backlog(listener: tokio::net::TcpListener) -> Vec<(tokio::net::TcpStream, SocketAddr)> {
     let Ok(listener) = listener.into_std() else {
         return Vec::new();
     };
     let mut queued = Vec::new();
     // The listener is non-blocking: accept until WouldBlock.
     while let Ok((stream, peer)) = listener.accept() {
-        let stream = stream
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::TcpStream::from_std(stream));
+        let stream = stream.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(stream));
         if let Ok(stream) = stream {
             queued.push((stream, peer));
         }
@@ -49,14 +45,7 @@ pub struct Backend {
 
 impl Backend {
     pub fn new(worker_id: u32, pid: u32, addr: SocketAddr, pool: Arc<str>) -> Backend {
-        Backend {
-            worker_id,
-            pid,
-            addr,
-            pool,
-            in_flight: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
-        }
+        Backend { worker_id, pid, addr, pool, in_flight: AtomicU64::new(0), requests: AtomicU64::new(0) }
     }
 }
 
@@ -95,11 +84,7 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(name: &str) -> Pool {
-        Pool {
-            name: name.into(),
-            members: RwLock::new(Arc::from(Vec::new())),
-            next: AtomicUsize::new(0),
-        }
+        Pool { name: name.into(), members: RwLock::new(Arc::from(Vec::new())), next: AtomicUsize::new(0) }
     }
 
     pub fn set_members(&self, members: Vec<Arc<Backend>>) {
@@ -108,10 +93,7 @@ impl Pool {
     }
 
     fn members(&self) -> Arc<[Arc<Backend>]> {
-        self.members
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.members.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The member with the fewest outstanding requests, skipping `tried`
@@ -153,24 +135,14 @@ impl Router {
         let exact = routes.iter().filter(|r| r.exact).map(entry).collect();
         let mut prefixes: Vec<_> = routes.iter().filter(|r| !r.exact).map(entry).collect();
         prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
-        Router {
-            exact,
-            prefixes,
-            default: Arc::new(Pool::new(DEFAULT_POOL)),
-        }
+        Router { exact, prefixes, default: Arc::new(Pool::new(DEFAULT_POOL)) }
     }
 
     /// The pool for a request path (without the query).
     pub fn route(&self, path: &str) -> &Arc<Pool> {
         let exact = self.exact.iter().find(|(p, _)| p == path);
-        let prefix = || {
-            self.prefixes
-                .iter()
-                .find(|(p, _)| path.starts_with(p.as_str()))
-        };
-        exact
-            .or_else(prefix)
-            .map_or(&self.default, |(_, pool)| pool)
+        let prefix = || self.prefixes.iter().find(|(p, _)| path.starts_with(p.as_str()));
+        exact.or_else(prefix).map_or(&self.default, |(_, pool)| pool)
     }
 
     /// The pool named `name` (see [`RouteSpec::pool_name`]) or `default`.
@@ -179,11 +151,7 @@ impl Router {
     }
 
     pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
-        self.exact
-            .iter()
-            .chain(&self.prefixes)
-            .map(|(_, pool)| pool)
-            .chain(std::iter::once(&self.default))
+        self.exact.iter().chain(&self.prefixes).map(|(_, pool)| pool).chain(std::iter::once(&self.default))
     }
 }
 
@@ -192,12 +160,7 @@ mod tests {
     use super::*;
 
     fn backend(id: u32, in_flight: u64) -> Arc<Backend> {
-        let b = Backend::new(
-            id,
-            100 + id,
-            SocketAddr::from(([127, 0, 0, 1], 1000 + id as u16)),
-            "default".into(),
-        );
+        let b = Backend::new(id, 100 + id, SocketAddr::from(([127, 0, 0, 1], 1000 + id as u16)), "default".into());
         b.in_flight.store(in_flight, Ordering::Relaxed);
         Arc::new(b)
     }
@@ -215,10 +178,7 @@ mod tests {
     fn ties_are_round_robin() {
         let pool = Pool::new("default");
         pool.set_members(vec![backend(0, 0), backend(1, 0), backend(2, 0)]);
-        let mut seen: Vec<u32> = (0..6)
-            .filter_map(|_| pool.pick(&[]))
-            .map(|b| b.worker_id)
-            .collect();
+        let mut seen: Vec<u32> = (0..6).filter_map(|_| pool.pick(&[])).map(|b| b.worker_id).collect();
         seen.sort_unstable();
         assert_eq!(seen, vec![0, 0, 1, 1, 2, 2]);
     }
@@ -233,16 +193,8 @@ mod tests {
     }
 
     fn routes(prefixes: &[&str], exact: &[&str]) -> Vec<RouteSpec> {
-        let spec = |p: &&str, exact| RouteSpec {
-            prefix: p.to_string(),
-            workers: 1,
-            exact,
-        };
-        prefixes
-            .iter()
-            .map(|p| spec(p, false))
-            .chain(exact.iter().map(|p| spec(p, true)))
-            .collect()
+        let spec = |p: &&str, exact| RouteSpec { prefix: p.to_string(), workers: 1, exact };
+        prefixes.iter().map(|p| spec(p, false)).chain(exact.iter().map(|p| spec(p, true))).collect()
     }
 
     #[test]

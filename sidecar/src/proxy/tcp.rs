@@ -15,12 +15,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_ATTEMPTS: usize = 3;
 
 /// Serves until `shutdown`, then waits for open connections to end.
-pub async fn serve(
-    listener: TcpListener,
-    pool: Arc<Pool>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, pool: Arc<Pool>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
     loop {
         let client = tokio::select! {
@@ -52,14 +47,11 @@ async fn relay(mut client: TcpStream, pool: Arc<Pool>, metrics: Arc<Metrics>) {
         };
         tried.push(backend.pid);
         let guard = InFlight::start(Arc::clone(&backend), Arc::clone(&metrics));
-        let connected =
-            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend.addr)).await;
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend.addr)).await;
         match connected {
             Ok(Ok(mut upstream)) => {
                 let _ = upstream.set_nodelay(true);
-                backend
-                    .requests
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                backend.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 metrics.count_request(&pool.name, backend.worker_id);
                 if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
                     tracing::debug!(worker = backend.worker_id, error = %e, "tcp relay ended with an error");

@@ -16,9 +16,8 @@ pub async fn probe(kind: HealthCheck, addr: SocketAddr, path: &str, timeout: Dur
         if kind != HealthCheck::Http {
             return Some(true);
         }
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: clusterd-probe\r\nConnection: close\r\n\r\n"
-        );
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: clusterd-probe\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut buf = [0u8; 64];
         let mut len = 0;
@@ -34,11 +33,7 @@ pub async fn probe(kind: HealthCheck, addr: SocketAddr, path: &str, timeout: Dur
     };
     match kind {
         HealthCheck::None => true,
-        _ => tokio::time::timeout(timeout, attempt)
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or(false),
+        _ => tokio::time::timeout(timeout, attempt).await.ok().flatten().unwrap_or(false),
     }
 }
 
@@ -98,17 +93,13 @@ pub fn listens_on(pid: u32, port: u16) -> bool {
         return false;
     }
     ["tcp", "tcp6"].iter().any(|table| {
-        std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).is_ok_and(|content| {
-            listening_inodes(&content, port).any(|inode| inodes.contains(&inode))
-        })
+        std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))
+            .is_ok_and(|content| listening_inodes(&content, port).any(|inode| inodes.contains(&inode)))
     })
 }
 
 fn socket_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
+    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
 }
 
 /// Inodes of the sockets in LISTEN state (`0A`) on `port` in a
@@ -119,9 +110,7 @@ fn listening_inodes(table: &str, port: u16) -> impl Iterator<Item = u64> + '_ {
         let local_port = fields.get(1)?.rsplit_once(':')?.1;
         let listening = *fields.get(3)? == "0A";
         let matches = u16::from_str_radix(local_port, 16).ok()? == port;
-        (listening && matches)
-            .then(|| fields.get(9)?.parse().ok())
-            .flatten()
+        (listening && matches).then(|| fields.get(9)?.parse().ok()).flatten()
     })
 }
 
@@ -134,10 +123,7 @@ mod listen_tests {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
             0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0\n   \
             1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0000000000000000 20 4 30 10 -1\n";
-        assert_eq!(
-            listening_inodes(table, 8080).collect::<Vec<_>>(),
-            vec![4242]
-        );
+        assert_eq!(listening_inodes(table, 8080).collect::<Vec<_>>(), vec![4242]);
         assert_eq!(listening_inodes(table, 8081).count(), 0);
         assert_eq!(socket_inode("socket:[4242]"), Some(4242));
         assert_eq!(socket_inode("/dev/null"), None);

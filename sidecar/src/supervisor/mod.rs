@@ -153,9 +153,7 @@ impl Supervisor {
     }
 
     fn cores(&self) -> f64 {
-        self.cpu
-            .cores
-            .unwrap_or_else(|| crate::cgroup::affinity_count() as f64)
+        self.cpu.cores.unwrap_or_else(|| crate::cgroup::affinity_count() as f64)
     }
 
     /// Starts the first workers; fails only if the command cannot be run at all.
@@ -219,16 +217,9 @@ impl Supervisor {
         let id = slot.id.to_string();
         setup.env.push(("WORKER_ID".into(), id.clone()));
         setup.env.push(("NODE_APP_INSTANCE".into(), id));
-        setup
-            .env
-            .push(("CLUSTERD_WORKERS".into(), workers.to_string()));
-        setup
-            .env
-            .push(("CLUSTERD_POOL".into(), slot.pool.to_string()));
-        setup.env.push((
-            "CLUSTERD_PORT_MODE".into(),
-            self.config.port_mode.as_str().into(),
-        ));
+        setup.env.push(("CLUSTERD_WORKERS".into(), workers.to_string()));
+        setup.env.push(("CLUSTERD_POOL".into(), slot.pool.to_string()));
+        setup.env.push(("CLUSTERD_PORT_MODE".into(), self.config.port_mode.as_str().into()));
         let addr = match &self.port {
             PortSetup::Proxy { .. } => {
                 let port = free_loopback_port()?;
@@ -236,21 +227,16 @@ impl Supervisor {
                 SocketAddr::from((Ipv4Addr::LOCALHOST, port))
             }
             PortSetup::Inherit(listener) => {
-                let listener = listener
-                    .as_ref()
-                    .ok_or_else(|| io::Error::other("the shared socket is already closed"))?;
+                let listener =
+                    listener.as_ref().ok_or_else(|| io::Error::other("the shared socket is already closed"))?;
                 setup.listen_fd = Some(listener.as_raw_fd());
-                setup
-                    .env
-                    .push(("PORT".into(), self.config.port.to_string()));
+                setup.env.push(("PORT".into(), self.config.port.to_string()));
                 setup.env.push(("LISTEN_FDS".into(), "1".into()));
                 setup.env.push(("LISTEN_FDNAMES".into(), "clusterd".into()));
                 SocketAddr::from((self.config.bind, self.config.port))
             }
             PortSetup::Reuseport => {
-                setup
-                    .env
-                    .push(("PORT".into(), self.config.port.to_string()));
+                setup.env.push(("PORT".into(), self.config.port.to_string()));
                 setup.env.push(("CLUSTERD_REUSEPORT".into(), "1".into()));
                 SocketAddr::from((self.config.bind, self.config.port))
             }
@@ -258,27 +244,12 @@ impl Supervisor {
         let spawned = spawn::spawn(&self.spec, &setup)?;
         tracing::info!(worker = slot.id, pid = spawned.pid, pool = %slot.pool, "worker started");
         if let Some(stdout) = spawned.stdout {
-            output::forward(
-                stdout,
-                slot.id,
-                output::Stream::Stdout,
-                self.config.log_format,
-            );
+            output::forward(stdout, slot.id, output::Stream::Stdout, self.config.log_format);
         }
         if let Some(stderr) = spawned.stderr {
-            output::forward(
-                stderr,
-                slot.id,
-                output::Stream::Stderr,
-                self.config.log_format,
-            );
+            output::forward(stderr, slot.id, output::Stream::Stderr, self.config.log_format);
         }
-        let backend = Arc::new(Backend::new(
-            slot.id,
-            spawned.pid,
-            addr,
-            Arc::clone(&slot.pool),
-        ));
+        let backend = Arc::new(Backend::new(slot.id, spawned.pid, addr, Arc::clone(&slot.pool)));
         Ok(Proc::new(backend, now))
     }
 
@@ -441,10 +412,7 @@ impl Supervisor {
         if self.shutdown.is_some() {
             return;
         }
-        tracing::info!(
-            workers = self.slots.len(),
-            "rolling reload: replacing workers one at a time"
-        );
+        tracing::info!(workers = self.slots.len(), "rolling reload: replacing workers one at a time");
         self.reload_queue = self.slots.iter().map(|s| s.id).collect();
     }
 
@@ -469,11 +437,7 @@ impl Supervisor {
         self.shared.draining.store(true, Ordering::SeqCst);
         self.reload_queue.clear();
         let deadline = now + self.config.drain_timeout;
-        let exit_code = if quick {
-            128 + Signal::SIGQUIT as u8
-        } else {
-            0
-        };
+        let exit_code = if quick { 128 + Signal::SIGQUIT as u8 } else { 0 };
         let phase = match &mut self.port {
             PortSetup::Proxy { shutdown, .. } if !quick => {
                 shutdown.cancel();
@@ -491,25 +455,14 @@ impl Supervisor {
             }
             PortSetup::Reuseport => Phase::Stopping,
         };
-        self.shutdown = Some(Shutdown {
-            phase,
-            deadline,
-            exit_code,
-        });
+        self.shutdown = Some(Shutdown { phase, deadline, exit_code });
         if phase == Phase::Stopping {
-            self.signal_all(if quick {
-                Signal::SIGQUIT
-            } else {
-                Signal::SIGTERM
-            });
+            self.signal_all(if quick { Signal::SIGQUIT } else { Signal::SIGTERM });
         }
     }
 
     fn all_procs(&self) -> impl Iterator<Item = &Proc> {
-        self.slots
-            .iter()
-            .flat_map(Slot::procs)
-            .chain(self.retired.iter())
+        self.slots.iter().flat_map(Slot::procs).chain(self.retired.iter())
     }
 
     fn signal_all(&self, signal: Signal) {
@@ -557,9 +510,7 @@ impl Supervisor {
         }
         match shutdown.phase {
             Phase::ProxyDraining => {
-                tracing::warn!(
-                    "drain timeout: in-flight requests did not finish; stopping workers"
-                );
+                tracing::warn!("drain timeout: in-flight requests did not finish; stopping workers");
                 shutdown.phase = Phase::Stopping;
                 // The deadline already passed: TERM and KILL right away.
                 shutdown.deadline = now + Duration::from_secs(1);
@@ -616,11 +567,7 @@ impl Supervisor {
 
     fn promote_ready_replacements(&mut self, now: Instant) {
         for slot in &mut self.slots {
-            if !slot
-                .replacement
-                .as_ref()
-                .is_some_and(|p| p.state == WorkerState::Ready)
-            {
+            if !slot.replacement.as_ref().is_some_and(|p| p.state == WorkerState::Ready) {
                 continue;
             }
             let new = slot.replacement.take();
@@ -645,11 +592,7 @@ impl Supervisor {
         let workers = self.slots.len() as u32;
         for index in 0..self.slots.len() {
             let slot = &self.slots[index];
-            let Some(proc) = slot
-                .current
-                .as_ref()
-                .filter(|p| p.state == WorkerState::Ready)
-            else {
+            let Some(proc) = slot.current.as_ref().filter(|p| p.state == WorkerState::Ready) else {
                 continue;
             };
             if slot.replacement.is_some() {
@@ -658,9 +601,8 @@ impl Supervisor {
             let served = proc.backend.requests.load(Ordering::Relaxed);
             let reason = if max_requests.is_some_and(|max| served >= max) {
                 format!("served {served} requests")
-            } else if let Some(rss) = max_mib
-                .filter(|_| check_memory)
-                .and_then(|max| health::rss_mib(proc.pid).filter(|&rss| rss > max))
+            } else if let Some(rss) =
+                max_mib.filter(|_| check_memory).and_then(|max| health::rss_mib(proc.pid).filter(|&rss| rss > max))
             {
                 format!("RSS {rss} MiB")
             } else {
@@ -690,11 +632,7 @@ impl Supervisor {
         }
         let workers = self.slots.len() as u32;
         while let Some(id) = self.reload_queue.pop_front() {
-            let Some(index) = self
-                .slots
-                .iter()
-                .position(|s| s.id == id && s.current.is_some())
-            else {
+            let Some(index) = self.slots.iter().position(|s| s.id == id && s.current.is_some()) else {
                 continue;
             };
             if self.slots[index].replacement.is_some() {
@@ -720,10 +658,7 @@ impl Supervisor {
             if !drain.term_sent && ((idle && grace_over) || now >= drain.deadline) {
                 drain.term_sent = true;
                 signal_group(proc.pid, Signal::SIGTERM);
-            } else if drain.term_sent
-                && !drain.kill_sent
-                && now >= drain.deadline + Duration::from_secs(1)
-            {
+            } else if drain.term_sent && !drain.kill_sent && now >= drain.deadline + Duration::from_secs(1) {
                 tracing::warn!(pid = proc.pid, "drained worker ignored SIGTERM; killing it");
                 drain.kill_sent = true;
                 signal_group(proc.pid, Signal::SIGKILL);
@@ -735,11 +670,7 @@ impl Supervisor {
 
     /// Pushes the rotation to the proxy and the counters to the admin server.
     fn publish(&self) {
-        let ready = self
-            .slots
-            .iter()
-            .filter(|s| s.current.as_ref().is_some_and(|p| p.state.is_ready()))
-            .count();
+        let ready = self.slots.iter().filter(|s| s.current.as_ref().is_some_and(|p| p.state.is_ready())).count();
         self.shared.ready.store(ready as u32, Ordering::SeqCst);
         self.metrics.cpu_limit.set(self.cores());
         self.metrics.desired_workers.set(self.slots.len() as i64);
@@ -817,9 +748,7 @@ fn schedule_restart(slot: &mut Slot, config: &Config, now: Instant) -> Duration 
 fn check_proxied(proc: &mut Proc, config: &Config, events: &UnboundedSender<Event>, now: Instant) {
     let hung = match proc.state {
         WorkerState::Starting => now.duration_since(proc.started) >= config.hung_after,
-        _ => proc
-            .failing_since
-            .is_some_and(|since| now.duration_since(since) >= config.hung_after),
+        _ => proc.failing_since.is_some_and(|since| now.duration_since(since) >= config.hung_after),
     };
     if hung && !proc.killed {
         tracing::warn!(worker = proc.backend.worker_id, pid = proc.pid, hung_after = ?config.hung_after, "worker hung; killing it");
@@ -842,12 +771,7 @@ fn check_proxied(proc: &mut Proc, config: &Config, events: &UnboundedSender<Even
     };
     proc.next_check = now + interval;
     proc.probing = true;
-    let (kind, addr, pid, events) = (
-        config.health_check,
-        proc.backend.addr,
-        proc.pid,
-        events.clone(),
-    );
+    let (kind, addr, pid, events) = (config.health_check, proc.backend.addr, proc.pid, events.clone());
     let (path, timeout) = (config.health_path.clone(), config.health_timeout);
     tokio::spawn(async move {
         let healthy = health::probe(kind, addr, &path, timeout).await;
@@ -868,11 +792,7 @@ fn check_shared_port(proc: &mut Proc, config: &Config, reuseport: bool, now: Ins
     }
     proc.next_check = now + STARTING_PROBE_INTERVAL;
     if !reuseport || health::listens_on(proc.pid, config.port) {
-        tracing::info!(
-            worker = proc.backend.worker_id,
-            pid = proc.pid,
-            "worker ready"
-        );
+        tracing::info!(worker = proc.backend.worker_id, pid = proc.pid, "worker ready");
         proc.set_state(WorkerState::Ready);
     } else if age >= config.hung_after {
         tracing::warn!(
@@ -895,7 +815,5 @@ fn signal_group(pid: u32, signal: Signal) {
 
 /// A free port on 127.0.0.1 for a worker to bind.
 fn free_loopback_port() -> io::Result<u16> {
-    Ok(StdTcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
+    Ok(StdTcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
 }

@@ -35,12 +35,8 @@ pub fn reap_exited() -> Vec<(u32, ExitInfo)> {
     let mut exited = Vec::new();
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => {
-                exited.push((pid.as_raw() as u32, ExitInfo::Code(code)))
-            }
-            Ok(WaitStatus::Signaled(pid, signal, _)) => {
-                exited.push((pid.as_raw() as u32, ExitInfo::Signal(signal)))
-            }
+            Ok(WaitStatus::Exited(pid, code)) => exited.push((pid.as_raw() as u32, ExitInfo::Code(code))),
+            Ok(WaitStatus::Signaled(pid, signal, _)) => exited.push((pid.as_raw() as u32, ExitInfo::Signal(signal))),
             Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return exited,
             Ok(_) => continue,
             Err(Errno::EINTR) => continue,

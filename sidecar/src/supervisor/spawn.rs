@@ -22,12 +22,7 @@ use nix::libc;
 const LISTEN_PID_BUF: usize = 32;
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 /// Variables clusterd sets itself; inherited values are dropped.
-const OWN_VARS: &[&str] = &[
-    "LISTEN_PID",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-    "CLUSTERD_REUSEPORT",
-];
+const OWN_VARS: &[&str] = &["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "CLUSTERD_REUSEPORT"];
 
 /// The user's command, resolved once at startup.
 #[derive(Debug, Clone)]
@@ -39,14 +34,9 @@ pub struct CommandSpec {
 impl CommandSpec {
     /// Resolves `command[0]` through `PATH` like a shell would.
     pub fn resolve(command: &[String]) -> io::Result<CommandSpec> {
-        let name = command
-            .first()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
+        let name = command.first().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
         let program = find_program(name)?;
-        let argv = command
-            .iter()
-            .map(|a| cstring(a.as_bytes()))
-            .collect::<io::Result<_>>()?;
+        let argv = command.iter().map(|a| cstring(a.as_bytes())).collect::<io::Result<_>>()?;
         Ok(CommandSpec { program, argv })
     }
 }
@@ -55,31 +45,19 @@ fn find_program(name: &str) -> io::Result<PathBuf> {
     if name.contains('/') {
         return Ok(PathBuf::from(name));
     }
-    let path =
-        std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
+    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|candidate| is_executable(candidate))
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{name}: command not found in PATH"),
-            )
-        })
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{name}: command not found in PATH")))
 }
 
 fn is_executable(path: &Path) -> bool {
-    path.metadata()
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
-    CString::new(bytes).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "NUL byte in command or environment",
-        )
-    })
+    CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in command or environment"))
 }
 
 /// What one worker process gets besides the command.
@@ -160,11 +138,7 @@ impl ExecImage {
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
             if let Some(fd) = self.listen_fd {
-                let ok = if fd == 3 {
-                    libc::fcntl(3, libc::F_SETFD, 0) == 0
-                } else {
-                    libc::dup2(fd, 3) == 3
-                };
+                let ok = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) == 0 } else { libc::dup2(fd, 3) == 3 };
                 if !ok {
                     return Err(io::Error::last_os_error());
                 }
@@ -172,11 +146,7 @@ impl ExecImage {
             if let Some(buf) = self.listen_pid.as_mut() {
                 write_decimal(&mut buf[LISTEN_PID_PREFIX.len()..], libc::getpid() as u32);
             }
-            libc::execve(
-                self.program.as_ptr(),
-                self.argv_ptrs.as_ptr(),
-                self.envp_ptrs.as_ptr(),
-            );
+            libc::execve(self.program.as_ptr(), self.argv_ptrs.as_ptr(), self.envp_ptrs.as_ptr());
         }
         Err(io::Error::last_os_error())
     }
@@ -202,8 +172,7 @@ fn write_decimal(out: &mut [u8], mut n: u32) {
 
 fn build_env(setup: &WorkerSetup) -> io::Result<Vec<CString>> {
     let own = |key: &OsStr| {
-        OWN_VARS.iter().any(|v| OsStr::new(v) == key)
-            || setup.env.iter().any(|(k, _)| OsStr::new(k) == key)
+        OWN_VARS.iter().any(|v| OsStr::new(v) == key) || setup.env.iter().any(|(k, _)| OsStr::new(k) == key)
     };
     let mut envp = Vec::new();
     for (key, value) in std::env::vars_os().filter(|(k, _)| !own(k)) {
@@ -229,21 +198,13 @@ fn env_entry(key: &[u8], value: &[u8]) -> io::Result<CString> {
 pub fn spawn(spec: &CommandSpec, setup: &WorkerSetup) -> io::Result<Spawned> {
     let mut image = ExecImage::new(spec, setup)?;
     let mut command = Command::new(&spec.program);
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
     // SAFETY: the hook only makes async-signal-safe calls (see exec_in_child).
     unsafe {
         command.pre_exec(move || image.exec_in_child());
     }
     let mut child = command.spawn()?;
-    let spawned = Spawned {
-        pid: child.id(),
-        stdout: child.stdout.take(),
-        stderr: child.stderr.take(),
-    };
+    let spawned = Spawned { pid: child.id(), stdout: child.stdout.take(), stderr: child.stderr.take() };
     // Dropping `Child` neither waits nor kills; the reaper owns exit statuses.
     drop(child);
     Ok(spawned)

@@ -53,12 +53,7 @@ impl Proc {
     /// Takes the process out of rotation to finish its in-flight work.
     pub fn begin_drain(&mut self, now: Instant, timeout: Duration) {
         self.set_state(WorkerState::Draining);
-        self.drain.get_or_insert(Drain {
-            began: now,
-            deadline: now + timeout,
-            term_sent: false,
-            kill_sent: false,
-        });
+        self.drain.get_or_insert(Drain { began: now, deadline: now + timeout, term_sent: false, kill_sent: false });
     }
 }
 

@@ -28,20 +28,12 @@ pub fn serial() -> MutexGuard<'static, ()> {
 }
 
 pub fn app(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/app")
-        .join(name);
-    path.canonicalize()
-        .expect("example app exists")
-        .display()
-        .to_string()
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/app").join(name);
+    path.canonicalize().expect("example app exists").display().to_string()
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
 /// A running clusterd, killed (with its workers) when dropped.
@@ -92,23 +84,12 @@ impl Launch {
     pub fn start(self) -> Clusterd {
         let port = free_port();
         let admin = free_port();
-        let log =
-            std::env::temp_dir().join(format!("clusterd-test-{}-{port}.log", std::process::id()));
+        let log = std::env::temp_dir().join(format!("clusterd-test-{}-{port}.log", std::process::id()));
         let log_file = std::fs::File::create(&log).expect("log file");
         let mut argv: Vec<String> = self.wrapper.clone();
         argv.push(BIN.to_string());
-        argv.extend([
-            "--port".into(),
-            port.to_string(),
-            "--admin-port".into(),
-            admin.to_string(),
-        ]);
-        argv.extend([
-            "--bind".into(),
-            "127.0.0.1".into(),
-            "--admin-bind".into(),
-            "127.0.0.1".into(),
-        ]);
+        argv.extend(["--port".into(), port.to_string(), "--admin-port".into(), admin.to_string()]);
+        argv.extend(["--bind".into(), "127.0.0.1".into(), "--admin-bind".into(), "127.0.0.1".into()]);
         argv.extend(self.args.iter().cloned());
         argv.push("--".into());
         argv.extend(self.command.iter().cloned());
@@ -124,13 +105,7 @@ impl Launch {
             command.env(k, v);
         }
         let child = command.spawn().expect("spawn clusterd");
-        Clusterd {
-            child,
-            port,
-            admin,
-            log,
-            exited: None,
-        }
+        Clusterd { child, port, admin, log, exited: None }
     }
 }
 
@@ -166,10 +141,7 @@ impl Clusterd {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!(
-            "timed out waiting for {what}; last status: {last:#?}\nlogs:\n{}",
-            self.logs()
-        );
+        panic!("timed out waiting for {what}; last status: {last:#?}\nlogs:\n{}", self.logs());
     }
 
     pub fn wait_ready(&self, workers: usize) -> ClusterdStatus {
@@ -192,10 +164,7 @@ impl Clusterd {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
-            "clusterd did not exit in {timeout:?}\nlogs:\n{}",
-            self.logs()
-        );
+        panic!("clusterd did not exit in {timeout:?}\nlogs:\n{}", self.logs());
     }
 }
 
@@ -220,9 +189,7 @@ pub fn process_alive(pid: u32) -> bool {
     // A zombie still has /proc/<pid>; count it as gone only when reaped
     // elsewhere, so check the state too.
     match std::fs::read_to_string(format!("/proc/{pid}/status")) {
-        Ok(status) => !status
-            .lines()
-            .any(|l| l.starts_with("State:") && l.contains('Z')),
+        Ok(status) => !status.lines().any(|l| l.starts_with("State:") && l.contains('Z')),
         Err(_) => false,
     }
 }
@@ -251,9 +218,7 @@ impl HttpResponse {
     }
 
     pub fn worker(&self) -> Option<u32> {
-        self.header("x-clusterd-worker")
-            .or(self.header("x-worker-id"))
-            .and_then(|w| w.parse().ok())
+        self.header("x-clusterd-worker").or(self.header("x-worker-id")).and_then(|w| w.parse().ok())
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -262,12 +227,7 @@ impl HttpResponse {
 }
 
 /// One HTTP/1.1 request on a fresh connection.
-pub fn request(
-    port: u16,
-    method: &str,
-    path: &str,
-    timeout: Duration,
-) -> std::io::Result<HttpResponse> {
+pub fn request(port: u16, method: &str, path: &str, timeout: Duration) -> std::io::Result<HttpResponse> {
     let mut stream = connect_and_send(port, method, path, timeout)?;
     read_response(&mut stream)
 }
@@ -276,19 +236,13 @@ pub fn get(port: u16, path: &str, timeout: Duration) -> std::io::Result<HttpResp
     request(port, "GET", path, timeout)
 }
 
-pub fn connect_and_send(
-    port: u16,
-    method: &str,
-    path: &str,
-    timeout: Duration,
-) -> std::io::Result<TcpStream> {
+pub fn connect_and_send(port: u16, method: &str, path: &str, timeout: Duration) -> std::io::Result<TcpStream> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
+    let request =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes())?;
     Ok(stream)
 }
@@ -296,9 +250,8 @@ pub fn connect_and_send(
 pub fn read_response(stream: &mut TcpStream) -> std::io::Result<HttpResponse> {
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
-    parse_response(&raw).ok_or_else(|| {
-        std::io::Error::other(format!("bad response: {:?}", String::from_utf8_lossy(&raw)))
-    })
+    parse_response(&raw)
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {:?}", String::from_utf8_lossy(&raw))))
 }
 
 fn parse_response(raw: &[u8]) -> Option<HttpResponse> {
@@ -311,25 +264,17 @@ fn parse_response(raw: &[u8]) -> Option<HttpResponse> {
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect::<HashMap<_, _>>();
     let mut body = raw[split + 4..].to_vec();
-    if headers
-        .get("transfer-encoding")
-        .is_some_and(|te| te.contains("chunked"))
-    {
+    if headers.get("transfer-encoding").is_some_and(|te| te.contains("chunked")) {
         body = dechunk(&body)?;
     }
-    Some(HttpResponse {
-        status,
-        headers,
-        body,
-    })
+    Some(HttpResponse { status, headers, body })
 }
 
 fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     loop {
         let line_end = data.windows(2).position(|w| w == b"\r\n")?;
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).ok()?.trim(), 16).ok()?;
+        let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end]).ok()?.trim(), 16).ok()?;
         data = &data[line_end + 2..];
         if size == 0 {
             return Some(out);
@@ -361,13 +306,7 @@ pub struct Load {
 }
 
 impl Load {
-    pub fn start(
-        port: u16,
-        path: &str,
-        clients: usize,
-        max_duration: Duration,
-        max_per_client: usize,
-    ) -> Load {
+    pub fn start(port: u16, path: &str, clients: usize, max_duration: Duration, max_per_client: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..clients)
             .map(|_| {
@@ -376,10 +315,7 @@ impl Load {
                 std::thread::spawn(move || {
                     let end = Instant::now() + max_duration;
                     let mut outcomes = Vec::new();
-                    while !stop.load(Ordering::Relaxed)
-                        && Instant::now() < end
-                        && outcomes.len() < max_per_client
-                    {
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < end && outcomes.len() < max_per_client {
                         outcomes.push(one_request(port, &path));
                     }
                     outcomes
@@ -391,10 +327,7 @@ impl Load {
 
     pub fn finish(self) -> Vec<Outcome> {
         self.stop.store(true, Ordering::Relaxed);
-        self.threads
-            .into_iter()
-            .flat_map(|t| t.join().expect("load thread"))
-            .collect()
+        self.threads.into_iter().flat_map(|t| t.join().expect("load thread")).collect()
     }
 }
 
@@ -404,16 +337,11 @@ fn one_request(port: u16, path: &str) -> Outcome {
         Ok(stream) => stream,
         // Never got a connection: counted as sent "now" (it failed at once).
         Err(e) => {
-            return Outcome {
-                sent: Instant::now(),
-                result: Err(format!("connect/send: {e}")),
-            };
+            return Outcome { sent: Instant::now(), result: Err(format!("connect/send: {e}")) };
         }
     };
     let sent = Instant::now();
-    let result = read_response(&mut stream)
-        .map(|r| (r.status, r.worker()))
-        .map_err(|e| format!("read: {e}"));
+    let result = read_response(&mut stream).map(|r| (r.status, r.worker())).map_err(|e| format!("read: {e}"));
     Outcome { sent, result }
 }
 
@@ -424,9 +352,6 @@ pub fn failures(outcomes: &[Outcome]) -> Vec<&Outcome> {
 impl Load {
     /// Waits for every client to finish its bounded run.
     pub fn finish_when_done(self) -> Vec<Outcome> {
-        self.threads
-            .into_iter()
-            .flat_map(|t| t.join().expect("load thread"))
-            .collect()
+        self.threads.into_iter().flat_map(|t| t.join().expect("load thread")).collect()
     }
 }
