@@ -4,7 +4,7 @@
 #
 # Builds and caches stay outside the repository (~/.cache/clustered).
 
-CACHE ?= $(HOME)/.cache/clustered
+CACHE ?= $(or $(CLUSTERED_CACHE),$(HOME)/.cache/clustered)
 export CARGO_TARGET_DIR ?= $(CACHE)/target
 # The shipped binaries are linked statically: clusterd must run in whatever
 # app image it is copied into, and both images hold nothing but the binary.
