@@ -249,10 +249,13 @@ impl<'de> Deserialize<'de> for WorkerCount {
             Number(u32),
             Text(String),
         }
-        match Raw::deserialize(d)? {
-            Raw::Number(n) => Ok(WorkerCount::Fixed(n)),
-            Raw::Text(t) if t == "auto" => Ok(WorkerCount::Auto),
-            Raw::Text(t) => t.parse().map(WorkerCount::Fixed).map_err(|_| {
+        // The generated schema lets `count: null` through; it means the
+        // default, so no stored object can fail to parse here.
+        match Option::<Raw>::deserialize(d)? {
+            None => Ok(WorkerCount::Auto),
+            Some(Raw::Number(n)) => Ok(WorkerCount::Fixed(n)),
+            Some(Raw::Text(t)) if t == "auto" => Ok(WorkerCount::Auto),
+            Some(Raw::Text(t)) => t.parse().map(WorkerCount::Fixed).map_err(|_| {
                 serde::de::Error::custom(format!("workers.count must be \"auto\" or a number, not {t:?}"))
             }),
         }

@@ -119,6 +119,7 @@ fn worker_count_accepts_auto_and_numbers_only() {
     assert_eq!(parse("3").expect("3"), WorkerCount::Fixed(3));
     assert_eq!(parse(r#""4""#).expect("\"4\""), WorkerCount::Fixed(4));
     assert!(parse(r#""lots""#).is_err());
+    assert_eq!(parse("null").expect("null"), WorkerCount::Auto, "null is the default, as the schema allows it");
     assert_eq!(serde_json::to_string(&WorkerCount::Auto).expect("ser"), r#""auto""#);
     assert_eq!(serde_json::to_string(&WorkerCount::Fixed(2)).expect("ser"), "2");
 }

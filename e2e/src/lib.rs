@@ -81,6 +81,29 @@ impl Cluster {
         .await
     }
 
+    /// Fails unless every one of `images` is on the node: tests that run
+    /// pods say up front that `make images` is missing, rather than time out.
+    pub async fn require_images(&self, images: &[&str]) -> anyhow::Result<()> {
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
+        let present: Vec<String> = nodes
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .flat_map(|n| n.status.and_then(|s| s.images).unwrap_or_default())
+            .flat_map(|i| i.names.unwrap_or_default())
+            .collect();
+        let missing: Vec<&str> = images
+            .iter()
+            .copied()
+            .filter(|i| !present.iter().any(|p| p.ends_with(&format!("/{i}")) || p == i))
+            .collect();
+        if !missing.is_empty() {
+            bail!("images not on the node: {missing:?}; run `make images` (or e2e/cluster/images)");
+        }
+        Ok(())
+    }
+
     /// A fresh namespace for one test, enforcing the `restricted` Pod
     /// Security Standard. Named after the test so leftovers are traceable.
     pub async fn namespace(&self, test: &str) -> anyhow::Result<String> {
@@ -150,6 +173,8 @@ impl Cluster {
 /// The operator, run in this process against the cluster and scoped to one
 /// namespace, so tests running in parallel do not share it.
 pub struct Operator {
+    /// Its metrics, to check what it did (e.g. how many status writes).
+    pub metrics: std::sync::Arc<clustered_operator::metrics::Metrics>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -166,7 +191,7 @@ impl Operator {
             settings: Settings::default(),
             prober: Prober::new(8, Duration::from_secs(2)),
             recorder: Recorder::new(cluster.client.clone(), reporter),
-            metrics,
+            metrics: metrics.clone(),
             status_interval: Duration::from_secs(2),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -177,7 +202,7 @@ impl Operator {
             })
             .await;
         });
-        Ok(Operator { stop: Some(stop), task })
+        Ok(Operator { metrics, stop: Some(stop), task })
     }
 
     /// Stops gracefully, letting running reconciles finish.

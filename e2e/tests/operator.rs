@@ -46,6 +46,7 @@ fn demo(name: &str, replicas: i32, workers: u32) -> ClusteredService {
 #[tokio::test]
 async fn children_follow_the_spec_and_are_garbage_collected() -> anyhow::Result<()> {
     let cluster = Cluster::get().await?;
+    cluster.require_images(&["clustered.dev/clusterd:dev", "clustered.dev/demo-app:dev"]).await?;
     let ns = cluster.namespace("op-children").await?;
     let operator = Operator::start(&cluster, &ns).await?;
     let client = cluster.client.clone();
@@ -116,8 +117,10 @@ async fn children_follow_the_spec_and_are_garbage_collected() -> anyhow::Result<
 #[tokio::test]
 async fn status_reports_every_pod_s_workers_and_follows_scale() -> anyhow::Result<()> {
     let cluster = Cluster::get().await?;
+    cluster.require_images(&["clustered.dev/clusterd:dev", "clustered.dev/demo-app:dev"]).await?;
     let ns = cluster.namespace("op-status").await?;
     let operator = Operator::start(&cluster, &ns).await?;
+    let started = std::time::Instant::now();
     let csvcs: Api<ClusteredService> = Api::namespaced(cluster.client.clone(), &ns);
     csvcs.create(&PostParams::default(), &demo("web", 1, 2)).await?;
 
@@ -151,6 +154,13 @@ async fn status_reports_every_pod_s_workers_and_follows_scale() -> anyhow::Resul
     assert_eq!(status.instances[0].cpu_limit, Some(1.0), "clusterd reads the pod's CPU limit from its cgroup");
     assert!(status.instances[0].workers.iter().all(|w| w.pid.is_some()));
 
+    // Status writes are coalesced to one a second at most, and a settled
+    // service is not written at all, however often clusterd is asked.
+    let writes = operator.metrics.status_writes.get();
+    assert!(writes <= started.elapsed().as_secs() + 1, "{writes} status writes in {:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(operator.metrics.status_writes.get(), writes, "status written while nothing changed");
+
     cluster.kubectl(&["scale", "-n", &ns, "csvc/web", "--replicas=2"])?;
     wait_for(POD_START, "2 pods with 2 ready workers each", settled(2)).await?;
     let table = cluster.kubectl(&["get", "csvc", "web", "-n", &ns, "--no-headers"])?;
@@ -164,6 +174,7 @@ async fn status_reports_every_pod_s_workers_and_follows_scale() -> anyhow::Resul
 #[tokio::test]
 async fn a_restart_mid_reconcile_converges_without_duplicates() -> anyhow::Result<()> {
     let cluster = Cluster::get().await?;
+    cluster.require_images(&["clustered.dev/clusterd:dev", "clustered.dev/demo-app:dev"]).await?;
     let ns = cluster.namespace("op-restart").await?;
     let csvcs: Api<ClusteredService> = Api::namespaced(cluster.client.clone(), &ns);
     let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), &ns);

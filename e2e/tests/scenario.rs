@@ -24,6 +24,14 @@ fn step(what: &str) {
 #[tokio::test]
 async fn seed_scenario_end_to_end() -> anyhow::Result<()> {
     let cluster = Cluster::get().await?;
+    cluster
+        .require_images(&[
+            "clustered.dev/clusterd:dev",
+            "clustered.dev/operator:dev",
+            "clustered.dev/demo-app:dev",
+            "clustered.dev/demo-app:v2",
+        ])
+        .await?;
     let chart = repo_root().join("charts/clustered");
     let chart = chart.to_str().expect("utf-8 path");
 
