@@ -175,12 +175,7 @@ fn degraded(problem: Option<&str>, deployment: Option<&Deployment>, instances: &
     if let Some(problem) = problem {
         return (DEGRADED, true, "InvalidSpec", problem.to_string());
     }
-    let crash_looping: Vec<String> = instances
-        .iter()
-        .flat_map(|i| {
-            i.workers.iter().filter(|w| w.state == WorkerState::CrashLoop).map(move |w| format!("{}/{}", i.pod, w.id))
-        })
-        .collect();
+    let crash_looping = workers_in(instances, WorkerState::CrashLoop);
     if !crash_looping.is_empty() {
         return (DEGRADED, true, "WorkerCrashLoop", format!("workers crash-looping: {}", crash_looping.join(", ")));
     }
@@ -190,12 +185,7 @@ fn degraded(problem: Option<&str>, deployment: Option<&Deployment>, instances: &
     if let Some(c) = stalled {
         return (DEGRADED, true, "ProgressDeadlineExceeded", c.message.unwrap_or_default());
     }
-    let unhealthy: Vec<String> = instances
-        .iter()
-        .flat_map(|i| {
-            i.workers.iter().filter(|w| w.state == WorkerState::Unhealthy).map(move |w| format!("{}/{}", i.pod, w.id))
-        })
-        .collect();
+    let unhealthy = workers_in(instances, WorkerState::Unhealthy);
     if !unhealthy.is_empty() {
         return (
             DEGRADED,
@@ -205,6 +195,14 @@ fn degraded(problem: Option<&str>, deployment: Option<&Deployment>, instances: &
         );
     }
     (DEGRADED, false, "AsExpected", "no worker is crash-looping or failing health checks".into())
+}
+
+/// `pod/id` of every worker in `state`.
+fn workers_in(instances: &[Instance], state: WorkerState) -> Vec<String> {
+    instances
+        .iter()
+        .flat_map(|i| i.workers.iter().filter(move |w| w.state == state).map(move |w| format!("{}/{}", i.pod, w.id)))
+        .collect()
 }
 
 fn transition_time(previous: &[Condition], type_: &str, status: bool, now: Timestamp) -> Time {

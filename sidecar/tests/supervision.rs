@@ -37,14 +37,7 @@ fn killed_worker_is_replaced_without_failed_requests() {
     assert_eq!(after.workers[0].last_exit.as_deref(), Some("killed by SIGKILL"));
     assert_eq!(after.workers[1].restarts, 0);
     assert!(outcomes.len() > 10, "load made only {} requests", outcomes.len());
-    let failed = failures(&outcomes);
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        outcomes.len(),
-        &failed[..failed.len().min(5)]
-    );
+    assert_none_failed(&outcomes);
 }
 
 #[test]
@@ -93,14 +86,7 @@ fn sighup_replaces_every_worker_without_failed_requests() {
         wait_until("old worker to exit", SLOW, || !process_alive(*pid));
     }
     assert!(after.workers.iter().all(|w| w.restarts == 0), "a reload is not a restart");
-    let failed = failures(&outcomes);
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        outcomes.len(),
-        &failed[..failed.len().min(5)]
-    );
+    assert_none_failed(&outcomes);
     let served_by: BTreeSet<u32> = outcomes.iter().filter_map(|o| o.result.as_ref().ok().and_then(|r| r.1)).collect();
     assert_eq!(served_by, BTreeSet::from([0, 1]));
 }
@@ -214,14 +200,7 @@ fn max_requests_recycles_workers_without_failed_requests() {
     let old: BTreeSet<u32> = worker_pids(&before).into_iter().collect();
     let load = Load::start(clusterd.port, "/light", 2, Duration::from_secs(10), 60);
     let outcomes = load.finish_when_done();
-    let failed = failures(&outcomes);
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        outcomes.len(),
-        &failed[..failed.len().min(5)]
-    );
+    assert_none_failed(&outcomes);
     clusterd.wait_status("recycled workers", SLOW, |s| {
         s.workers.iter().all(|w| w.state == WorkerState::Ready && w.pid.is_some_and(|p| !old.contains(&p)))
     });

@@ -349,6 +349,18 @@ pub fn failures(outcomes: &[Outcome]) -> Vec<&Outcome> {
     outcomes.iter().filter(|o| !o.ok()).collect()
 }
 
+/// Fails the test, naming the first few failures, unless every request succeeded.
+pub fn assert_none_failed(outcomes: &[Outcome]) {
+    let failed = failures(outcomes);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        outcomes.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
+
 impl Load {
     /// Waits for every client to finish its bounded run.
     pub fn finish_when_done(self) -> Vec<Outcome> {
