@@ -69,8 +69,16 @@ start_bg() {
 	printf '\n==== %s starting %s\n' "$(date -Is)" "$name" >>"$LOGS/$name.log"
 	# fds 8/9 hold the build/cluster locks: do not leak them into daemons.
 	setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1 8>&- 9>&- &
-	echo $! >"$PIDS/$name.pid"
+	local pid=$! i
 	printf '%s' "$1" >"$PIDS/$name.exe"
+	echo "$pid" >"$PIDS/$name.pid"
+	# Until the forked shell has exec'd, its cmdline is not yet the
+	# component's and pid_of would call it dead: wait for the exec.
+	for ((i = 0; i < 100; i++)); do
+		grep -qa -- "$1" "/proc/$pid/cmdline" 2>/dev/null && return 0
+		[[ -d /proc/$pid ]] || return 0
+		sleep 0.05
+	done
 }
 
 # fail_component NAME MSG: print the error and the tail of NAME's log, exit 1.
