@@ -110,6 +110,12 @@ async fn seed_scenario_end_to_end() -> anyhow::Result<()> {
     let services: Api<Service> = Api::namespaced(cluster.client.clone(), &ns);
     let ip = services.get("demo").await?.spec.and_then(|s| s.cluster_ip).expect("cluster IP");
     let base = format!("http://{ip}:8080");
+    // kube-proxy programs a new Service asynchronously; the product's
+    // behaviour starts once the Service answers.
+    wait_for(Duration::from_secs(60), "the Service answers", || async {
+        Ok(load::get(&load::client(), &format!("{base}/light")).await.is_ok())
+    })
+    .await?;
 
     step("the light route is served by other workers while heavy requests run");
     light_route_stays_free(&base).await?;
