@@ -277,15 +277,10 @@ async fn publish_transitions(
         (Some(_), None) => ctx.event(csvc, EventType::Normal, "Recovered", "no longer degraded".into()).await,
         _ => {}
     }
-    let crash_looping = |s: Option<&ClusteredServiceStatus>| -> Vec<(String, i32)> {
-        s.into_iter()
-            .flat_map(|s| &s.instances)
-            .flat_map(|i| i.workers.iter().filter(|w| w.state == WorkerState::CrashLoop).map(|w| (i.pod.clone(), w.id)))
-            .collect()
-    };
-    let before = crash_looping(old);
-    for (pod, id) in crash_looping(Some(new)).into_iter().filter(|w| !before.contains(w)) {
-        let note = format!("worker {id} of pod {pod} keeps crashing; clusterd restarts it at the maximum backoff");
+    let before = old.map(|s| status::workers_in(&s.instances, WorkerState::CrashLoop)).unwrap_or_default();
+    for worker in status::workers_in(&new.instances, WorkerState::CrashLoop).into_iter().filter(|w| !before.contains(w))
+    {
+        let note = format!("worker {worker} (pod/id) keeps crashing; clusterd restarts it at the maximum backoff");
         ctx.event(csvc, EventType::Warning, "WorkerCrashLoop", note).await;
     }
 }

@@ -198,7 +198,7 @@ fn degraded(problem: Option<&str>, deployment: Option<&Deployment>, instances: &
 }
 
 /// `pod/id` of every worker in `state`.
-fn workers_in(instances: &[Instance], state: WorkerState) -> Vec<String> {
+pub fn workers_in(instances: &[Instance], state: WorkerState) -> Vec<String> {
     instances
         .iter()
         .flat_map(|i| i.workers.iter().filter(move |w| w.state == state).map(move |w| format!("{}/{}", i.pod, w.id)))
