@@ -86,8 +86,14 @@ async fn seed_scenario_end_to_end() -> anyhow::Result<()> {
     step("kubectl apply -f examples/clusteredservice.yaml: 2 pods × 2 workers, Available");
     let example = repo_root().join("examples/clusteredservice.yaml");
     cluster.kubectl(&["apply", "-n", &ns, "-f", example.to_str().expect("utf-8 path")])?;
-    wait_until(&csvcs, "2 pods with 2 ready workers each, Available", |s| {
-        s.instances.len() == 2 && s.instances.iter().all(|i| ready_workers(i) == 2) && condition(s, "Available")
+    // clusterd can report its workers ready a probe period before the
+    // kubelet marks the pod Ready, and Available needs only one of two pods:
+    // wait for all three facts.
+    wait_until(&csvcs, "2 ready pods with 2 ready workers each, Available", |s| {
+        s.ready_replicas == 2
+            && s.instances.len() == 2
+            && s.instances.iter().all(|i| ready_workers(i) == 2)
+            && condition(s, "Available")
     })
     .await?;
     let status = csvcs.get("demo").await?.status.expect("status");
