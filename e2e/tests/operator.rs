@@ -10,6 +10,7 @@ use clustered_e2e::{Cluster, Operator, wait_for};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -103,11 +104,17 @@ async fn children_follow_the_spec_and_are_garbage_collected() -> anyhow::Result<
     wait_for(Duration::from_secs(30), "Service recreated", || async { Ok(services.get_opt("shop").await?.is_some()) })
         .await?;
 
+    assert_eq!(operator.metrics.tracked_objects.get(), 1);
     csvcs.delete("shop", &DeleteParams::foreground()).await?;
     wait_for(Duration::from_secs(60), "children garbage-collected", || async {
         Ok(deployments.get_opt("shop").await?.is_none()
             && services.get_opt("shop").await?.is_none()
             && pdbs.get_opt("shop").await?.is_none())
+    })
+    .await?;
+    // Nothing of a deleted ClusteredService stays in the operator's memory.
+    wait_for(Duration::from_secs(30), "bookkeeping of the deleted object dropped", || async {
+        Ok(csvcs.get_opt("shop").await?.is_none() && operator.metrics.tracked_objects.get() == 0)
     })
     .await?;
     operator.stop().await;
@@ -166,6 +173,18 @@ async fn status_reports_every_pod_s_workers_and_follows_scale() -> anyhow::Resul
     let table = cluster.kubectl(&["get", "csvc", "web", "-n", &ns, "--no-headers"])?;
     let columns: Vec<&str> = table.split_whitespace().collect();
     assert_eq!(&columns[1..4], ["2/2", "4/4", "proxy"], "{table}");
+    // The scale is announced as an Event on the ClusteredService.
+    let events: Api<Event> = Api::namespaced(cluster.client.clone(), &ns);
+    wait_for(Duration::from_secs(30), "a Scaled event on csvc/web", || async {
+        Ok(events.list(&ListParams::default()).await?.items.iter().any(|e| {
+            let about = e.regarding.as_ref();
+            e.reason.as_deref() == Some("Scaled")
+                && e.note.as_deref() == Some("pods 1 → 2")
+                && about
+                    .is_some_and(|r| r.kind.as_deref() == Some("ClusteredService") && r.name.as_deref() == Some("web"))
+        }))
+    })
+    .await?;
 
     operator.stop().await;
     cluster.delete_namespace(&ns).await

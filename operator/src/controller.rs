@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clustered_api::v1alpha1::{ClusteredService, ClusteredServiceStatus, WorkerState};
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -20,6 +20,7 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
+use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
@@ -36,6 +37,11 @@ const APPLIED_HASH: &str = "clustered.dev/applied-hash";
 
 /// A status write at most this often per ClusteredService.
 const STATUS_WRITE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often a ClusteredService without running pods is looked at again.
+/// Nothing needs asking then: its children's and pods' watch events trigger
+/// every reconcile that matters, and this is only a resync.
+const IDLE_RESYNC_INTERVAL: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -64,7 +70,7 @@ pub struct Context {
     /// How often clusterd is asked again when nothing else happens.
     pub status_interval: Duration,
     stores: Stores,
-    memory: Mutex<HashMap<ObjectRef<ClusteredService>, Memory>>,
+    memory: Arc<Bookkeeping>,
 }
 
 /// Reflector caches of the children, filled by the controller's watches.
@@ -81,6 +87,27 @@ struct Stores {
 struct Memory {
     last_status_write: Option<Instant>,
     failures: u32,
+}
+
+/// The `Memory` of every ClusteredService seen, forgotten when it is deleted.
+struct Bookkeeping {
+    objects: Mutex<HashMap<ObjectRef<ClusteredService>, Memory>>,
+    tracked: Gauge,
+}
+
+impl Bookkeeping {
+    fn with<T>(&self, csvc: &ClusteredService, f: impl FnOnce(&mut Memory) -> T) -> T {
+        let mut objects = self.objects.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let result = f(objects.entry(ObjectRef::from(csvc)).or_default());
+        self.tracked.set(objects.len() as i64);
+        result
+    }
+
+    fn forget(&self, csvc: &ClusteredService) {
+        let mut objects = self.objects.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        objects.remove(&ObjectRef::from(csvc));
+        self.tracked.set(objects.len() as i64);
+    }
 }
 
 /// How the controller is run.
@@ -101,11 +128,18 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
 
     // Status writes do not change the generation, so they do not trigger
     // reconciles of their own; the periodic requeue asks clusterd again.
+    let memory = Arc::new(Bookkeeping { objects: Mutex::default(), tracked: metrics.tracked_objects.clone() });
+    let forget = Arc::clone(&memory);
     let (csvc_reader, csvc_writer) = reflector::store();
     let csvcs =
         watcher(scoped::<ClusteredService>(&client, namespace.as_deref()), watcher::Config::default().any_semantic())
             .default_backoff()
             .reflect(csvc_writer)
+            .inspect_ok(move |event| {
+                if let watcher::Event::Delete(csvc) = event {
+                    forget.forget(csvc);
+                }
+            })
             .applied_objects()
             .predicate_filter(predicates::generation, Default::default());
 
@@ -123,7 +157,7 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
         metrics,
         status_interval,
         stores: Stores { pods, deployments, services, pdbs, hpas },
-        memory: Mutex::default(),
+        memory,
     });
 
     Controller::for_stream(csvcs, csvc_reader)
@@ -228,7 +262,9 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
     if let Some(wait) = write_status(csvc, &ns, new_status, ctx).await? {
         return Ok(Action::requeue(wait));
     }
-    Ok(Action::requeue(ctx.status_interval))
+    // Worker states change without any Kubernetes event: ask clusterd again.
+    let next = if askable.is_empty() { IDLE_RESYNC_INTERVAL } else { ctx.status_interval };
+    Ok(Action::requeue(next))
 }
 
 /// Writes `new` unless it equals the stored status. Returns how long to
@@ -337,8 +373,7 @@ fn error_policy(csvc: Arc<ClusteredService>, error: &Error, ctx: Arc<Context>) -
 
 impl Context {
     fn remember<T>(&self, csvc: &ClusteredService, f: impl FnOnce(&mut Memory) -> T) -> T {
-        let mut memory = self.memory.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(memory.entry(ObjectRef::from(csvc)).or_default())
+        self.memory.with(csvc, f)
     }
 
     async fn event(&self, csvc: &ClusteredService, type_: EventType, reason: &str, note: String) {

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub status_writes: Counter,
     pub status_probe_failures: Counter,
     pub leader: Gauge,
+    /// ClusteredServices this process keeps per-object bookkeeping for.
+    pub tracked_objects: Gauge,
 }
 
 impl Metrics {
@@ -34,6 +36,7 @@ impl Metrics {
             status_writes: Counter::default(),
             status_probe_failures: Counter::default(),
             leader: Gauge::default(),
+            tracked_objects: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("clustered_operator");
         r.register("reconciles", "Reconciles by result", metrics.reconciles.clone());
@@ -46,6 +49,11 @@ impl Metrics {
             metrics.status_probe_failures.clone(),
         );
         r.register("leader", "1 while this replica holds the leader lease", metrics.leader.clone());
+        r.register(
+            "tracked_objects",
+            "ClusteredServices with in-memory bookkeeping (write coalescing, backoff)",
+            metrics.tracked_objects.clone(),
+        );
         metrics
     }
 
