@@ -3,7 +3,7 @@
 // Listens the way clusterd tells it to:
 //   LISTEN_FDS=1          inherit mode: the shared socket is fd 3
 //   CLUSTERD_REUSEPORT=1  reuseport mode: bind PORT with SO_REUSEPORT (Node >= 22.12)
-//   otherwise             PORT (127.0.0.1 under clusterd's proxy; HOST or 0.0.0.0 alone)
+//   otherwise             HOST:PORT (clusterd sets both; alone: 0.0.0.0:8080 by default)
 //
 // Routes: /  and /report  CPU-bound for HEAVY_MS ms (default 50, ?ms= per request)
 //         /light          answers at once
@@ -71,10 +71,9 @@ if (process.env.LISTEN_FDS === '1') {
   if (major < 22 || (major === 22 && minor < 12)) {
     console.error(`reusePort needs Node >= 22.12, this is ${process.version}: the port will not be shared`);
   }
-  server.listen({ port: Number(process.env.PORT), host: '0.0.0.0', reusePort: true });
+  server.listen({ port: Number(process.env.PORT), host: process.env.HOST ?? '0.0.0.0', reusePort: true });
 } else {
-  const host = process.env.CLUSTERD_PORT_MODE === 'proxy' ? '127.0.0.1' : (process.env.HOST ?? '0.0.0.0');
-  server.listen(Number(process.env.PORT ?? 8080), host);
+  server.listen(Number(process.env.PORT ?? 8080), process.env.HOST ?? '0.0.0.0');
 }
 server.on('listening', () => console.log(`worker ${worker} (pid ${process.pid}) listening`));
 

@@ -4,7 +4,7 @@
 Listens the way clusterd tells it to:
   LISTEN_FDS=1          inherit mode: the shared socket is fd 3
   CLUSTERD_REUSEPORT=1  reuseport mode: bind PORT with SO_REUSEPORT
-  otherwise             PORT (127.0.0.1 under clusterd's proxy; HOST or 0.0.0.0 alone)
+  otherwise             HOST:PORT (clusterd sets both; alone: 0.0.0.0:8080 by default)
 """
 
 import json
@@ -72,14 +72,13 @@ def make_server():
         return server
     port = int(os.environ.get("PORT", "8080"))
     if os.environ.get("CLUSTERD_REUSEPORT") == "1":
-        server = ThreadingHTTPServer(("0.0.0.0", port), Handler, bind_and_activate=False)
+        server = ThreadingHTTPServer((os.environ.get("HOST", "0.0.0.0"), port), Handler, bind_and_activate=False)
         server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         server.server_bind()
         server.server_activate()
         return server
-    host = "127.0.0.1" if os.environ.get("CLUSTERD_PORT_MODE") == "proxy" else os.environ.get("HOST", "0.0.0.0")
-    return ThreadingHTTPServer((host, port), Handler)
+    return ThreadingHTTPServer((os.environ.get("HOST", "0.0.0.0"), port), Handler)
 
 
 def main():

@@ -70,8 +70,9 @@ impl Metrics {
         Metrics { registry, workers, restarts, requests, in_flight, proxy_errors, retries, cpu_limit, desired_workers }
     }
 
-    pub fn count_request(&self, pool: &str, worker: u32) {
-        self.requests.get_or_create(&RequestLabels { pool: pool.to_string(), worker: worker.to_string() }).inc();
+    /// The requests counter of one worker slot.
+    pub fn requests_of(&self, pool: &str, worker: u32) -> Counter {
+        self.requests.get_or_create(&RequestLabels { pool: pool.to_string(), worker: worker.to_string() }).clone()
     }
 
     /// Encodes the registry after refreshing the gauges that mirror `status`.

@@ -4,12 +4,12 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{self, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
@@ -143,7 +143,7 @@ impl HttpProxy {
             };
             let request = build_request(parts, &backend, attempt_body);
             match self.client.request(request).await {
-                Ok(response) => return self.respond(response, guard, pool),
+                Ok(response) => return self.respond(response, guard),
                 Err(e) => {
                     self.metrics.proxy_errors.inc();
                     // Idempotent requests may be repeated whenever no response
@@ -159,10 +159,9 @@ impl HttpProxy {
         }
     }
 
-    fn respond(&self, response: Response<Incoming>, guard: InFlight, pool: &Pool) -> Response<ProxyBody> {
+    fn respond(&self, response: Response<Incoming>, guard: InFlight) -> Response<ProxyBody> {
         let backend = guard.backend();
-        backend.requests.fetch_add(1, Ordering::Relaxed);
-        self.metrics.count_request(&pool.name, backend.worker_id);
+        backend.count_request();
         let worker = HeaderValue::from(backend.worker_id);
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -195,8 +194,11 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 fn build_request(parts: &http::request::Parts, backend: &Backend, body: ProxyBody) -> Request<ProxyBody> {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = Uri::try_from(format!("http://{}{}", backend.addr, path)).unwrap_or_else(|_| Uri::from_static("/"));
+    let mut uri = uri::Parts::default();
+    uri.scheme = Some(uri::Scheme::HTTP);
+    uri.authority = Some(backend.authority.clone());
+    uri.path_and_query = Some(parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    let uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;

@@ -11,6 +11,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
+use ::http::uri::Authority;
+use prometheus_client::metrics::counter::Counter;
+
 use crate::config::RouteSpec;
 use crate::metrics::Metrics;
 use crate::policy::DEFAULT_POOL;
@@ -38,14 +41,36 @@ pub struct Backend {
     pub worker_id: u32,
     pub pid: u32,
     pub addr: SocketAddr,
+    /// `addr` parsed once, for the URI of every proxied request.
+    pub authority: Authority,
     pub pool: Arc<str>,
     pub in_flight: AtomicU64,
+    /// Requests served by this process (recycling counts these).
     pub requests: AtomicU64,
+    /// The slot's `clusterd_requests{pool, worker}` counter, looked up once
+    /// rather than per request.
+    requests_metric: Counter,
 }
 
 impl Backend {
-    pub fn new(worker_id: u32, pid: u32, addr: SocketAddr, pool: Arc<str>) -> Backend {
-        Backend { worker_id, pid, addr, pool, in_flight: AtomicU64::new(0), requests: AtomicU64::new(0) }
+    pub fn new(worker_id: u32, pid: u32, addr: SocketAddr, pool: Arc<str>, requests_metric: Counter) -> Backend {
+        let authority = Authority::try_from(addr.to_string()).expect("a socket address is a valid authority");
+        Backend {
+            worker_id,
+            pid,
+            addr,
+            authority,
+            pool,
+            in_flight: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            requests_metric,
+        }
+    }
+
+    /// Counts one request (or TCP connection) handed to this worker.
+    pub fn count_request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.requests_metric.inc();
     }
 }
 
@@ -160,7 +185,8 @@ mod tests {
     use super::*;
 
     fn backend(id: u32, in_flight: u64) -> Arc<Backend> {
-        let b = Backend::new(id, 100 + id, SocketAddr::from(([127, 0, 0, 1], 1000 + id as u16)), "default".into());
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1000 + id as u16));
+        let b = Backend::new(id, 100 + id, addr, "default".into(), Counter::default());
         b.in_flight.store(in_flight, Ordering::Relaxed);
         Arc::new(b)
     }

@@ -51,8 +51,7 @@ async fn relay(mut client: TcpStream, pool: Arc<Pool>, metrics: Arc<Metrics>) {
         match connected {
             Ok(Ok(mut upstream)) => {
                 let _ = upstream.set_nodelay(true);
-                backend.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                metrics.count_request(&pool.name, backend.worker_id);
+                backend.count_request();
                 if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
                     tracing::debug!(worker = backend.worker_id, error = %e, "tcp relay ended with an error");
                 }

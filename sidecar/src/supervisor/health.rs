@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -34,6 +36,32 @@ pub async fn probe(kind: HealthCheck, addr: SocketAddr, path: &str, timeout: Dur
     match kind {
         HealthCheck::None => true,
         _ => tokio::time::timeout(timeout, attempt).await.ok().flatten().unwrap_or(false),
+    }
+}
+
+/// Spacing of a starting worker's probes: a refused loopback connection
+/// costs microseconds, and the worker joins the rotation this soon after it
+/// listens.
+const STARTING_RETRY: Duration = Duration::from_millis(20);
+
+/// Probes a starting worker again and again until it answers healthy or
+/// `window` has passed.
+pub async fn probe_starting(
+    kind: HealthCheck,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    window: Duration,
+) -> bool {
+    let deadline = Instant::now() + window;
+    loop {
+        if probe(kind, addr, path, timeout).await {
+            return true;
+        }
+        if Instant::now() + STARTING_RETRY >= deadline {
+            return false;
+        }
+        tokio::time::sleep(STARTING_RETRY).await;
     }
 }
 

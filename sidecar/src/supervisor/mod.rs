@@ -223,6 +223,7 @@ impl Supervisor {
         let addr = match &self.port {
             PortSetup::Proxy { .. } => {
                 let port = free_loopback_port()?;
+                setup.env.push(("HOST".into(), Ipv4Addr::LOCALHOST.to_string()));
                 setup.env.push(("PORT".into(), port.to_string()));
                 SocketAddr::from((Ipv4Addr::LOCALHOST, port))
             }
@@ -236,6 +237,8 @@ impl Supervisor {
                 SocketAddr::from((self.config.bind, self.config.port))
             }
             PortSetup::Reuseport => {
+                // The workers bind the shared port themselves: on clusterd's --bind.
+                setup.env.push(("HOST".into(), self.config.bind.to_string()));
                 setup.env.push(("PORT".into(), self.config.port.to_string()));
                 setup.env.push(("CLUSTERD_REUSEPORT".into(), "1".into()));
                 SocketAddr::from((self.config.bind, self.config.port))
@@ -249,7 +252,8 @@ impl Supervisor {
         if let Some(stderr) = spawned.stderr {
             output::forward(stderr, slot.id, output::Stream::Stderr, self.config.log_format);
         }
-        let backend = Arc::new(Backend::new(slot.id, spawned.pid, addr, Arc::clone(&slot.pool)));
+        let requests = self.metrics.requests_of(&slot.pool, slot.id);
+        let backend = Arc::new(Backend::new(slot.id, spawned.pid, addr, Arc::clone(&slot.pool), requests));
         Ok(Proc::new(backend, now))
     }
 
@@ -764,17 +768,20 @@ fn check_proxied(proc: &mut Proc, config: &Config, events: &UnboundedSender<Even
         proc.set_state(WorkerState::Ready);
         return;
     }
-    let interval = if proc.state == WorkerState::Starting {
-        STARTING_PROBE_INTERVAL.min(config.health_period)
-    } else {
-        config.health_period
-    };
+    let starting = proc.state == WorkerState::Starting;
+    let interval = if starting { STARTING_PROBE_INTERVAL.min(config.health_period) } else { config.health_period };
     proc.next_check = now + interval;
     proc.probing = true;
     let (kind, addr, pid, events) = (config.health_check, proc.backend.addr, proc.pid, events.clone());
     let (path, timeout) = (config.health_path.clone(), config.health_timeout);
     tokio::spawn(async move {
-        let healthy = health::probe(kind, addr, &path, timeout).await;
+        let healthy = if starting {
+            // Keeps trying within the interval, so a (re)started worker is
+            // in rotation moments after it listens, not at the next tick.
+            health::probe_starting(kind, addr, &path, timeout, interval).await
+        } else {
+            health::probe(kind, addr, &path, timeout).await
+        };
         let _ = events.send(Event::Probe { pid, healthy });
     });
 }
