@@ -143,7 +143,7 @@ impl HttpProxy {
             };
             let request = build_request(parts, &backend, attempt_body);
             match self.client.request(request).await {
-                Ok(response) => return self.respond(response, guard),
+                Ok(response) => return respond(response, guard),
                 Err(e) => {
                     self.metrics.proxy_errors.inc();
                     // Idempotent requests may be repeated whenever no response
@@ -157,17 +157,6 @@ impl HttpProxy {
                 }
             }
         }
-    }
-
-    fn respond(&self, response: Response<Incoming>, guard: InFlight) -> Response<ProxyBody> {
-        let backend = guard.backend();
-        backend.count_request();
-        let worker = HeaderValue::from(backend.worker_id);
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.insert(X_CLUSTERD_WORKER.clone(), worker);
-        let body = TrackedBody { inner: body, _guard: guard };
-        Response::from_parts(parts, UnsyncBoxBody::new(body))
     }
 }
 
@@ -204,6 +193,19 @@ fn build_request(parts: &http::request::Parts, backend: &Backend, body: ProxyBod
     *request.uri_mut() = uri;
     *request.headers_mut() = parts.headers.clone();
     request
+}
+
+/// The worker's response, labelled with its worker id; the request stays
+/// counted as in flight until its body has been sent.
+fn respond(response: Response<Incoming>, guard: InFlight) -> Response<ProxyBody> {
+    let backend = guard.backend();
+    backend.count_request();
+    let worker = HeaderValue::from(backend.worker_id);
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(X_CLUSTERD_WORKER.clone(), worker);
+    let body = TrackedBody { inner: body, _guard: guard };
+    Response::from_parts(parts, UnsyncBoxBody::new(body))
 }
 
 /// Removes headers that describe one connection, not the message.
