@@ -96,7 +96,7 @@ struct Bookkeeping {
 }
 
 impl Bookkeeping {
-    fn with<T>(&self, csvc: &ClusteredService, f: impl FnOnce(&mut Memory) -> T) -> T {
+    fn remember<T>(&self, csvc: &ClusteredService, f: impl FnOnce(&mut Memory) -> T) -> T {
         let mut objects = self.objects.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let result = f(objects.entry(ObjectRef::from(csvc)).or_default());
         self.tracked.set(objects.len() as i64);
@@ -206,7 +206,7 @@ async fn reconcile(csvc: Arc<ClusteredService>, ctx: Arc<Context>) -> Result<Act
     let outcome = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics.reconciles.get_or_create(&ResultLabel { result: outcome }).inc();
     if result.is_ok() {
-        ctx.remember(&csvc, |m| m.failures = 0);
+        ctx.memory.remember(&csvc, |m| m.failures = 0);
     }
     result
 }
@@ -279,7 +279,7 @@ async fn write_status(
     if !status::changed(old, &new) {
         return Ok(None);
     }
-    let since_last = ctx.remember(csvc, |m| m.last_status_write.map(|t| t.elapsed()));
+    let since_last = ctx.memory.remember(csvc, |m| m.last_status_write.map(|t| t.elapsed()));
     if let Some(elapsed) = since_last.filter(|&e| e < STATUS_WRITE_INTERVAL) {
         return Ok(Some(STATUS_WRITE_INTERVAL - elapsed));
     }
@@ -293,7 +293,7 @@ async fn write_status(
     });
     api.patch_status(&csvc.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
     ctx.metrics.status_writes.inc();
-    ctx.remember(csvc, |m| m.last_status_write = Some(Instant::now()));
+    ctx.memory.remember(csvc, |m| m.last_status_write = Some(Instant::now()));
     Ok(None)
 }
 
@@ -361,7 +361,7 @@ fn has_started(pod: &Pod) -> bool {
 
 fn error_policy(csvc: Arc<ClusteredService>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_errors.get_or_create(&ErrorLabel { error: error.label() }).inc();
-    let failures = ctx.remember(&csvc, |m| {
+    let failures = ctx.memory.remember(&csvc, |m| {
         m.failures = m.failures.saturating_add(1);
         m.failures
     });
@@ -372,10 +372,6 @@ fn error_policy(csvc: Arc<ClusteredService>, error: &Error, ctx: Arc<Context>) -
 }
 
 impl Context {
-    fn remember<T>(&self, csvc: &ClusteredService, f: impl FnOnce(&mut Memory) -> T) -> T {
-        self.memory.with(csvc, f)
-    }
-
     async fn event(&self, csvc: &ClusteredService, type_: EventType, reason: &str, note: String) {
         let event =
             Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };

@@ -3,8 +3,10 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use clusterd::supervisor::health::listening_sockets;
 use common::*;
 
 /// Sends requests (4 at a time, bounded) until two distinct workers answered.
@@ -101,25 +103,7 @@ fn reuseport_mode_with_python() {
     assert_eq!(status.port_mode, "reuseport");
     assert!(distinct_workers(clusterd.port, "/?ms=10").len() >= 2);
     // The workers bind where clusterd was told to (--bind 127.0.0.1, via HOST).
-    let listening = listening_addresses(clusterd.port);
-    assert_eq!(listening, vec!["127.0.0.1".to_string(); 2], "listening sockets on the shared port: {listening:?}");
-}
-
-/// IPv4 addresses of the sockets listening on `port`, from /proc/net/tcp.
-fn listening_addresses(port: u16) -> Vec<String> {
     let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (addr, local_port) = fields.get(1)?.split_once(':')?;
-            let listening = fields.get(3) == Some(&"0A");
-            (listening && u16::from_str_radix(local_port, 16).ok()? == port).then(|| {
-                // The kernel prints the address's bytes as a native-endian u32.
-                let ip = u32::from_str_radix(addr, 16).expect("hex address");
-                std::net::Ipv4Addr::from(ip.to_ne_bytes()).to_string()
-            })
-        })
-        .collect()
+    let listening: Vec<_> = listening_sockets(&table, clusterd.port).map(|s| s.address).collect();
+    assert_eq!(listening, vec![Some(Ipv4Addr::LOCALHOST); 2], "listening sockets on the shared port: {listening:?}");
 }

@@ -1,6 +1,6 @@
 //! Probing a worker's private port, and reading its memory use.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -121,7 +121,7 @@ pub fn listens_on(pid: u32, port: u16) -> bool {
     }
     ["tcp", "tcp6"].iter().any(|table| {
         std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))
-            .is_ok_and(|content| listening_inodes(&content, port).any(|inode| inodes.contains(&inode)))
+            .is_ok_and(|content| listening_sockets(&content, port).any(|socket| inodes.contains(&socket.inode)))
     })
 }
 
@@ -129,15 +129,27 @@ fn socket_inode(link: &str) -> Option<u64> {
     link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
 }
 
-/// Inodes of the sockets in LISTEN state (`0A`) on `port` in a
-/// /proc/net/tcp table.
-fn listening_inodes(table: &str, port: u16) -> impl Iterator<Item = u64> + '_ {
+/// A socket in LISTEN state, from a /proc/net/tcp{,6} table.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ListeningSocket {
+    /// The local address; `None` in a tcp6 table.
+    pub address: Option<Ipv4Addr>,
+    pub inode: u64,
+}
+
+/// The sockets in LISTEN state (`0A`) on `port` in a /proc/net/tcp table.
+pub fn listening_sockets(table: &str, port: u16) -> impl Iterator<Item = ListeningSocket> + '_ {
     table.lines().skip(1).filter_map(move |line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let local_port = fields.get(1)?.rsplit_once(':')?.1;
+        let (local_address, local_port) = fields.get(1)?.rsplit_once(':')?;
         let listening = *fields.get(3)? == "0A";
         let matches = u16::from_str_radix(local_port, 16).ok()? == port;
-        (listening && matches).then(|| fields.get(9)?.parse().ok()).flatten()
+        if !(listening && matches) {
+            return None;
+        }
+        // The kernel prints an IPv4 address's bytes as one native-endian u32.
+        let address = u32::from_str_radix(local_address, 16).ok().map(|raw| Ipv4Addr::from(raw.to_ne_bytes()));
+        Some(ListeningSocket { address, inode: fields.get(9)?.parse().ok()? })
     })
 }
 
@@ -150,8 +162,9 @@ mod listen_tests {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
             0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0\n   \
             1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0000000000000000 20 4 30 10 -1\n";
-        assert_eq!(listening_inodes(table, 8080).collect::<Vec<_>>(), vec![4242]);
-        assert_eq!(listening_inodes(table, 8081).count(), 0);
+        let unspecified = ListeningSocket { address: Some(Ipv4Addr::UNSPECIFIED), inode: 4242 };
+        assert_eq!(listening_sockets(table, 8080).collect::<Vec<_>>(), vec![unspecified]);
+        assert_eq!(listening_sockets(table, 8081).count(), 0);
         assert_eq!(socket_inode("socket:[4242]"), Some(4242));
         assert_eq!(socket_inode("/dev/null"), None);
     }
