@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod cgroup;
 pub mod config;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use config::{Config, LogFormat, PortMode, Protocol};
+use config::{Config, PortMode, Protocol};
 use metrics::Metrics;
 use proxy::Router;
 use supervisor::spawn::CommandSpec;
@@ -71,7 +72,8 @@ pub fn main_entry() -> ExitCode {
             }
         };
     }
-    init_logging(config.log_format);
+    // Flushes queued output when clusterd exits.
+    let _log_guard = logging::init(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(runtime_threads(cgroup::detect(config.cpu_limit).cores))
         .thread_name("clusterd")
@@ -108,19 +110,6 @@ pub fn install_self(dest: &std::path::Path) -> io::Result<()> {
     std::fs::copy(&exe, &partial)?;
     std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))?;
     std::fs::rename(&partial, dest)
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CLUSTERD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
-        .with_writer(io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartupError> {
@@ -203,6 +192,7 @@ pub async fn run(config: Config) -> Result<u8, StartupError> {
     if let Some(listener) = proxy_listener {
         spawn_proxy(&config, listener, router, Arc::clone(&metrics), proxy_shutdown, events_tx.clone());
     }
+    tokio::spawn(logging::watch_drops(Arc::clone(&metrics)));
     let admin = Arc::new(admin::Admin { shared, events: events_tx.clone(), metrics, min_ready: config.min_ready });
     tokio::spawn(admin.serve(admin_listener));
     if config.cpu_limit.is_none() {

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub retries: Counter,
     pub cpu_limit: Gauge<f64, AtomicU64>,
     pub desired_workers: Gauge,
+    pub log_lines_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -59,6 +60,7 @@ impl Metrics {
         let retries = Counter::default();
         let cpu_limit = Gauge::<f64, AtomicU64>::default();
         let desired_workers = Gauge::default();
+        let log_lines_dropped = Counter::default();
         registry.register("workers", "Worker slots by state", workers.clone());
         registry.register("worker_restarts", "Worker processes restarted after exiting", restarts.clone());
         registry.register("requests", "Requests proxied, by pool and worker id", requests.clone());
@@ -67,7 +69,23 @@ impl Metrics {
         registry.register("proxy_retries", "Requests retried on another worker", retries.clone());
         registry.register("cpu_limit_cores", "CPU limit clusterd sees", cpu_limit.clone());
         registry.register("desired_workers", "Workers the policy asks for", desired_workers.clone());
-        Metrics { registry, workers, restarts, requests, in_flight, proxy_errors, retries, cpu_limit, desired_workers }
+        registry.register(
+            "log_lines_dropped",
+            "Output lines (clusterd's or its workers') dropped because stdout/stderr was not read",
+            log_lines_dropped.clone(),
+        );
+        Metrics {
+            registry,
+            workers,
+            restarts,
+            requests,
+            in_flight,
+            proxy_errors,
+            retries,
+            cpu_limit,
+            desired_workers,
+            log_lines_dropped,
+        }
     }
 
     /// The requests counter of one worker slot.

@@ -9,7 +9,7 @@ use common::*;
 use nix::sys::signal::Signal;
 
 fn run(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("run clusterd")
+    Command::new(bin()).args(args).output().expect("run clusterd")
 }
 
 fn stderr(output: &Output) -> String {

@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, HealthCheck, RouteSpec};
+use crate::logging::Stream;
 use crate::metrics::Metrics;
 use crate::policy::{WorkerPolicy, slot_layout};
 use crate::proxy::{Backend, Router};
@@ -247,10 +248,10 @@ impl Supervisor {
         let spawned = spawn::spawn(&self.spec, &setup)?;
         tracing::info!(worker = slot.id, pid = spawned.pid, pool = %slot.pool, "worker started");
         if let Some(stdout) = spawned.stdout {
-            output::forward(stdout, slot.id, output::Stream::Stdout, self.config.log_format);
+            output::forward(stdout, slot.id, Stream::Stdout, self.config.log_format);
         }
         if let Some(stderr) = spawned.stderr {
-            output::forward(stderr, slot.id, output::Stream::Stderr, self.config.log_format);
+            output::forward(stderr, slot.id, Stream::Stderr, self.config.log_format);
         }
         let requests = self.metrics.requests_of(&slot.pool, slot.id);
         let backend = Arc::new(Backend::new(slot.id, spawned.pid, addr, Arc::clone(&slot.pool), requests));

@@ -16,7 +16,11 @@ use clustered_api::wire::{ClusterdStatus, WorkerState};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_clusterd");
+/// The clusterd under test: this build's, or `CLUSTERD_TEST_BIN` (to run
+/// a test against another build, e.g. to see it fail before a fix).
+pub fn bin() -> String {
+    std::env::var("CLUSTERD_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_clusterd").to_string())
+}
 
 /// Generous: the machine has 2 cores and other tests may be running.
 pub const SLOW: Duration = Duration::from_secs(30);
@@ -51,6 +55,9 @@ pub struct Launch {
     /// Run through this prefix (e.g. `unshare ...`).
     pub wrapper: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// stdout and stderr go to pipes that nobody reads until
+    /// [`Clusterd::read_output`].
+    pub stall_output: bool,
 }
 
 impl Launch {
@@ -60,7 +67,21 @@ impl Launch {
             command: command.iter().map(|s| s.to_string()).collect(),
             wrapper: Vec::new(),
             env: Vec::new(),
+            stall_output: false,
         }
+    }
+
+    /// The misbehaving test app (tests/apps/misbehave.js).
+    pub fn misbehaving(args: &[&str]) -> Launch {
+        let app = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/apps/misbehave.js");
+        Launch::new(args, &["node", &app.display().to_string()])
+    }
+
+    /// Nobody reads clusterd's stdout and stderr (pipes) until
+    /// [`Clusterd::read_output`].
+    pub fn stalled_output(mut self) -> Launch {
+        self.stall_output = true;
+        self
     }
 
     pub fn node(args: &[&str]) -> Launch {
@@ -87,20 +108,19 @@ impl Launch {
         let log = std::env::temp_dir().join(format!("clusterd-test-{}-{port}.log", std::process::id()));
         let log_file = std::fs::File::create(&log).expect("log file");
         let mut argv: Vec<String> = self.wrapper.clone();
-        argv.push(BIN.to_string());
+        argv.push(bin());
         argv.extend(["--port".into(), port.to_string(), "--admin-port".into(), admin.to_string()]);
         argv.extend(["--bind".into(), "127.0.0.1".into(), "--admin-bind".into(), "127.0.0.1".into()]);
         argv.extend(self.args.iter().cloned());
         argv.push("--".into());
         argv.extend(self.command.iter().cloned());
         let mut command = Command::new(&argv[0]);
-        command
-            .args(&argv[1..])
-            .env("FAULTS", "1")
-            .env("CLUSTERD_LOG", "clusterd=debug")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("dup log"))
-            .stderr(log_file);
+        command.args(&argv[1..]).env("FAULTS", "1").env("CLUSTERD_LOG", "clusterd=debug").stdin(Stdio::null());
+        if self.stall_output {
+            command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        } else {
+            command.stdout(log_file.try_clone().expect("dup log")).stderr(log_file);
+        }
         for (k, v) in &self.env {
             command.env(k, v);
         }
@@ -115,7 +135,39 @@ impl Clusterd {
     }
 
     pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        String::from_utf8_lossy(&self.log_bytes()).into_owned()
+    }
+
+    pub fn log_bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.log).unwrap_or_default()
+    }
+
+    /// Starts reading the stalled stdout and stderr into the log file.
+    pub fn read_output(&mut self) {
+        let (Some(stdout), Some(stderr)) = (self.child.stdout.take(), self.child.stderr.take()) else {
+            panic!("clusterd's output is not stalled");
+        };
+        for mut pipe in [Box::new(stdout) as Box<dyn Read + Send>, Box::new(stderr)] {
+            let mut log = std::fs::OpenOptions::new().append(true).open(&self.log).expect("log file");
+            std::thread::spawn(move || std::io::copy(&mut pipe, &mut log));
+        }
+    }
+
+    /// clusterd's peak resident memory (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("clusterd's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+
+    /// The value of an unlabelled metric on /metrics.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let response = get(self.admin, "/metrics", Duration::from_secs(5)).ok()?;
+        let text = String::from_utf8_lossy(&response.body).into_owned();
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     pub fn status(&self) -> Option<ClusterdStatus> {

@@ -1,0 +1,101 @@
+//! clusterd against apps that misbehave with their output, and readers of
+//! clusterd's own output that stall: a worker is never lost to what it
+//! writes, clusterd never freezes and its memory stays bounded. Every load
+//! is bounded in clients, time and count.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The continuation label of a cut line, for worker 0.
+const CONTINUED: &[u8] = b"[worker 0+] ";
+
+fn count(haystack: &[u8], needle: &[u8]) -> usize {
+    haystack.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+#[test]
+fn output_that_is_not_utf8_never_costs_a_worker() {
+    let _serial = serial();
+    let clusterd = Launch::misbehaving(&["--workers", "1"]).start();
+    clusterd.wait_ready(1);
+    for i in 0..20 {
+        let response = get(clusterd.port, "/binary", Duration::from_secs(10)).expect("request");
+        assert_eq!(response.status, 200, "request {i}; logs:\n{}", clusterd.logs());
+    }
+    wait_until("the worker's last line in the log", SLOW, || {
+        count(&clusterd.log_bytes(), b"wrote bytes that are not UTF-8") == 20
+    });
+    let status = clusterd.status().expect("status");
+    assert_eq!(status.workers[0].restarts, 0, "logs:\n{}", clusterd.logs());
+    // Passed through as they were, on stdout and on stderr.
+    assert_eq!(count(&clusterd.log_bytes(), b"[worker 0] \xff\xfe \xc3\x28\x80\n"), 40);
+}
+
+#[test]
+fn a_line_without_newline_is_cut_and_memory_stays_bounded() {
+    let _serial = serial();
+    const LONG: usize = 48 << 20;
+    let clusterd = Launch::misbehaving(&["--workers", "1"]).env("LONG_LINE_BYTES", &LONG.to_string()).start();
+    wait_until("the long line passed through", SLOW, || clusterd.logs().contains("[worker 0] long line done"));
+    let peak_mib = clusterd.peak_rss_kib() / 1024;
+    assert!(peak_mib < 24, "clusterd's peak RSS is {peak_mib} MiB after a {} MiB line", LONG >> 20);
+    let log = clusterd.log_bytes();
+    let pieces = count(&log, CONTINUED);
+    assert_eq!(pieces, LONG / (16 * 1024) - 1, "16 KiB pieces after the first");
+    assert!(log.split(|&b| b == b'\n').all(|line| line.len() <= 16 * 1024 + CONTINUED.len()));
+    assert_eq!(get(clusterd.port, "/", Duration::from_secs(5)).expect("request").status, 200);
+}
+
+/// The soak of issue 11: 10 MB of mixed output (not UTF-8, no newlines)
+/// while nobody reads clusterd's stdout and stderr for 5 s, under load.
+#[test]
+fn stalled_output_reader_never_freezes_clusterd() {
+    let _serial = serial();
+    // Each worker writes 5 MB over 7 s.
+    let mut clusterd = Launch::misbehaving(&["--workers", "2"])
+        .env("NOISE_BYTES", "5000000")
+        .env("NOISE_SECONDS", "7")
+        .stalled_output()
+        .start();
+    clusterd.wait_ready(2);
+    let load = Load::start(clusterd.port, "/", 2, Duration::from_secs(8), 4_000);
+    let slowest = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    let stop = Arc::new(AtomicBool::new(false));
+    let timer = {
+        let (slowest, stop, admin) = (Arc::clone(&slowest), Arc::clone(&stop), clusterd.admin);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let ok = get(admin, "/healthz", Duration::from_secs(5)).is_ok_and(|r| r.status == 200);
+                let took = if ok { started.elapsed() } else { Duration::MAX };
+                let mut slowest = slowest.lock().expect("lock");
+                *slowest = (*slowest).max(took);
+                drop(slowest);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(5));
+    clusterd.read_output();
+    let outcomes = load.finish();
+    stop.store(true, Ordering::Relaxed);
+    timer.join().expect("timer");
+
+    assert_none_failed(&outcomes);
+    let slowest = *slowest.lock().expect("lock");
+    assert!(slowest < Duration::from_millis(100), "/healthz took {slowest:?} while output stalled");
+    let peak_mib = clusterd.peak_rss_kib() / 1024;
+    assert!(peak_mib < 16, "clusterd's peak RSS is {peak_mib} MiB");
+    wait_until("the drop counted in /metrics", SLOW, || {
+        clusterd.metric("clusterd_log_lines_dropped_total").is_some_and(|n| n > 0.0)
+    });
+    wait_until("the stall said in the log", SLOW, || clusterd.logs().contains("output flows again"));
+    wait_until("both workers' noise passed on", SLOW, || count(&clusterd.log_bytes(), b"] noise done") == 2);
+    let status = clusterd.status().expect("status");
+    assert!(status.workers.iter().all(|w| w.restarts == 0), "{status:#?}");
+}
