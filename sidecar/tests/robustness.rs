@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use clustered_api::wire::WorkerState;
 use common::*;
 
 /// The continuation label of a cut line, for worker 0.
@@ -98,4 +99,36 @@ fn stalled_output_reader_never_freezes_clusterd() {
     wait_until("both workers' noise passed on", SLOW, || count(&clusterd.log_bytes(), b"] noise done") == 2);
     let status = clusterd.status().expect("status");
     assert!(status.workers.iter().all(|w| w.restarts == 0), "{status:#?}");
+}
+
+#[test]
+fn a_request_that_hangs_its_worker_is_answered_once_and_not_replayed() {
+    let _serial = serial();
+    let hung_after = Duration::from_secs(2);
+    let clusterd = Launch::misbehaving(&[
+        "--workers",
+        "3",
+        "--health-period",
+        "300ms",
+        "--health-timeout",
+        "300ms",
+        "--hung-after",
+        "2s",
+    ])
+    .start();
+    let before = clusterd.wait_ready(3);
+
+    let started = Instant::now();
+    let response = get(clusterd.port, "/hang", SLOW).expect("an answer, not a dropped connection");
+    let waited = started.elapsed();
+    assert_eq!(response.status, 502, "{:?}", String::from_utf8_lossy(&response.body));
+    assert!(waited < hung_after * 2, "the client waited {waited:?}: the request was replayed");
+
+    let after = clusterd.wait_status("the hung worker replaced", SLOW, |s| {
+        s.workers.iter().any(|w| w.restarts > 0) && s.workers.iter().all(|w| w.state == WorkerState::Ready)
+    });
+    let killed: Vec<u32> = after.workers.iter().filter(|w| w.restarts > 0).map(|w| w.id).collect();
+    assert_eq!(killed.len(), 1, "workers killed by one hanging GET: {killed:?}\n{after:#?}");
+    let id = killed[0] as usize;
+    assert_ne!(after.workers[id].pid, before.workers[id].pid);
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{self, PathAndQuery};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -111,7 +111,6 @@ impl HttpProxy {
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         append_forwarded_for(&mut parts.headers, peer.ip());
-        let idempotent = is_idempotent(&parts.method);
         let body = match body.size_hint().exact() {
             Some(len) if len <= REPLAYABLE_BODY_LIMIT => match body.collect().await {
                 Ok(collected) => RequestBody::Replayable(collected.to_bytes()),
@@ -121,16 +120,15 @@ impl HttpProxy {
             },
             _ => RequestBody::Streaming(Some(body)),
         };
-        Ok(self.forward(&pool, &parts, body, idempotent).await)
+        Ok(self.forward(&pool, &parts, body).await)
     }
 
-    async fn forward(
-        &self,
-        pool: &Pool,
-        parts: &http::request::Parts,
-        mut body: RequestBody,
-        idempotent: bool,
-    ) -> Response<ProxyBody> {
+    /// Sends the request to a worker of `pool`. It goes to another worker
+    /// only if the first could not be reached at all: a request that reached
+    /// a worker is never replayed, whatever its method, so a request that
+    /// hangs or crashes its worker costs one worker, not every worker it
+    /// would be retried on.
+    async fn forward(&self, pool: &Pool, parts: &http::request::Parts, mut body: RequestBody) -> Response<ProxyBody> {
         let mut tried = Vec::new();
         loop {
             let Some(backend) = pool.pick(&tried) else {
@@ -146,9 +144,10 @@ impl HttpProxy {
                 Ok(response) => return respond(response, guard),
                 Err(e) => {
                     self.metrics.proxy_errors.inc();
-                    // Idempotent requests may be repeated whenever no response
-                    // arrived; others only if the connection never opened.
-                    let retry = body.is_replayable() && (idempotent || e.is_connect()) && tried.len() < MAX_ATTEMPTS;
+                    // A failed connect never reached the app. (A pooled
+                    // connection that closed before the request went out is
+                    // retried by the client itself.)
+                    let retry = e.is_connect() && body.is_replayable() && tried.len() < MAX_ATTEMPTS;
                     tracing::debug!(worker = backend.worker_id, pid = backend.pid, error = ?e, retry, "worker request failed");
                     if !retry {
                         return plain(StatusCode::BAD_GATEWAY, format!("worker {} failed: {e}\n", backend.worker_id));
@@ -176,10 +175,6 @@ impl RequestBody {
             RequestBody::Streaming(body) => body.take().map(UnsyncBoxBody::new),
         }
     }
-}
-
-fn is_idempotent(method: &Method) -> bool {
-    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE)
 }
 
 fn build_request(parts: &http::request::Parts, backend: &Backend, body: ProxyBody) -> Request<ProxyBody> {
@@ -309,13 +304,5 @@ mod tests {
         append_forwarded_for(&mut headers, IpAddr::from([10, 0, 0, 1]));
         append_forwarded_for(&mut headers, IpAddr::from([127, 0, 0, 1]));
         assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
-    }
-
-    #[test]
-    fn idempotent_methods() {
-        assert!(is_idempotent(&Method::GET));
-        assert!(is_idempotent(&Method::PUT));
-        assert!(!is_idempotent(&Method::POST));
-        assert!(!is_idempotent(&Method::PATCH));
     }
 }
