@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, ValueEnum, error::ErrorKind};
 
-use crate::policy::{Rounding, WorkerCount};
+use crate::policy::{Rounding, WorkerCount, WorkerPolicy, slot_layout};
+
+/// Default of --worker-cap.
+pub const DEFAULT_WORKER_CAP: u32 = 1024;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -110,6 +113,16 @@ pub struct Config {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Hard cap on the number of worker processes: a count above it (from
+    /// --workers, --min-workers, --cpu-limit or --route) is refused, and a
+    /// detected CPU limit above it runs this many workers.
+    #[arg(long, default_value_t = DEFAULT_WORKER_CAP, value_parser = clap::value_parser!(u32).range(1..))]
+    pub worker_cap: u32,
+    /// Listen backlog of the shared port (default: the system's maximum,
+    /// net.core.somaxconn).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=nix::libc::SOMAXCONN as i64))]
+    pub backlog: Option<i32>,
+
     /// Copy this binary to PATH (e.g. into a shared volume) and exit.
     #[arg(long, value_name = "PATH")]
     pub install_to: Option<std::path::PathBuf>,
@@ -180,9 +193,12 @@ fn parse_exact_route(s: &str) -> Result<RouteSpec, String> {
 }
 
 fn parse_route(s: &str) -> Result<RouteSpec, String> {
-    let (prefix, n) = s.rsplit_once('=').ok_or_else(|| format!("expected PREFIX=N, got {s:?}"))?;
+    let (prefix, n) = s.split_once('=').ok_or_else(|| format!("expected PREFIX=N, got {s:?}"))?;
     if !prefix.starts_with('/') {
         return Err(format!("route prefix must start with '/', got {prefix:?}"));
+    }
+    if prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("a request path never contains white space or control characters: {prefix:?}"));
     }
     let workers: u32 = n.parse().map_err(|_| format!("route worker count must be a positive integer, got {n:?}"))?;
     if workers == 0 {
@@ -236,7 +252,68 @@ impl Config {
         if self.port_mode == PortMode::Proxy && self.port == 0 {
             return Err("--port must not be 0".into());
         }
+        if self.hung_after.is_zero() {
+            return Err("--hung-after 0s would kill every worker as it starts; give it a duration like 30s".into());
+        }
+        if self.max_requests.is_some() && self.port_mode != PortMode::Proxy {
+            return Err(format!(
+                "--max-requests needs --port-mode proxy: in {} mode requests do not pass through clusterd, \
+                 so they cannot be counted (use --max-memory-mib, or proxy mode)",
+                self.port_mode.as_str()
+            ));
+        }
+        if self.admin_port == self.port
+            && (self.admin_bind == self.bind || self.admin_bind.is_unspecified() || self.bind.is_unspecified())
+        {
+            return Err(format!(
+                "--admin-port {} is the same as --port: give the admin port another number",
+                self.port
+            ));
+        }
+        self.validate_counts()
+    }
+
+    /// Worker counts clusterd can actually run (see --worker-cap).
+    fn validate_counts(&self) -> Result<(), String> {
+        let cap = self.worker_cap;
+        let above = |what: String, n: u64| {
+            Err(format!("{what} asks for {n} workers, above the worker cap of {cap} (--worker-cap)"))
+        };
+        if let WorkerCount::Fixed(n) = self.workers
+            && n > cap
+        {
+            return above(format!("--workers {n}"), n.into());
+        }
+        if let Some(min) = self.min_workers.filter(|&min| min > cap) {
+            return above(format!("--min-workers {min}"), min.into());
+        }
+        let routed: u64 = self.pools().iter().map(|r| u64::from(r.workers)).sum();
+        if routed + 1 > u64::from(cap) {
+            // The default pool always keeps one worker besides the routes'.
+            return above("--route (with the default pool's worker)".into(), routed + 1);
+        }
+        if let Some(cpu) = self.cpu_limit {
+            let desired = self.policy().desired(cpu);
+            if desired > cap {
+                return above(format!("--cpu-limit {cpu}"), desired.into());
+            }
+        }
+        if let WorkerCount::Fixed(n) = self.workers {
+            let workers = slot_layout(n, &self.pools()).len() as u32;
+            if self.min_ready > workers {
+                return Err(format!(
+                    "--min-ready {} is more than the {workers} workers that will run: /readyz would never pass; \
+                     lower --min-ready or raise --workers",
+                    self.min_ready
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// How many workers to run for a CPU limit.
+    pub fn policy(&self) -> WorkerPolicy {
+        WorkerPolicy { workers: self.workers, min: self.min_workers, max: self.max_workers, rounding: self.rounding }
     }
 
     /// Every route pool: prefix routes, then exact ones.

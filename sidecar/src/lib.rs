@@ -116,6 +116,18 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
     TcpListener::bind(addr).await.map_err(|source| StartupError::Bind { what, addr, source })
 }
 
+/// The shared port, listening with `backlog` or the system's maximum
+/// (net.core.somaxconn; tokio's default is 1024 and std's 128, and
+/// connections beyond the backlog wait for a client retransmit, ~1 s).
+fn listen_shared(addr: SocketAddr, backlog: Option<i32>) -> io::Result<std::net::TcpListener> {
+    use nix::sys::socket::{Backlog, listen};
+    let listener = std::net::TcpListener::bind(addr)?;
+    let backlog = backlog.map_or(Ok(Backlog::MAXALLOWABLE), Backlog::new)?;
+    // listen() again on a listening socket only changes its backlog.
+    listen(&listener, backlog)?;
+    Ok(listener)
+}
+
 /// Threads for clusterd's own work (the proxy above all). They take CPU
 /// from the same quota as the workers, so one per two CPUs of the limit,
 /// 1 to 4: on a 1-CPU quota a second thread only adds contention
@@ -147,11 +159,13 @@ pub async fn run(config: Config) -> Result<u8, StartupError> {
     let router = Arc::new(Router::new(&config.pools()));
     let (port, proxy_listener) = match config.port_mode {
         PortMode::Proxy => {
-            let listener = bind("shared", shared_addr).await?;
+            let listener = listen_shared(shared_addr, config.backlog)
+                .and_then(|l| l.set_nonblocking(true).and_then(|()| TcpListener::from_std(l)))
+                .map_err(|source| StartupError::Bind { what: "shared", addr: shared_addr, source })?;
             (PortSetup::Proxy { router: Arc::clone(&router), shutdown: proxy_shutdown.clone() }, Some(listener))
         }
         PortMode::Inherit => {
-            let listener = std::net::TcpListener::bind(shared_addr).map_err(|source| StartupError::Bind {
+            let listener = listen_shared(shared_addr, config.backlog).map_err(|source| StartupError::Bind {
                 what: "shared",
                 addr: shared_addr,
                 source,

@@ -116,3 +116,66 @@ fn install_to_copies_the_binary() {
     assert!(String::from_utf8_lossy(&installed.stdout).starts_with("clusterd "));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Settings that cannot work are refused at once (exit 2) with a message
+/// that names the flag, before anything is allocated or started.
+#[test]
+fn impossible_settings_are_refused_with_the_flag_named() {
+    for (args, needle) in [
+        (&["--cpu-limit", "1e9", "--", "true"][..], "--cpu-limit 1000000000 asks for 1000000000 workers"),
+        (&["--route", "/api=99999999", "--", "true"][..], "above the worker cap of 1024"),
+        (&["--workers", "100000", "--", "true"][..], "--workers 100000"),
+        (&["--workers", "8", "--worker-cap", "4", "--", "true"][..], "--worker-cap"),
+        (&["--min-workers", "2000", "--", "true"][..], "--min-workers 2000"),
+        (&["--hung-after", "0s", "--", "true"][..], "--hung-after 0s"),
+        (&["--workers", "2", "--min-ready", "3", "--", "true"][..], "--min-ready 3 is more than the 2 workers"),
+        (
+            &["--max-requests", "100", "--port-mode", "inherit", "--", "true"][..],
+            "--max-requests needs --port-mode proxy",
+        ),
+        (&["--max-requests", "100", "--port-mode", "reuseport", "--", "true"][..], "--port-mode proxy"),
+        (&["--route", "/a=1=2", "--", "true"][..], "positive integer"),
+        (&["--route", "/a b=1", "--", "true"][..], "white space"),
+        (&["--port", "8080", "--admin-port", "8080", "--", "true"][..], "--admin-port 8080 is the same as --port"),
+        (&["--backlog", "0", "--", "true"][..], "--backlog"),
+    ] {
+        let started = std::time::Instant::now();
+        let output = run(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains(needle), "{args:?}: {}", stderr(&output));
+        assert!(started.elapsed() < Duration::from_secs(5), "{args:?} took {:?}", started.elapsed());
+    }
+}
+
+#[test]
+fn more_than_four_workers_per_cpu_is_warned() {
+    let clusterd =
+        Launch::new(&["--cpu-limit", "1", "--workers", "5", "--health-check", "none"], &["sleep", "30"]).start();
+    clusterd.wait_ready(5);
+    wait_until("the warning", SLOW, || clusterd.logs().contains("more than 4 workers per CPU"));
+}
+
+/// The listen backlog (ss shows it as Send-Q of a listening socket).
+fn backlog_of(port: u16) -> u32 {
+    let out = Command::new("ss").args(["-ltnH", &format!("sport = :{port}")]).output().expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let columns: Vec<&str> = text.split_whitespace().collect();
+    columns.get(2).and_then(|q| q.parse().ok()).unwrap_or_else(|| panic!("no listener on {port}: {text:?}"))
+}
+
+#[test]
+fn shared_port_listens_with_the_system_backlog_or_the_one_given() {
+    let somaxconn: u32 =
+        std::fs::read_to_string("/proc/sys/net/core/somaxconn").expect("somaxconn").trim().parse().expect("a number");
+    for (args, expected) in [
+        (&["--port-mode", "proxy"][..], somaxconn),
+        (&["--port-mode", "inherit"][..], somaxconn),
+        (&["--port-mode", "proxy", "--backlog", "77"][..], 77),
+    ] {
+        let mut argv = args.to_vec();
+        argv.extend(["--workers", "1", "--health-check", "none"]);
+        let clusterd = Launch::new(&argv, &["sleep", "30"]).start();
+        clusterd.wait_ready(1);
+        assert_eq!(backlog_of(clusterd.port), expected, "{args:?}");
+    }
+}

@@ -127,12 +127,7 @@ impl Supervisor {
         shared: Arc<Shared>,
         metrics: Arc<Metrics>,
     ) -> Supervisor {
-        let policy = WorkerPolicy {
-            workers: config.workers,
-            min: config.min_workers,
-            max: config.max_workers,
-            rounding: config.rounding,
-        };
+        let policy = config.policy();
         Supervisor {
             pools: config.pools(),
             config,
@@ -157,11 +152,39 @@ impl Supervisor {
         self.cpu.cores.unwrap_or_else(|| crate::cgroup::affinity_count() as f64)
     }
 
+    /// The worker slots for the CPU limit now, within the worker cap (a
+    /// detected limit can be anything; configured counts were checked).
+    fn layout(&self) -> Vec<String> {
+        slot_layout(self.policy.desired(self.cores()).min(self.config.worker_cap), &self.pools)
+    }
+
+    fn warn_if_capped(&self) {
+        let (desired, cap) = (self.policy.desired(self.cores()), self.config.worker_cap);
+        if desired > cap {
+            tracing::warn!(desired, cap, "the CPU limit asks for more workers than --worker-cap; running the cap");
+        }
+    }
+
     /// Starts the first workers; fails only if the command cannot be run at all.
     pub fn start(&mut self) -> Result<(), StartError> {
-        let desired = self.policy.desired(self.cores());
-        tracing::info!(cores = ?self.cpu.cores, source = %self.cpu.source, workers = desired, "starting workers");
-        let layout = slot_layout(desired, &self.pools);
+        self.warn_if_capped();
+        let layout = self.layout();
+        let workers = layout.len() as u32;
+        tracing::info!(cores = ?self.cpu.cores, source = %self.cpu.source, workers, "starting workers");
+        if f64::from(workers) > 4.0 * self.cores() {
+            tracing::warn!(
+                workers,
+                cpus = self.cores(),
+                "more than 4 workers per CPU: they will mostly wait for each other (fewer --workers, or a higher CPU limit)"
+            );
+        }
+        if self.config.min_ready > workers {
+            tracing::warn!(
+                min_ready = self.config.min_ready,
+                workers,
+                "--min-ready is above the worker count: /readyz fails until more workers run"
+            );
+        }
         let now = Instant::now();
         for (id, pool) in layout.iter().enumerate() {
             let mut slot = Slot::new(id as u32, pool.as_str().into());
@@ -361,8 +384,9 @@ impl Supervisor {
         if limit != self.cpu {
             tracing::info!(cores = ?limit.cores, source = %limit.source, "CPU limit changed");
             self.cpu = limit;
+            self.warn_if_capped();
         }
-        let wanted = slot_layout(self.policy.desired(self.cores()), &self.pools).len() as u32;
+        let wanted = self.layout().len() as u32;
         let current = self.slots.len() as u32;
         if wanted == current {
             self.pending_desired = None;
@@ -389,7 +413,7 @@ impl Supervisor {
 
     fn scale_to(&mut self, wanted: u32) {
         let now = Instant::now();
-        let layout = slot_layout(self.policy.desired(self.cores()), &self.pools);
+        let layout = self.layout();
         tracing::info!(from = self.slots.len(), to = wanted, "scaling workers");
         while self.slots.len() > layout.len() {
             let Some(slot) = self.slots.pop() else { break };
