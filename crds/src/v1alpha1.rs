@@ -96,6 +96,11 @@ pub use crate::wire::WorkerState;
         "rule": "self.adminPort != self.port",
         "message": "spec.adminPort must differ from spec.port: clusterd serves health and status on its own port",
         "fieldPath": ".adminPort"
+    },
+    {
+        "rule": "!has(self.restart) || !has(self.restart.maxRequests) || self.portMode == 'proxy'",
+        "message": "spec.restart.maxRequests needs spec.portMode: proxy, because only the proxy sees the requests it counts; use restart.maxMemoryMib or set portMode: proxy",
+        "fieldPath": ".restart.maxRequests"
     }
 ]))]
 pub struct ClusteredServiceSpec {

@@ -233,8 +233,8 @@ fn spawn_proxy(
     tokio::spawn(async move {
         match protocol {
             Protocol::Http => {
-                let proxy = Arc::new(proxy::http::HttpProxy::new(router, metrics));
-                proxy.serve(listener, shutdown).await;
+                let proxy = Arc::new(proxy::http::HttpProxy::new(router, metrics, shutdown));
+                proxy.serve(listener).await;
             }
             Protocol::Tcp => {
                 let pool = Arc::clone(router.route("/"));

@@ -107,3 +107,24 @@ fn reuseport_mode_with_python() {
     let listening: Vec<_> = listening_sockets(&table, clusterd.port).map(|s| s.address).collect();
     assert_eq!(listening, vec![Some(Ipv4Addr::LOCALHOST); 2], "listening sockets on the shared port: {listening:?}");
 }
+
+/// An unmodified app (it listens on PORT itself) in the modes that need the
+/// app's help: the worker's last exit says what the mode needs.
+#[test]
+fn an_app_that_ignores_the_mode_is_told_what_the_mode_needs() {
+    let _serial = serial();
+    let plain_listen = "require('http').createServer((q, s) => s.end('ok')).listen(Number(process.env.PORT))";
+    for (mode, needle) in [("inherit", "passes the shared socket as fd 3"), ("reuseport", "SO_REUSEPORT")] {
+        let clusterd = Launch::new(
+            &["--port-mode", mode, "--workers", "2", "--startup-grace", "3s"],
+            &["node", "-e", plain_listen],
+        )
+        .start();
+        let status = clusterd.wait_status(&format!("{mode}: a worker's exit explained"), SLOW, |s| {
+            s.workers.iter().any(|w| w.last_exit.as_deref().is_some_and(|e| e.contains(needle)))
+        });
+        let exit = status.workers.iter().find_map(|w| w.last_exit.clone()).unwrap_or_default();
+        assert!(exit.contains("before it was ready") && exit.contains("proxy mode needs nothing"), "{exit}");
+        assert!(clusterd.logs().contains(needle), "{mode}: {}", clusterd.logs());
+    }
+}

@@ -132,3 +132,83 @@ fn a_request_that_hangs_its_worker_is_answered_once_and_not_replayed() {
     let id = killed[0] as usize;
     assert_ne!(after.workers[id].pid, before.workers[id].pid);
 }
+
+/// What a keep-alive client saw of its requests on one reused connection.
+#[derive(Debug, Default)]
+struct KeepAliveRun {
+    answered: usize,
+    /// Requests written on the open connection that got no response.
+    lost: usize,
+    /// The server said `Connection: close` and the client stopped.
+    told_to_close: bool,
+}
+
+/// Sends GET /light on one connection every `pause` until the server closes
+/// it or `deadline` passes, reading each response by its Content-Length.
+fn keep_alive_client(port: u16, pause: Duration, deadline: Instant) -> KeepAliveRun {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut run = KeepAliveRun::default();
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut writer = stream.try_clone().expect("clone");
+    let mut reader = BufReader::new(stream);
+    while Instant::now() < deadline {
+        if writer.write_all(b"GET /light HTTP/1.1\r\nHost: clusterd\r\n\r\n").is_err() {
+            run.lost += 1;
+            break;
+        }
+        let (mut length, mut close, mut status_line) = (0usize, false, String::new());
+        if reader.read_line(&mut status_line).unwrap_or(0) == 0 {
+            run.lost += 1;
+            break;
+        }
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                break;
+            }
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+            close |= lower.starts_with("connection:") && lower.contains("close");
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() || !status_line.contains(" 200 ") {
+            run.lost += 1;
+            break;
+        }
+        run.answered += 1;
+        if close {
+            run.told_to_close = true;
+            break;
+        }
+        std::thread::sleep(pause);
+    }
+    run
+}
+
+#[test]
+fn sigterm_closes_keep_alive_connections_without_losing_requests() {
+    let _serial = serial();
+    let mut clusterd = Launch::misbehaving(&["--workers", "2"]).start();
+    clusterd.wait_ready(2);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    // Clients with think times from busy to leisurely (all below a second).
+    let clients: Vec<_> = [5u64, 50, 200, 400, 700]
+        .into_iter()
+        .map(|ms| {
+            let port = clusterd.port;
+            std::thread::spawn(move || keep_alive_client(port, Duration::from_millis(ms), deadline))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    clusterd.signal(nix::sys::signal::Signal::SIGTERM);
+    let runs: Vec<KeepAliveRun> = clients.into_iter().map(|c| c.join().expect("client")).collect();
+    assert_eq!(clusterd.wait_exit(SLOW).code(), Some(0));
+    for run in &runs {
+        assert_eq!(run.lost, 0, "{runs:?}");
+        assert!(run.told_to_close, "{runs:?}");
+        assert!(run.answered >= 2, "{runs:?}");
+    }
+}

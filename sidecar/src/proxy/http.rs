@@ -4,8 +4,9 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -18,9 +19,10 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::{Backend, InFlight, Pool, Router};
 use crate::metrics::Metrics;
@@ -35,8 +37,12 @@ const MAX_ATTEMPTS: usize = 3;
 /// reuses a connection the worker is closing.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// After shutdown begins, how long fresh connections get to send a request.
-const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+/// Once shutdown begins, a client connection is closed when it has been
+/// idle (no new request) this long; one that sends a request sooner gets
+/// its answer with `Connection: close`. Closing an idle keep-alive
+/// connection races with a request the client may be sending, so it is done
+/// only after a pause that active clients do not make.
+const DRAIN_IDLE_CLOSE: Duration = Duration::from_secs(1);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub const WORKER_HEADER: &str = "x-clusterd-worker";
@@ -47,10 +53,14 @@ pub struct HttpProxy {
     router: Arc<Router>,
     client: Client<HttpConnector, ProxyBody>,
     metrics: Arc<Metrics>,
+    /// Cancelled when clusterd shuts down.
+    shutdown: CancellationToken,
+    /// The origin of the per-connection activity clocks.
+    started: Instant,
 }
 
 impl HttpProxy {
-    pub fn new(router: Arc<Router>, metrics: Arc<Metrics>) -> HttpProxy {
+    pub fn new(router: Arc<Router>, metrics: Arc<Metrics>, shutdown: CancellationToken) -> HttpProxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -58,18 +68,18 @@ impl HttpProxy {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
             .build(connector);
-        HttpProxy { router, client, metrics }
+        HttpProxy { router, client, metrics, shutdown, started: Instant::now() }
     }
 
-    /// Serves the shared port until `shutdown`, then lets open connections
-    /// finish their current request and returns once all are closed.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        let graceful = GracefulShutdown::new();
+    /// Serves the shared port until shutdown, then lets open connections
+    /// finish (see [`DRAIN_IDLE_CLOSE`]) and returns once all are closed.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let connections = TaskTracker::new();
         loop {
             tokio::select! {
-                () = shutdown.cancelled() => break,
+                () = self.shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => self.spawn_connection(&graceful, stream, peer),
+                    Ok((stream, peer)) => self.spawn_connection(&connections, stream, peer),
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -78,28 +88,64 @@ impl HttpProxy {
             }
         }
         for (stream, peer) in super::drain_backlog(listener) {
-            self.spawn_connection(&graceful, stream, peer);
+            self.spawn_connection(&connections, stream, peer);
         }
-        // hyper closes a connection that has not sent its first request yet
-        // as idle; give just-accepted ones time to be read before that.
-        tokio::time::sleep(FIRST_REQUEST_GRACE).await;
-        graceful.shutdown().await;
+        connections.close();
+        connections.wait().await;
     }
 
-    fn spawn_connection(self: &Arc<Self>, graceful: &GracefulShutdown, stream: TcpStream, peer: SocketAddr) {
+    fn spawn_connection(self: &Arc<Self>, connections: &TaskTracker, stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
-        let proxy = Arc::clone(self);
-        let service = service_fn(move |req| Arc::clone(&proxy).handle(req, peer));
+        // When this connection last began a request (or was accepted).
+        let last_request = Arc::new(AtomicU64::new(self.clock()));
+        let service = service_fn({
+            let (proxy, last_request) = (Arc::clone(self), Arc::clone(&last_request));
+            move |req| {
+                last_request.store(proxy.clock(), Ordering::Relaxed);
+                Arc::clone(&proxy).handle(req, peer)
+            }
+        });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
+        let proxy = Arc::clone(self);
+        connections.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                () = proxy.shutdown.cancelled() => proxy.close_when_idle(conn, &last_request).await,
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "client connection ended with an error");
             }
         });
+    }
+
+    /// Milliseconds since the proxy started: the connections' activity clock.
+    fn clock(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Shutting down: runs `conn` until the client closes it, its next
+    /// response (marked `Connection: close`) is sent, or it has been idle
+    /// for [`DRAIN_IDLE_CLOSE`]; a request in progress always finishes.
+    async fn close_when_idle<C: GracefulConnection>(
+        &self,
+        mut conn: Pin<&mut C>,
+        last_request: &AtomicU64,
+    ) -> Result<(), C::Error> {
+        loop {
+            let idle = Duration::from_millis(self.clock().saturating_sub(last_request.load(Ordering::Relaxed)));
+            if idle >= DRAIN_IDLE_CLOSE {
+                conn.as_mut().graceful_shutdown();
+                return conn.await;
+            }
+            tokio::select! {
+                result = conn.as_mut() => return result,
+                () = tokio::time::sleep(DRAIN_IDLE_CLOSE - idle) => {}
+            }
+        }
     }
 
     async fn handle(
@@ -120,7 +166,12 @@ impl HttpProxy {
             },
             _ => RequestBody::Streaming(Some(body)),
         };
-        Ok(self.forward(&pool, &parts, body).await)
+        let mut response = self.forward(&pool, &parts, body).await;
+        if self.shutdown.is_cancelled() {
+            // The client reconnects, and finds a pod that is not stopping.
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Ok(response)
     }
 
     /// Sends the request to a worker of `pool`. It goes to another worker

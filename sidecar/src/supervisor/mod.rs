@@ -24,7 +24,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, HealthCheck, RouteSpec};
+use crate::config::{Config, HealthCheck, PortMode, RouteSpec};
 use crate::logging::Stream;
 use crate::metrics::Metrics;
 use crate::policy::{WorkerPolicy, slot_layout};
@@ -294,7 +294,17 @@ impl Supervisor {
         for slot in &mut self.slots {
             if slot.current.as_ref().is_some_and(|p| p.pid == pid) {
                 let proc = slot.current.take();
-                slot.last_exit = Some(exit.to_string());
+                let hint = proc.as_ref().filter(|p| p.state == WorkerState::Starting).and_then(|_| {
+                    // Died before it was ready: say what the mode needs.
+                    not_ready_hint(config.port_mode)
+                });
+                slot.last_exit = Some(match hint {
+                    Some(hint) => {
+                        tracing::warn!(worker = slot.id, pid, %exit, "worker exited before it was ready: {hint}");
+                        format!("{exit} before it was ready: {hint}")
+                    }
+                    None => exit.to_string(),
+                });
                 slot.since = Timestamp::now();
                 if shutting_down {
                     tracing::info!(worker = slot.id, pid, %exit, "worker stopped");
@@ -771,6 +781,22 @@ fn schedule_restart(slot: &mut Slot, config: &Config, now: Instant) -> Duration 
     };
     slot.restart_at = Some(now + delay);
     delay
+}
+
+/// What a worker that exits before it is ready may have missed: the modes
+/// where the app must take part in sharing the port.
+fn not_ready_hint(mode: PortMode) -> Option<&'static str> {
+    match mode {
+        PortMode::Proxy => None,
+        PortMode::Inherit => Some(
+            "inherit mode passes the shared socket as fd 3 (LISTEN_FDS=1) and the app must listen on it \
+             (an app that listens on PORT itself gets EADDRINUSE); proxy mode needs nothing from the app",
+        ),
+        PortMode::Reuseport => Some(
+            "reuseport mode needs the app to bind PORT with SO_REUSEPORT (Node >= 22.12: \
+             listen({port, reusePort: true})); proxy mode needs nothing from the app",
+        ),
+    }
 }
 
 /// Proxy mode: probe the worker's private port; hung workers get SIGKILL.
