@@ -246,7 +246,7 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
         .collect();
     let askable: Vec<&Pod> =
         pods.iter().map(AsRef::as_ref).filter(|p| p.metadata.deletion_timestamp.is_none() && has_started(p)).collect();
-    let admin_port = u16::try_from(csvc.spec.admin_port).unwrap_or(9901);
+    let admin_port = u16::try_from(csvc.spec.admin_port).unwrap_or(clustered_api::clusterd::defaults::ADMIN_PORT);
     let reports = ctx.prober.reports(&askable, admin_port).await;
     let failed = reports.values().filter(|r| r.is_err()).count();
     ctx.metrics.status_probe_failures.inc_by(failed as u64);
