@@ -12,6 +12,8 @@ use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
+use crate::clusterd::{self, defaults};
+pub use crate::clusterd::{PortMode, Protocol, Rounding, WorkerCount};
 pub use crate::wire::WorkerState;
 
 /// A service whose pods each run a cluster of workers of a single-threaded
@@ -220,23 +222,6 @@ impl Default for WorkerPolicy {
     }
 }
 
-/// `auto` or a fixed number of workers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum WorkerCount {
-    #[default]
-    Auto,
-    Fixed(u32),
-}
-
-impl std::fmt::Display for WorkerCount {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            WorkerCount::Auto => f.write_str("auto"),
-            WorkerCount::Fixed(n) => write!(f, "{n}"),
-        }
-    }
-}
-
 impl Serialize for WorkerCount {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
@@ -282,47 +267,6 @@ impl JsonSchema for WorkerCount {
             "default": "auto",
         })
     }
-}
-
-/// Rounding of a fractional CPU limit to a worker count.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub enum Rounding {
-    /// 2.5 CPUs → 2 workers (as Go's automaxprocs does).
-    #[default]
-    Floor,
-    /// 2.5 CPUs → 3 workers.
-    Ceil,
-    /// 2.5 CPUs → 3 workers, 2.4 → 2.
-    Round,
-}
-
-/// How the workers of a pod share the port.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum PortMode {
-    /// clusterd listens on the port and balances each request (or TCP
-    /// connection) to the least busy worker; each worker listens on a
-    /// private loopback port given in `PORT`. Needed for route pools and
-    /// per-worker health checks.
-    #[default]
-    Proxy,
-    /// clusterd binds the port once and hands the listening socket to every
-    /// worker as fd 3 (`LISTEN_FDS=1`, systemd style): Node's
-    /// `listen({fd: 3})`, gunicorn/uvicorn `--fd 3`.
-    Inherit,
-    /// Every worker binds the port itself with SO_REUSEPORT and the kernel
-    /// spreads connections.
-    Reuseport,
-}
-
-/// Protocol on the shared port.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub enum Protocol {
-    #[default]
-    #[serde(rename = "HTTP")]
-    Http,
-    #[serde(rename = "TCP")]
-    Tcp,
 }
 
 /// A route pool: dedicated workers for the requests of one route.
@@ -411,6 +355,15 @@ pub enum HealthCheckKind {
     Http,
     #[serde(rename = "TCP")]
     Tcp,
+}
+
+impl From<HealthCheckKind> for clusterd::HealthCheck {
+    fn from(kind: HealthCheckKind) -> Self {
+        match kind {
+            HealthCheckKind::Http => clusterd::HealthCheck::Http,
+            HealthCheckKind::Tcp => clusterd::HealthCheck::Tcp,
+        }
+    }
 }
 
 /// Restart of crashed workers with exponential backoff.
@@ -643,50 +596,57 @@ fn pod_template_schema(_: &mut SchemaGenerator) -> Schema {
     })
 }
 
+// Defaults clusterd shares are taken from its contract, so a spec that
+// leaves a field out means what clusterd does without the flag.
 fn default_replicas() -> i32 {
     1
 }
 fn default_port() -> i32 {
-    8080
+    defaults::PORT.into()
 }
 fn default_admin_port() -> i32 {
-    9901
+    defaults::ADMIN_PORT.into()
 }
 fn default_health_path() -> String {
-    "/".into()
+    defaults::HEALTH_PATH.into()
 }
 fn default_health_period() -> i32 {
-    5
+    whole_seconds(defaults::HEALTH_PERIOD)
 }
 fn default_health_timeout() -> i32 {
-    2
+    whole_seconds(defaults::HEALTH_TIMEOUT)
 }
 fn default_failure_threshold() -> i32 {
-    3
+    defaults::HEALTH_FAILURE_THRESHOLD as i32
 }
 fn default_hung_after() -> i32 {
-    30
+    whole_seconds(defaults::HUNG_AFTER)
 }
 fn default_initial_backoff() -> i32 {
-    100
+    defaults::INITIAL_BACKOFF.as_millis() as i32
 }
 fn default_max_backoff() -> i32 {
-    15_000
+    defaults::MAX_BACKOFF.as_millis() as i32
 }
 fn default_stable_after() -> i32 {
-    30
+    whole_seconds(defaults::STABLE_AFTER)
 }
 fn default_crash_loop_threshold() -> i32 {
-    5
+    defaults::CRASH_LOOP_THRESHOLD as i32
 }
 fn default_drain_timeout() -> i32 {
-    25
+    whole_seconds(defaults::DRAIN_TIMEOUT)
 }
 fn default_min_replicas() -> i32 {
     1
 }
 fn default_target_cpu() -> i32 {
     80
+}
+
+/// The contract's defaults are small constants, so the casts are exact.
+fn whole_seconds(d: std::time::Duration) -> i32 {
+    d.as_secs() as i32
 }
 
 impl ClusteredServiceSpec {

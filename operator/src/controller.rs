@@ -246,7 +246,7 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
         .collect();
     let askable: Vec<&Pod> =
         pods.iter().map(AsRef::as_ref).filter(|p| p.metadata.deletion_timestamp.is_none() && has_started(p)).collect();
-    let admin_port = u16::try_from(csvc.spec.admin_port).unwrap_or(9901);
+    let admin_port = u16::try_from(csvc.spec.admin_port).unwrap_or(clustered_api::clusterd::defaults::ADMIN_PORT);
     let reports = ctx.prober.reports(&askable, admin_port).await;
     let failed = reports.values().filter(|r| r.is_err()).count();
     ctx.metrics.status_probe_failures.inc_by(failed as u64);
@@ -365,10 +365,15 @@ fn error_policy(csvc: Arc<ClusteredService>, error: &Error, ctx: Arc<Context>) -
         m.failures = m.failures.saturating_add(1);
         m.failures
     });
-    // 1 s, 2 s, 4 s, … up to 5 minutes.
-    let backoff = Duration::from_secs(1 << failures.min(9).saturating_sub(1)).min(Duration::from_secs(300));
+    let backoff = retry_backoff(failures);
     warn!(name = %csvc.name_any(), error = %error, ?backoff, "reconcile failed, retrying");
     Action::requeue(backoff)
+}
+
+/// Delay before retrying after the `failures`-th consecutive failed
+/// reconcile: 1 s, 2 s, 4 s, … doubling up to 256 s (about 4 minutes).
+fn retry_backoff(failures: u32) -> Duration {
+    Duration::from_secs(1 << (failures.clamp(1, 9) - 1))
 }
 
 impl Context {
@@ -378,5 +383,17 @@ impl Context {
         if let Err(e) = self.recorder.publish(&event, &csvc.object_ref(&())).await {
             warn!(error = %e, "could not publish event");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_backoff_doubles_up_to_256_seconds() {
+        let secs: Vec<u64> = (0..=11).map(|n| retry_backoff(n).as_secs()).collect();
+        assert_eq!(secs, [1, 1, 2, 4, 8, 16, 32, 64, 128, 256, 256, 256]);
+        assert_eq!(retry_backoff(u32::MAX), Duration::from_secs(256));
     }
 }

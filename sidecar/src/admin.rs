@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -14,8 +13,8 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 
+use crate::body::{ProxyBody, plain, with_type};
 use crate::metrics::Metrics;
-use crate::proxy::http::{ProxyBody, full, plain};
 use crate::supervisor::{Event, Shared};
 
 pub struct Admin {
@@ -89,11 +88,4 @@ impl Admin {
         let status = self.status().await?;
         serde_json::to_string_pretty(&status).ok()
     }
-}
-
-fn with_type(status: StatusCode, body: String, content_type: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(full(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
-    response
 }

@@ -1,12 +1,17 @@
 //! Command line of clusterd. The long flag names are a contract with the
-//! operator, which renders a `ClusteredService` spec into them.
+//! operator, which renders a `ClusteredService` spec into them; their
+//! values and defaults are shared with it in `clustered_api::clusterd`.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser, ValueEnum, error::ErrorKind};
+use clap::{CommandFactory, Parser, error::ErrorKind};
+use clustered_api::clusterd::defaults;
+pub use clustered_api::clusterd::{
+    HealthCheck, LogFormat, PortMode, Protocol, Rounding, RouteMatch, RouteSpec, WorkerCount,
+};
 
-use crate::policy::{Rounding, WorkerCount, WorkerPolicy, slot_layout};
+use crate::policy::{WorkerPolicy, slot_layout};
 
 /// Default of --worker-cap.
 pub const DEFAULT_WORKER_CAP: u32 = 1024;
@@ -20,7 +25,7 @@ pub const DEFAULT_WORKER_CAP: u32 = 1024;
 )]
 pub struct Config {
     /// `auto` (= the CPU limit, see --rounding) or a fixed number of workers.
-    #[arg(long, env = "CLUSTERD_WORKERS", default_value = "auto")]
+    #[arg(long, env = "CLUSTERD_WORKERS", default_value_t = WorkerCount::default())]
     pub workers: WorkerCount,
     /// Lower bound for the worker count.
     #[arg(long)]
@@ -29,7 +34,7 @@ pub struct Config {
     #[arg(long)]
     pub max_workers: Option<u32>,
     /// How a fractional CPU limit becomes a worker count (always at least 1).
-    #[arg(long, value_enum, default_value_t = Rounding::Floor)]
+    #[arg(long, value_enum, default_value_t = Rounding::default())]
     pub rounding: Rounding,
     /// CPU limit in cores, overriding cgroup detection (e.g. 2.5).
     #[arg(long, env = "CLUSTERD_CPU_LIMIT")]
@@ -39,62 +44,62 @@ pub struct Config {
     pub cpu_poll_interval: Duration,
 
     /// The shared port the workers serve on.
-    #[arg(long, env = "CLUSTERD_PORT", default_value_t = 8080)]
+    #[arg(long, env = "CLUSTERD_PORT", default_value_t = defaults::PORT)]
     pub port: u16,
     /// Address of the shared port.
     #[arg(long, default_value = "0.0.0.0")]
     pub bind: IpAddr,
     /// How workers share the port.
-    #[arg(long, value_enum, default_value_t = PortMode::Proxy)]
+    #[arg(long, value_enum, default_value_t = PortMode::default())]
     pub port_mode: PortMode,
     /// Proxy mode only: `http` balances requests, `tcp` balances connections.
-    #[arg(long, value_enum, default_value_t = Protocol::Http)]
+    #[arg(long, value_enum, default_value_t = Protocol::default())]
     pub protocol: Protocol,
     /// `PREFIX=N`: N dedicated workers for paths starting with PREFIX
     /// (longest prefix wins; proxy + http only). Repeatable.
-    #[arg(long = "route", value_parser = parse_prefix_route)]
+    #[arg(long = "route", value_parser = RouteSpec::parse_prefix)]
     pub routes: Vec<RouteSpec>,
     /// `PATH=N`: N dedicated workers for exactly PATH (query ignored); an
     /// exact match wins over any prefix. The pool is named `=PATH`. Repeatable.
-    #[arg(long = "route-exact", value_parser = parse_exact_route)]
+    #[arg(long = "route-exact", value_parser = RouteSpec::parse_exact)]
     pub exact_routes: Vec<RouteSpec>,
 
     /// Port of /healthz, /readyz, /status and /metrics.
-    #[arg(long, default_value_t = 9901)]
+    #[arg(long, default_value_t = defaults::ADMIN_PORT)]
     pub admin_port: u16,
     /// Address of the admin port.
     #[arg(long, default_value = "0.0.0.0")]
     pub admin_bind: IpAddr,
 
     /// How workers are probed (proxy mode; see README for the other modes).
-    #[arg(long, value_enum, default_value_t = HealthCheck::Http)]
+    #[arg(long, value_enum, default_value_t = HealthCheck::default())]
     pub health_check: HealthCheck,
     /// Path of the HTTP probe (2xx/3xx = healthy).
-    #[arg(long, default_value = "/")]
+    #[arg(long, default_value = defaults::HEALTH_PATH)]
     pub health_path: String,
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = human(defaults::HEALTH_PERIOD), value_parser = humantime::parse_duration)]
     pub health_period: Duration,
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = human(defaults::HEALTH_TIMEOUT), value_parser = humantime::parse_duration)]
     pub health_timeout: Duration,
     /// Consecutive failed probes before a worker leaves the rotation.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = defaults::HEALTH_FAILURE_THRESHOLD)]
     pub health_failure_threshold: u32,
     /// A worker failing probes (or not starting) for this long is killed and restarted.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = human(defaults::HUNG_AFTER), value_parser = humantime::parse_duration)]
     pub hung_after: Duration,
     /// inherit/reuseport modes: a live worker counts as Ready after this long.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub startup_grace: Duration,
 
-    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = human(defaults::INITIAL_BACKOFF), value_parser = humantime::parse_duration)]
     pub initial_backoff: Duration,
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = human(defaults::MAX_BACKOFF), value_parser = humantime::parse_duration)]
     pub max_backoff: Duration,
     /// A worker that ran this long resets its backoff.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = human(defaults::STABLE_AFTER), value_parser = humantime::parse_duration)]
     pub stable_after: Duration,
     /// Consecutive crashes after which a slot is reported as CrashLoop.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = defaults::CRASH_LOOP_THRESHOLD)]
     pub crash_loop_threshold: u32,
 
     /// Recycle a worker after it served this many requests (proxy mode).
@@ -105,12 +110,12 @@ pub struct Config {
     pub max_memory_mib: Option<u64>,
 
     /// Time from SIGTERM until stragglers are SIGKILLed.
-    #[arg(long, default_value = "25s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = human(defaults::DRAIN_TIMEOUT), value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
     /// /readyz answers 200 when at least this many workers are Ready.
     #[arg(long, default_value_t = 1)]
     pub min_ready: u32,
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, value_enum, default_value_t = LogFormat::default())]
     pub log_format: LogFormat,
 
     /// Hard cap on the number of worker processes: a count above it (from
@@ -132,79 +137,9 @@ pub struct Config {
     pub command: Vec<String>,
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PortMode {
-    Proxy,
-    Inherit,
-    Reuseport,
-}
-
-impl PortMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PortMode::Proxy => "proxy",
-            PortMode::Inherit => "inherit",
-            PortMode::Reuseport => "reuseport",
-        }
-    }
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    Http,
-    Tcp,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HealthCheck {
-    Http,
-    Tcp,
-    None,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-/// One `--route PREFIX=N` or `--route-exact PATH=N`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteSpec {
-    /// The prefix, or the exact path.
-    pub prefix: String,
-    pub workers: u32,
-    pub exact: bool,
-}
-
-impl RouteSpec {
-    /// The pool's name in /status and metrics: the prefix, or `=PATH`.
-    pub fn pool_name(&self) -> String {
-        if self.exact { format!("={}", self.prefix) } else { self.prefix.clone() }
-    }
-}
-
-fn parse_prefix_route(s: &str) -> Result<RouteSpec, String> {
-    parse_route(s)
-}
-
-fn parse_exact_route(s: &str) -> Result<RouteSpec, String> {
-    parse_route(s).map(|r| RouteSpec { exact: true, ..r })
-}
-
-fn parse_route(s: &str) -> Result<RouteSpec, String> {
-    let (prefix, n) = s.split_once('=').ok_or_else(|| format!("expected PREFIX=N, got {s:?}"))?;
-    if !prefix.starts_with('/') {
-        return Err(format!("route prefix must start with '/', got {prefix:?}"));
-    }
-    if prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("a request path never contains white space or control characters: {prefix:?}"));
-    }
-    let workers: u32 = n.parse().map_err(|_| format!("route worker count must be a positive integer, got {n:?}"))?;
-    if workers == 0 {
-        return Err("a route needs at least 1 worker".into());
-    }
-    Ok(RouteSpec { prefix: prefix.to_string(), workers, exact: false })
+/// A default duration as `--help` shows it and clap parses it.
+fn human(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
 }
 
 impl Config {
@@ -348,7 +283,7 @@ mod tests {
     #[test]
     fn routes_parse_and_validate() {
         let c = parse(&["clusterd", "--route", "/report=2", "--", "x"]).expect("parse");
-        assert_eq!(c.routes, vec![RouteSpec { prefix: "/report".into(), workers: 2, exact: false }]);
+        assert_eq!(c.routes, vec![RouteSpec { matcher: RouteMatch::Prefix("/report".into()), workers: 2 }]);
         assert!(parse(&["clusterd", "--route", "report=2", "--", "x"]).is_err());
         assert!(parse(&["clusterd", "--route", "/a=0", "--", "x"]).is_err());
         let c = parse(&["clusterd", "--route", "/=1", "--route-exact", "/=1", "--", "x"]).expect("parse");

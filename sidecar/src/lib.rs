@@ -4,6 +4,7 @@
 //! and reports on an admin port. See README.md for the user's view.
 
 pub mod admin;
+pub mod body;
 pub mod cgroup;
 pub mod config;
 pub mod logging;

@@ -1,41 +1,9 @@
 //! How many workers to run, and which route pool each worker slot serves.
 
-use std::str::FromStr;
-
-use clap::ValueEnum;
-
-use crate::config::RouteSpec;
+use clustered_api::clusterd::{Rounding, RouteSpec, WorkerCount};
 
 /// Name of the pool that serves every path no route claims.
 pub const DEFAULT_POOL: &str = "default";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkerCount {
-    /// One worker per core of the CPU limit.
-    Auto,
-    Fixed(u32),
-}
-
-impl FromStr for WorkerCount {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim() {
-            "auto" | "max" => Ok(WorkerCount::Auto),
-            n => match n.parse::<u32>() {
-                Ok(0) | Err(_) => Err(format!("expected `auto` or a positive integer, got {s:?}")),
-                Ok(n) => Ok(WorkerCount::Fixed(n)),
-            },
-        }
-    }
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rounding {
-    Floor,
-    Ceil,
-    Round,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerPolicy {
@@ -83,6 +51,8 @@ pub fn slot_layout(desired: u32, routes: &[RouteSpec]) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use clustered_api::clusterd::RouteMatch;
+
     use super::*;
 
     fn auto(rounding: Rounding) -> WorkerPolicy {
@@ -114,16 +84,8 @@ mod tests {
     }
 
     #[test]
-    fn worker_count_parses() {
-        assert_eq!("auto".parse::<WorkerCount>(), Ok(WorkerCount::Auto));
-        assert_eq!("3".parse::<WorkerCount>(), Ok(WorkerCount::Fixed(3)));
-        assert!("0".parse::<WorkerCount>().is_err());
-        assert!("lots".parse::<WorkerCount>().is_err());
-    }
-
-    #[test]
     fn route_pools_take_the_lowest_ids_and_default_keeps_one() {
-        let routes = vec![RouteSpec { prefix: "/report".into(), workers: 1, exact: false }];
+        let routes = vec![RouteSpec { matcher: RouteMatch::Prefix("/report".into()), workers: 1 }];
         assert_eq!(slot_layout(3, &routes), vec!["/report", "default", "default"]);
         assert_eq!(slot_layout(1, &routes), vec!["/report", "default"]);
         assert_eq!(slot_layout(2, &[]), vec!["default", "default"]);

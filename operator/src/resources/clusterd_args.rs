@@ -1,86 +1,77 @@
 //! The spec, as clusterd's command line (see `sidecar/README.md`).
 
-use clustered_api::v1alpha1::{
-    ClusteredServiceSpec, HealthCheckKind, PortMode, Protocol, Rounding, RoutePool, WorkerCount,
-};
+use std::time::Duration;
 
-/// clusterd's flags for `spec`, without the `-- command` part.
-pub fn clusterd_args(spec: &ClusteredServiceSpec) -> Vec<String> {
-    let mut args = vec![
-        format!("--workers={}", spec.workers.count),
-        format!("--rounding={}", rounding(spec.workers.rounding)),
-        format!("--port={}", spec.port),
-        format!("--port-mode={}", port_mode(spec.port_mode)),
-        format!("--protocol={}", protocol(spec.protocol)),
-        format!("--admin-port={}", spec.admin_port),
-    ];
-    if let WorkerCount::Auto = spec.workers.count {
-        args.extend(spec.workers.min.map(|n| format!("--min-workers={n}")));
-        args.extend(spec.workers.max.map(|n| format!("--max-workers={n}")));
-    }
-    args.extend(spec.routes.iter().map(route_flag));
+use clustered_api::clusterd::{ClusterdArgs, LogFormat, RouteMatch, RouteSpec, defaults};
+use clustered_api::v1alpha1::{ClusteredServiceSpec, RoutePool, WorkerCount};
 
+/// clusterd's settings for `spec`; `.to_args()` gives the flags, without
+/// the `-- command` part.
+///
+/// The CRD's schema bounds every number, so the conversions below only
+/// fall back (to 0, or the default port) for objects the API server would
+/// have rejected.
+pub fn clusterd_args(spec: &ClusteredServiceSpec) -> ClusterdArgs {
+    let workers = &spec.workers;
+    // min/max bound `auto`; a fixed count is already within them.
+    let bounds = |bound: Option<i32>| match workers.count {
+        WorkerCount::Auto => bound.map(count),
+        WorkerCount::Fixed(_) => None,
+    };
     let health = &spec.health_check;
-    match health.kind {
-        HealthCheckKind::Http => {
-            args.push("--health-check=http".into());
-            args.push(format!("--health-path={}", health.path));
-        }
-        HealthCheckKind::Tcp => args.push("--health-check=tcp".into()),
-    }
-    args.extend([
-        format!("--health-period={}s", health.period_seconds),
-        format!("--health-timeout={}s", health.timeout_seconds),
-        format!("--health-failure-threshold={}", health.failure_threshold),
-        format!("--hung-after={}s", health.hung_after_seconds),
-    ]);
-
     let restart = &spec.restart;
-    args.extend([
-        format!("--initial-backoff={}ms", restart.initial_backoff_millis),
-        format!("--max-backoff={}ms", restart.max_backoff_millis),
-        format!("--stable-after={}s", restart.stable_after_seconds),
-        format!("--crash-loop-threshold={}", restart.crash_loop_threshold),
-    ]);
-    args.extend(restart.max_requests.map(|n| format!("--max-requests={n}")));
-    args.extend(restart.max_memory_mib.map(|n| format!("--max-memory-mib={n}")));
-
-    args.push(format!("--drain-timeout={}s", spec.shutdown.drain_timeout_seconds));
-    args.push("--log-format=json".into());
-    args
+    ClusterdArgs {
+        workers: workers.count,
+        min_workers: bounds(workers.min),
+        max_workers: bounds(workers.max),
+        rounding: workers.rounding,
+        port: port(spec.port, defaults::PORT),
+        port_mode: spec.port_mode,
+        protocol: spec.protocol,
+        admin_port: port(spec.admin_port, defaults::ADMIN_PORT),
+        routes: spec.routes.iter().map(route).collect(),
+        health_check: health.kind.into(),
+        health_path: health.path.clone(),
+        health_period: seconds(health.period_seconds),
+        health_timeout: seconds(health.timeout_seconds),
+        health_failure_threshold: count(health.failure_threshold),
+        hung_after: seconds(health.hung_after_seconds),
+        initial_backoff: millis(restart.initial_backoff_millis),
+        max_backoff: millis(restart.max_backoff_millis),
+        stable_after: seconds(restart.stable_after_seconds),
+        crash_loop_threshold: count(restart.crash_loop_threshold),
+        max_requests: restart.max_requests.map(|n| u64::try_from(n).unwrap_or(0)),
+        max_memory_mib: restart.max_memory_mib.map(|n| u64::try_from(n).unwrap_or(0)),
+        drain_timeout: seconds(spec.shutdown.drain_timeout_seconds),
+        // The kubelet keeps the logs; JSON lines are what log shippers read.
+        log_format: LogFormat::Json,
+    }
 }
 
-/// `--route=/report=2` for a prefix, `--route-exact=/=1` for an exact path.
-fn route_flag(route: &RoutePool) -> String {
-    match (&route.path, &route.path_prefix) {
-        (Some(path), _) => format!("--route-exact={path}={}", route.workers),
-        (None, Some(prefix)) => format!("--route={prefix}={}", route.workers),
+fn route(route: &RoutePool) -> RouteSpec {
+    let matcher = match (&route.path, &route.path_prefix) {
+        (Some(path), _) => RouteMatch::Exact(path.clone()),
+        (None, Some(prefix)) => RouteMatch::Prefix(prefix.clone()),
         // Rejected by the CRD's CEL rule; treated as the whole site.
-        (None, None) => format!("--route=/={}", route.workers),
-    }
+        (None, None) => RouteMatch::Prefix("/".into()),
+    };
+    RouteSpec { matcher, workers: count(route.workers) }
 }
 
-fn rounding(r: Rounding) -> &'static str {
-    match r {
-        Rounding::Floor => "floor",
-        Rounding::Ceil => "ceil",
-        Rounding::Round => "round",
-    }
+fn port(port: i32, default: u16) -> u16 {
+    u16::try_from(port).unwrap_or(default)
 }
 
-fn port_mode(m: PortMode) -> &'static str {
-    match m {
-        PortMode::Proxy => "proxy",
-        PortMode::Inherit => "inherit",
-        PortMode::Reuseport => "reuseport",
-    }
+fn count(n: i32) -> u32 {
+    u32::try_from(n).unwrap_or(0)
 }
 
-fn protocol(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Http => "http",
-        Protocol::Tcp => "tcp",
-    }
+fn seconds(n: i32) -> Duration {
+    Duration::from_secs(u64::try_from(n).unwrap_or(0))
+}
+
+fn millis(n: i32) -> Duration {
+    Duration::from_millis(u64::try_from(n).unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -88,32 +79,34 @@ mod tests {
     use super::*;
     use crate::resources::test_support::{APP, csvc};
 
+    /// The exact flags and their order are part of the pod template: a
+    /// change here rolls every pod of every ClusteredService.
     #[test]
     fn defaults_become_explicit_flags() {
-        let args = clusterd_args(&csvc(APP).spec);
-        for expected in [
-            "--workers=auto",
-            "--rounding=floor",
-            "--port=8080",
-            "--port-mode=proxy",
-            "--protocol=http",
-            "--admin-port=9901",
-            "--health-check=http",
-            "--health-path=/",
-            "--health-period=5s",
-            "--health-timeout=2s",
-            "--health-failure-threshold=3",
-            "--hung-after=30s",
-            "--initial-backoff=100ms",
-            "--max-backoff=15000ms",
-            "--stable-after=30s",
-            "--crash-loop-threshold=5",
-            "--drain-timeout=25s",
-        ] {
-            assert!(args.iter().any(|a| a == expected), "missing {expected} in {args:?}");
-        }
-        assert!(!args.iter().any(|a| a.starts_with("--route")));
-        assert!(!args.iter().any(|a| a.starts_with("--max-requests")));
+        let args = clusterd_args(&csvc(APP).spec).to_args();
+        assert_eq!(
+            args,
+            [
+                "--workers=auto",
+                "--rounding=floor",
+                "--port=8080",
+                "--port-mode=proxy",
+                "--protocol=http",
+                "--admin-port=9901",
+                "--health-check=http",
+                "--health-path=/",
+                "--health-period=5s",
+                "--health-timeout=2s",
+                "--health-failure-threshold=3",
+                "--hung-after=30s",
+                "--initial-backoff=100ms",
+                "--max-backoff=15000ms",
+                "--stable-after=30s",
+                "--crash-loop-threshold=5",
+                "--drain-timeout=25s",
+                "--log-format=json",
+            ]
+        );
     }
 
     #[test]
@@ -133,7 +126,7 @@ mod tests {
 {APP}"
         ))
         .spec;
-        let args = clusterd_args(&spec);
+        let args = clusterd_args(&spec).to_args();
         for expected in [
             "--workers=auto",
             "--min-workers=2",
@@ -164,9 +157,18 @@ mod tests {
     }
 
     #[test]
+    fn numbers_the_schema_forbids_fall_back() {
+        assert_eq!(port(70_000, 9901), 9901);
+        assert_eq!(port(3000, 9901), 3000);
+        assert_eq!(count(-1), 0);
+        assert_eq!(seconds(-5), Duration::ZERO);
+        assert_eq!(millis(250), Duration::from_millis(250));
+    }
+
+    #[test]
     fn fixed_count_ignores_bounds() {
         let spec = csvc(&format!("  workers: {{count: 3}}\n{APP}")).spec;
-        let args = clusterd_args(&spec);
+        let args = clusterd_args(&spec).to_args();
         assert!(args.contains(&"--workers=3".to_string()));
         assert!(!args.iter().any(|a| a.starts_with("--min-workers") || a.starts_with("--max-workers")));
     }

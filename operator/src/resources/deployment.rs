@@ -69,7 +69,7 @@ fn wrap_app_container(app: &mut Container, csvc: &ClusteredService) -> Result<()
     let command =
         app.command.take().filter(|c| !c.is_empty()).ok_or_else(|| TemplateError::MissingCommand(app.name.clone()))?;
     let mut wrapped = vec![CLUSTERD_BIN.to_string()];
-    wrapped.extend(clusterd_args(spec));
+    wrapped.extend(clusterd_args(spec).to_args());
     wrapped.push("--".into());
     wrapped.extend(command);
     // `args` stay as they are: Kubernetes appends them after `command`, so

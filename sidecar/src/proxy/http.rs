@@ -12,8 +12,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{self, PathAndQuery};
 use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
@@ -25,9 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Backend, InFlight, Pool, Router};
+use crate::body::{ProxyBody, full, plain};
 use crate::metrics::Metrics;
-
-pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
 /// Bodies up to this size are buffered so the request can be retried.
 const REPLAYABLE_BODY_LIMIT: u64 = 64 * 1024;
@@ -296,17 +295,6 @@ fn no_worker(pool: &Pool, first_attempt: bool) -> Response<ProxyBody> {
         format!("clusterd: no other worker available in pool {:?} after a worker failed\n", pool.name)
     };
     plain(StatusCode::SERVICE_UNAVAILABLE, text)
-}
-
-pub fn full(bytes: Bytes) -> ProxyBody {
-    UnsyncBoxBody::new(Full::new(bytes).map_err(|never: Infallible| match never {}))
-}
-
-pub fn plain(status: StatusCode, text: String) -> Response<ProxyBody> {
-    let mut response = Response::new(full(Bytes::from(text)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    response
 }
 
 /// A worker's response body that keeps the request counted as in flight

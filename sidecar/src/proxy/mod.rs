@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 use ::http::uri::Authority;
 use prometheus_client::metrics::counter::Counter;
 
-use crate::config::RouteSpec;
+use crate::config::{RouteMatch, RouteSpec};
 use crate::metrics::Metrics;
 use crate::policy::DEFAULT_POOL;
 
@@ -156,9 +156,14 @@ pub struct Router {
 
 impl Router {
     pub fn new(routes: &[RouteSpec]) -> Router {
-        let entry = |r: &RouteSpec| (r.prefix.clone(), Arc::new(Pool::new(&r.pool_name())));
-        let exact = routes.iter().filter(|r| r.exact).map(entry).collect();
-        let mut prefixes: Vec<_> = routes.iter().filter(|r| !r.exact).map(entry).collect();
+        let (mut exact, mut prefixes) = (Vec::new(), Vec::new());
+        for route in routes {
+            let pool = Arc::new(Pool::new(&route.pool_name()));
+            match &route.matcher {
+                RouteMatch::Exact(path) => exact.push((path.clone(), pool)),
+                RouteMatch::Prefix(prefix) => prefixes.push((prefix.clone(), pool)),
+            }
+        }
         prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         Router { exact, prefixes, default: Arc::new(Pool::new(DEFAULT_POOL)) }
     }
@@ -219,8 +224,9 @@ mod tests {
     }
 
     fn routes(prefixes: &[&str], exact: &[&str]) -> Vec<RouteSpec> {
-        let spec = |p: &&str, exact| RouteSpec { prefix: p.to_string(), workers: 1, exact };
-        prefixes.iter().map(|p| spec(p, false)).chain(exact.iter().map(|p| spec(p, true))).collect()
+        let spec = |matcher| RouteSpec { matcher, workers: 1 };
+        let prefixes = prefixes.iter().map(|p| spec(RouteMatch::Prefix(p.to_string())));
+        prefixes.chain(exact.iter().map(|p| spec(RouteMatch::Exact(p.to_string())))).collect()
     }
 
     #[test]
