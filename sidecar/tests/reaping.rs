@@ -104,3 +104,19 @@ fn sigkilled_clusterd_takes_its_workers_along() {
         wait_until("worker to die with clusterd", Duration::from_secs(10), || !process_alive(pid));
     }
 }
+
+/// A daemon a worker started in a session of its own (so not in the
+/// worker's process group) is stopped when clusterd shuts down.
+#[test]
+fn sigterm_leaves_no_process_a_worker_started_behind() {
+    let _serial = serial();
+    let mut clusterd = Launch::misbehaving(&["--workers", "1"]).start();
+    clusterd.wait_ready(1);
+    let response = get(clusterd.port, "/grandchild", Duration::from_secs(10)).expect("request");
+    let daemon: u32 = String::from_utf8_lossy(&response.body).parse().expect("the daemon's pid");
+    assert!(process_alive(daemon));
+
+    clusterd.signal(Signal::SIGTERM);
+    assert_eq!(clusterd.wait_exit(SLOW).code(), Some(0), "logs:\n{}", clusterd.logs());
+    wait_until("the daemon to be gone", Duration::from_secs(5), || !process_alive(daemon));
+}

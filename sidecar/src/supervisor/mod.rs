@@ -3,6 +3,7 @@
 //! status requests) and to a short periodic tick for its timers.
 
 pub mod health;
+pub mod orphans;
 pub mod output;
 pub mod reaper;
 pub mod spawn;
@@ -41,6 +42,9 @@ const STARTING_PROBE_INTERVAL: Duration = Duration::from_millis(200);
 const DRAIN_GRACE: Duration = Duration::from_millis(200);
 /// After SIGKILL at the deadline, how long to wait for the last exits.
 const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How long processes the workers left behind get between SIGTERM and
+/// SIGKILL at shutdown (the workers' own drain is over by then).
+const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 
 pub enum Event {
     Exited(u32, ExitInfo),
@@ -87,6 +91,17 @@ struct Shutdown {
     phase: Phase,
     deadline: Instant,
     exit_code: u8,
+    /// Once the workers are gone: adopted processes still to be stopped.
+    orphans: OrphanStop,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum OrphanStop {
+    #[default]
+    NotYet,
+    Terminated(Instant),
+    Killed(Instant),
+    Done,
 }
 
 pub struct Supervisor {
@@ -494,7 +509,7 @@ impl Supervisor {
             }
             PortSetup::Reuseport => Phase::Stopping,
         };
-        self.shutdown = Some(Shutdown { phase, deadline, exit_code });
+        self.shutdown = Some(Shutdown { phase, deadline, exit_code, orphans: OrphanStop::NotYet });
         if phase == Phase::Stopping {
             self.signal_all(if quick { Signal::SIGQUIT } else { Signal::SIGTERM });
         }
@@ -513,7 +528,7 @@ impl Supervisor {
     fn finished(&self) -> Option<u8> {
         let shutdown = self.shutdown.as_ref()?;
         if self.all_procs().next().is_none() {
-            return Some(shutdown.exit_code);
+            return (shutdown.orphans == OrphanStop::Done).then_some(shutdown.exit_code);
         }
         match shutdown.phase {
             Phase::Killed(at) if at.elapsed() >= KILL_WAIT => {
@@ -541,9 +556,14 @@ impl Supervisor {
     }
 
     fn tick_shutdown(&mut self, now: Instant) {
+        let workers_gone = self.all_procs().next().is_none();
         let Some(shutdown) = &mut self.shutdown else {
             return;
         };
+        if workers_gone {
+            shutdown.orphans = stop_orphans(shutdown.orphans, now);
+            return;
+        }
         if now < shutdown.deadline {
             return;
         }
@@ -781,6 +801,35 @@ fn schedule_restart(slot: &mut Slot, config: &Config, now: Instant) -> Duration 
     };
     slot.restart_at = Some(now + delay);
     delay
+}
+
+/// One step of stopping adopted processes once the workers are gone:
+/// SIGTERM, SIGKILL after [`ORPHAN_GRACE`], give up after [`KILL_WAIT`].
+fn stop_orphans(step: OrphanStop, now: Instant) -> OrphanStop {
+    if step == OrphanStop::Done {
+        return step;
+    }
+    let orphans = orphans::children_of(std::process::id());
+    if orphans.is_empty() {
+        return OrphanStop::Done;
+    }
+    match step {
+        OrphanStop::NotYet => {
+            tracing::info!(?orphans, "stopping processes the workers left behind");
+            orphans::signal(&orphans, Signal::SIGTERM);
+            OrphanStop::Terminated(now)
+        }
+        OrphanStop::Terminated(at) if now.duration_since(at) >= ORPHAN_GRACE => {
+            tracing::warn!(?orphans, "processes the workers left behind ignored SIGTERM; killing them");
+            orphans::signal(&orphans, Signal::SIGKILL);
+            OrphanStop::Killed(now)
+        }
+        OrphanStop::Killed(at) if now.duration_since(at) >= KILL_WAIT => {
+            tracing::error!(?orphans, "processes did not exit after SIGKILL; giving up on them");
+            OrphanStop::Done
+        }
+        step => step,
+    }
 }
 
 /// What a worker that exits before it is ready may have missed: the modes
