@@ -397,7 +397,10 @@ where
     let Some(desired) = desired else {
         if current.is_some() {
             match api.delete(name, &DeleteParams::background()).await {
-                Ok(_) => return Ok(Ensured::Written),
+                Ok(_) => {
+                    ctx.metrics.child_writes.inc();
+                    return Ok(Ensured::Written);
+                }
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => return Err(e.into()),
             }
@@ -406,14 +409,19 @@ where
     };
     let kind = K::kind(&()).into_owned();
     let params = |dry_run| PostParams { dry_run, field_manager: Some(MANAGER.into()) };
-    let Some(live) = current else {
-        return match api.create(&params(false), &desired).await {
+    let live = match current {
+        Some(live) => live,
+        None => match api.create(&params(false), &desired).await {
             Ok(_) => {
+                ctx.metrics.child_writes.inc();
                 info!(%kind, %ns, %name, "created");
-                Ok(Ensured::Written)
+                return Ok(Ensured::Written);
             }
-            Err(e) => stale_or(e),
-        };
+            // Not in the cache but there: the cache is behind, or someone
+            // removed the label the cache is selected by. Compare with it.
+            Err(kube::Error::Api(e)) if e.code == 409 => Arc::new(api.get(name).await?),
+            Err(e) => return Err(e.into()),
+        },
     };
     let hash = content_hash(&desired);
     let version = live.resource_version().unwrap_or_default();
@@ -435,6 +443,7 @@ where
     }
     match api.replace(name, &params(false), &body).await {
         Ok(_) => {
+            ctx.metrics.child_writes.inc();
             info!(%kind, %ns, %name, "replaced (desired state changed or drifted)");
             Ok(Ensured::Written)
         }
