@@ -214,8 +214,11 @@ async fn status_explains_every_missing_pod_and_reconcile_error() -> anyhow::Resu
     .await?;
     let took = started.elapsed();
 
-    // The causes persist: no false recovery, the reasons stay.
+    // The causes persist: no false recovery, the reasons stay, and no child
+    // that matches is rewritten meanwhile.
+    let writes = operator.metrics.child_writes.get();
     tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(operator.metrics.child_writes.get(), writes, "children rewritten while nothing changed");
     for case in &cases {
         let name = case.csvc.metadata.name.clone().unwrap_or_default();
         let current = csvcs.get(&name).await?;
