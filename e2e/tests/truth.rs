@@ -88,8 +88,6 @@ async fn drift_on_children_is_reverted_and_is_not_a_scale() -> anyhow::Result<()
     kubectl(&["label", "service/drift", "app.kubernetes.io/managed-by=someone-else", "--overwrite"])?;
     let port = r#"[{"op": "replace", "path": "/spec/ports/0/port", "value": 9999}]"#;
     kubectl(&["patch", "service/drift", "--type=json", "-p", port])?;
-    let edited = deployments.get("drift").await?;
-    assert_eq!(edited.spec.as_ref().and_then(|s| s.replicas), Some(2), "the edits took");
 
     wait_for(Duration::from_secs(30), "every edit reverted", || async {
         let d = deployments.get("drift").await?;
