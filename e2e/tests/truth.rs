@@ -12,6 +12,7 @@ use futures::future::try_join_all;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 
@@ -71,15 +72,18 @@ async fn drift_on_children_is_reverted_and_is_not_a_scale() -> anyhow::Result<()
     let csvcs: Api<ClusteredService> = Api::namespaced(cluster.client.clone(), &ns);
     let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), &ns);
     let services: Api<Service> = Api::namespaced(cluster.client.clone(), &ns);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(cluster.client.clone(), &ns);
     let events: Api<Event> = Api::namespaced(cluster.client.clone(), &ns);
 
     csvcs.create(&PostParams::default(), &csvc("drift", 0, |_| {})).await?;
     wait_for(Duration::from_secs(30), "children created", || async {
-        Ok(deployments.get_opt("drift").await?.is_some() && services.get_opt("drift").await?.is_some())
+        Ok(deployments.get_opt("drift").await?.is_some()
+            && services.get_opt("drift").await?.is_some()
+            && pdbs.get_opt("drift").await?.is_some())
     })
     .await?;
 
-    // What people do to a child by hand.
+    // What people do to children by hand.
     let kubectl = |args: &[&str]| cluster.kubectl(&[&["-n", ns.as_str()][..], args].concat());
     kubectl(&["set", "env", "deployment/drift", "FOO=bar"])?;
     kubectl(&["scale", "deployment/drift", "--replicas=2"])?;
@@ -112,6 +116,13 @@ async fn drift_on_children_is_reverted_and_is_not_a_scale() -> anyhow::Result<()
     let writes = operator.metrics.child_writes.get();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(operator.metrics.child_writes.get(), writes, "children rewritten while nothing changed");
+
+    // A deleted child comes back at once, not at the next resync.
+    kubectl(&["delete", "poddisruptionbudget/drift"])?;
+    wait_for(Duration::from_secs(30), "PodDisruptionBudget re-created", || async {
+        Ok(pdbs.get_opt("drift").await?.is_some())
+    })
+    .await?;
 
     operator.stop().await;
     cluster.delete_namespace(&ns).await

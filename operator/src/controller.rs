@@ -210,7 +210,9 @@ where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    (reader, watcher(api, config).default_backoff().reflect(writer).applied_objects())
+    // Deletions too: a deleted child is re-created, and a deleted pod
+    // leaves the status, without waiting for a resync.
+    (reader, watcher(api, config).default_backoff().reflect(writer).touched_objects())
 }
 
 async fn reconcile(csvc: Arc<ClusteredService>, ctx: Arc<Context>) -> Result<Action, Error> {
