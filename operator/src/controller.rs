@@ -1,5 +1,7 @@
-//! The reconcile loop: desired children applied with server-side apply,
-//! then the status from what every pod's clusterd reports.
+//! The reconcile loop: desired children compared with the live ones (as
+//! the API server renders them) and created or replaced when they differ,
+//! then the status from the pods, the Deployment and what every pod's
+//! clusterd reports.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
