@@ -1,5 +1,7 @@
-//! The reconcile loop: desired children applied with server-side apply,
-//! then the status from what every pod's clusterd reports.
+//! The reconcile loop: desired children compared with the live ones (as
+//! the API server renders them) and created or replaced when they differ,
+//! then the status from the pods, the Deployment and what every pod's
+//! clusterd reports.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -14,7 +16,7 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -29,11 +31,18 @@ use tracing::{info, warn};
 use crate::metrics::{ErrorLabel, Metrics, ResultLabel};
 use crate::probe::Prober;
 use crate::resources::{self, MANAGER, SERVICE_LABEL, Settings};
-use crate::status::{self, DEGRADED, Observed};
+use crate::status::{self, DEGRADED, NO_CPU_LIMIT, Observed, Problem};
 
-/// Annotation holding a hash of what the operator last applied to a
-/// child, so a reconcile that would change nothing makes no API call.
+/// Annotation older operators kept their applied state in; dropped from
+/// children as they are rewritten (the live object is compared instead).
 const APPLIED_HASH: &str = "clustered.dev/applied-hash";
+
+/// The longest wait before a failed reconcile is retried: a child someone
+/// deleted or changed is restored within it, even while the API refuses.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How soon to look again when the cache was behind the API server.
+const STALE_RETRY: Duration = Duration::from_secs(1);
 
 /// A status write at most this often per ClusteredService.
 const STATUS_WRITE_INTERVAL: Duration = Duration::from_secs(1);
@@ -49,6 +58,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("object has no namespace")]
     NoNamespace,
+    #[error("cannot encode a child object: {0}")]
+    Encode(#[source] serde_json::Error),
 }
 
 impl Error {
@@ -56,6 +67,7 @@ impl Error {
         match self {
             Error::Kube(_) => "kube",
             Error::NoNamespace => "no_namespace",
+            Error::Encode(_) => "encode",
         }
     }
 }
@@ -87,6 +99,10 @@ struct Stores {
 struct Memory {
     last_status_write: Option<Instant>,
     failures: u32,
+    /// Per child kind: the hash of the desired object and the live
+    /// `resourceVersion` the API server last confirmed it matches, so an
+    /// unchanged child costs no API call.
+    verified: HashMap<String, (String, String)>,
 }
 
 /// The `Memory` of every ClusteredService seen, forgotten when it is deleted.
@@ -196,7 +212,9 @@ where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    (reader, watcher(api, config).default_backoff().reflect(writer).applied_objects())
+    // Deletions too: a deleted child is re-created, and a deleted pod
+    // leaves the status, without waiting for a resync.
+    (reader, watcher(api, config).default_backoff().reflect(writer).touched_objects())
 }
 
 async fn reconcile(csvc: Arc<ClusteredService>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -218,25 +236,36 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
     }
     let ns = csvc.namespace().ok_or(Error::NoNamespace)?;
     let name = csvc.name_any();
-    let client = &ctx.client;
     let stores = &ctx.stores;
 
-    let problem = match resources::deployment(csvc, &ctx.settings) {
+    let mut problem = None;
+    let mut results = Vec::new();
+    match resources::deployment(csvc, &ctx.settings) {
         Ok(deployment) => {
             let previous = stores.deployments.get(&ObjectRef::new(&name).within(&ns));
-            ensure(Api::namespaced(client.clone(), &ns), &stores.deployments, &ns, &name, Some(deployment)).await?;
-            let scaled_from = previous.and_then(|d| d.spec.as_ref()?.replicas).filter(|&r| r != csvc.spec.replicas);
-            if let Some(from) = scaled_from {
+            let result = ensure(ctx, csvc, &stores.deployments, &ns, &name, Some(deployment)).await;
+            if let (Ok(Ensured::Written), Some(previous)) = (&result, previous)
+                && let Some(from) = scaled_from(&previous, csvc.spec.replicas)
+            {
                 ctx.event(csvc, EventType::Normal, "Scaled", format!("pods {from} → {}", csvc.spec.replicas)).await;
             }
-            None
+            results.push(("Deployment", result));
         }
-        Err(e) => Some(e.to_string()),
-    };
-    ensure(Api::namespaced(client.clone(), &ns), &stores.services, &ns, &name, Some(resources::service(csvc))).await?;
-    let pdb = resources::pod_disruption_budget(csvc);
-    ensure(Api::namespaced(client.clone(), &ns), &stores.pdbs, &ns, &name, Some(pdb)).await?;
-    ensure(Api::namespaced(client.clone(), &ns), &stores.hpas, &ns, &name, resources::hpa(csvc)).await?;
+        Err(e) => problem = Some(Problem::InvalidSpec(e.to_string())),
+    }
+    let service = Some(resources::service(csvc));
+    results.push(("Service", ensure(ctx, csvc, &stores.services, &ns, &name, service).await));
+    let pdb = Some(resources::pod_disruption_budget(csvc));
+    results.push(("PodDisruptionBudget", ensure(ctx, csvc, &stores.pdbs, &ns, &name, pdb).await));
+    let hpa = resources::hpa(csvc);
+    results.push(("HorizontalPodAutoscaler", ensure(ctx, csvc, &stores.hpas, &ns, &name, hpa).await));
+    let stale = results.iter().any(|(_, r)| matches!(r, Ok(Ensured::Stale)));
+    let refused = results.into_iter().find_map(|(kind, r)| Some((kind, r.err()?)));
+    if let Some((kind, e)) = &refused {
+        warn!(%ns, %name, %kind, error = %e, "could not apply a child");
+        let why = format!("applying the {kind}: {}", api_message(e));
+        problem = problem.or(Some(Problem::ReconcileError(why)));
+    }
 
     let pods: Vec<Arc<Pod>> = stores
         .pods
@@ -259,7 +288,15 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
         problem,
     };
     let new_status = status::compute(csvc, &observed, Timestamp::now());
-    if let Some(wait) = write_status(csvc, &ns, new_status, ctx).await? {
+    let wait = write_status(csvc, &ns, new_status, ctx).await?;
+    // The failure is in the status now; the error drives the backoff.
+    if let Some((_, e)) = refused {
+        return Err(e);
+    }
+    if stale {
+        return Ok(Action::requeue(STALE_RETRY));
+    }
+    if let Some(wait) = wait {
         return Ok(Action::requeue(wait));
     }
     // Worker states change without any Kubernetes event: ask clusterd again.
@@ -297,55 +334,203 @@ async fn write_status(
     Ok(None)
 }
 
-/// Events for what a person should hear about: degradation and recovery,
-/// and workers entering a crash loop.
+/// Publishes the Events `transition_events` calls for.
 async fn publish_transitions(
     csvc: &ClusteredService,
     old: Option<&ClusteredServiceStatus>,
     new: &ClusteredServiceStatus,
     ctx: &Context,
 ) {
-    let degraded = |s: Option<&ClusteredServiceStatus>| {
-        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == DEGRADED)).filter(|c| c.status == "True").cloned()
-    };
-    match (degraded(old), degraded(Some(new))) {
-        (None, Some(now)) => ctx.event(csvc, EventType::Warning, &now.reason, now.message).await,
-        (Some(_), None) => ctx.event(csvc, EventType::Normal, "Recovered", "no longer degraded".into()).await,
-        _ => {}
+    for (type_, reason, note) in transition_events(old, new) {
+        ctx.event(csvc, type_, &reason, note).await;
+    }
+}
+
+/// Events for what a person should hear about: each new reason for being
+/// degraded (or for the missing CPU limit), recovery, and workers entering
+/// a crash loop. One Event per transition, so a cause that persists is
+/// announced once, however often it is retried.
+fn transition_events(
+    old: Option<&ClusteredServiceStatus>,
+    new: &ClusteredServiceStatus,
+) -> Vec<(EventType, String, String)> {
+    let mut events = Vec::new();
+    let degraded =
+        |s: Option<&ClusteredServiceStatus>| s.and_then(|s| s.conditions.iter().find(|c| c.type_ == DEGRADED)).cloned();
+    let (before, now) = (degraded(old), degraded(Some(new)));
+    if let Some(now) = now.filter(|n| before.as_ref().map(|b| (&b.status, &b.reason)) != Some((&n.status, &n.reason))) {
+        if now.status != "True" && before.is_some_and(|b| b.status == "True") {
+            events.push((EventType::Normal, "Recovered".into(), "no longer degraded".into()));
+        }
+        if now.status == "True" || now.reason == NO_CPU_LIMIT {
+            events.push((EventType::Warning, now.reason, now.message));
+        }
     }
     let before = old.map(|s| status::workers_in(&s.instances, WorkerState::CrashLoop)).unwrap_or_default();
     for worker in status::workers_in(&new.instances, WorkerState::CrashLoop).into_iter().filter(|w| !before.contains(w))
     {
         let note = format!("worker {worker} (pod/id) keeps crashing; clusterd restarts it at the maximum backoff");
-        ctx.event(csvc, EventType::Warning, "WorkerCrashLoop", note).await;
+        events.push((EventType::Warning, "WorkerCrashLoop".into(), note));
     }
+    events
 }
 
-/// Applies `desired` (or deletes the object when `None`), unless the
-/// cached object already carries the hash of the same desired state.
-async fn ensure<K>(api: Api<K>, store: &Store<K>, ns: &str, name: &str, desired: Option<K>) -> Result<(), Error>
+/// What `ensure` did.
+#[derive(Debug, PartialEq)]
+enum Ensured {
+    Unchanged,
+    Written,
+    /// The cache was behind the API server (a conflict): look again soon.
+    Stale,
+}
+
+/// Makes the live child match `desired`, or deletes it when `None`.
+///
+/// Missing: created. Present: the API server renders `desired` onto the
+/// live object (a dry-run replace, so defaults and normalisation are its
+/// own) and the result is compared with the live object; any difference in
+/// the spec, or in the labels and owner the operator sets, is drift and
+/// the child is replaced. A replace, not an apply: fields someone else
+/// added (an env var, a Service port) go as well. A child the API server
+/// confirmed in sync is not asked about again until it or `desired` changes.
+async fn ensure<K>(
+    ctx: &Context,
+    csvc: &ClusteredService,
+    store: &Store<K>,
+    ns: &str,
+    name: &str,
+    desired: Option<K>,
+) -> Result<Ensured, Error>
 where
-    K: Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
 {
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     let current = store.get(&ObjectRef::new(name).within(ns));
-    let Some(mut desired) = desired else {
+    let Some(desired) = desired else {
         if current.is_some() {
             match api.delete(name, &DeleteParams::background()).await {
-                Ok(_) => {}
+                Ok(_) => {
+                    ctx.metrics.child_writes.inc();
+                    return Ok(Ensured::Written);
+                }
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        return Ok(());
+        return Ok(Ensured::Unchanged);
+    };
+    let kind = K::kind(&()).into_owned();
+    let params = |dry_run| PostParams { dry_run, field_manager: Some(MANAGER.into()) };
+    let live = match current {
+        Some(live) => live,
+        None => match api.create(&params(false), &desired).await {
+            Ok(_) => {
+                ctx.metrics.child_writes.inc();
+                info!(%kind, %ns, %name, "created");
+                return Ok(Ensured::Written);
+            }
+            // Not in the cache but there: the cache is behind, or someone
+            // removed the label the cache is selected by. Compare with it.
+            Err(kube::Error::Api(e)) if e.code == 409 => Arc::new(api.get(name).await?),
+            Err(e) => return Err(e.into()),
+        },
     };
     let hash = content_hash(&desired);
-    if current.as_ref().and_then(|c| c.annotations().get(APPLIED_HASH)) == Some(&hash) {
-        return Ok(());
+    let version = live.resource_version().unwrap_or_default();
+    let verified = (hash, version);
+    if ctx.memory.remember(csvc, |m| m.verified.get(&kind) == Some(&verified)) {
+        return Ok(Ensured::Unchanged);
     }
-    desired.annotations_mut().insert(APPLIED_HASH.into(), hash);
-    api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired)).await?;
-    info!(kind = %K::kind(&()), %ns, %name, "applied");
-    Ok(())
+    let live_json = serde_json::to_value(&*live).map_err(Error::Encode)?;
+    let body: K =
+        serde_json::from_value(onto_live(&live_json, &serde_json::to_value(&desired).map_err(Error::Encode)?))
+            .map_err(Error::Encode)?;
+    let rendered = match api.replace(name, &params(true), &body).await {
+        Ok(rendered) => rendered,
+        Err(e) => return stale_or(e),
+    };
+    if !drifted(&serde_json::to_value(&rendered).map_err(Error::Encode)?, &live_json) {
+        ctx.memory.remember(csvc, |m| m.verified.insert(kind, verified));
+        return Ok(Ensured::Unchanged);
+    }
+    match api.replace(name, &params(false), &body).await {
+        Ok(_) => {
+            ctx.metrics.child_writes.inc();
+            info!(%kind, %ns, %name, "replaced (desired state changed or drifted)");
+            Ok(Ensured::Written)
+        }
+        Err(e) => stale_or(e),
+    }
+}
+
+/// A conflict means the cache was behind: not a failure, look again soon.
+fn stale_or(e: kube::Error) -> Result<Ensured, Error> {
+    match e {
+        kube::Error::Api(ref r) if r.code == 409 => Ok(Ensured::Stale),
+        e => Err(e.into()),
+    }
+}
+
+/// The body of a replace: the live object (its resourceVersion, server-set
+/// metadata, others' labels) with the desired spec, the desired labels on
+/// top and the desired owner references.
+fn onto_live(live: &serde_json::Value, desired: &serde_json::Value) -> serde_json::Value {
+    let mut body = live.clone();
+    if let Some(object) = body.as_object_mut() {
+        object.remove("status");
+        match desired.get("spec") {
+            Some(spec) => object.insert("spec".into(), spec.clone()),
+            None => object.remove("spec"),
+        };
+    }
+    let meta = &mut body["metadata"];
+    if let Some(labels) = desired["metadata"]["labels"].as_object() {
+        for (key, value) in labels {
+            meta["labels"][key] = value.clone();
+        }
+    }
+    if let Some(annotations) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+        annotations.remove(APPLIED_HASH);
+    }
+    meta["ownerReferences"] = desired["metadata"]["ownerReferences"].clone();
+    body
+}
+
+/// True when `rendered` (the API server's rendering of the desired object)
+/// and `live` differ in anything the operator owns: the whole spec, its
+/// labels' values, the owner references.
+fn drifted(rendered: &serde_json::Value, live: &serde_json::Value) -> bool {
+    let labels_differ = rendered["metadata"]["labels"]
+        .as_object()
+        .is_some_and(|labels| labels.iter().any(|(k, v)| live["metadata"]["labels"].get(k) != Some(v)));
+    rendered.get("spec") != live.get("spec")
+        || labels_differ
+        || rendered["metadata"]["ownerReferences"] != live["metadata"]["ownerReferences"]
+}
+
+/// The pod count before a scale the user asked for, or `None`. A scale is
+/// the operator changing the Deployment's replicas it set itself; a count
+/// someone else set on the Deployment (`kubectl scale deployment`) is
+/// drift, and undoing it is not a scale.
+fn scaled_from(previous: &Deployment, desired: i32) -> Option<i32> {
+    let from = previous.spec.as_ref()?.replicas.filter(|&r| r != desired)?;
+    let ours = previous.managed_fields().iter().any(|m| {
+        m.manager.as_deref() == Some(MANAGER)
+            && m.fields_v1.as_ref().is_some_and(|f| f.0.get("f:spec").and_then(|s| s.get("f:replicas")).is_some())
+    });
+    ours.then_some(from)
+}
+
+/// The API server's own message for a refused request.
+fn api_message(e: &Error) -> String {
+    match e {
+        Error::Kube(kube::Error::Api(r)) => r.message.clone(),
+        e => e.to_string(),
+    }
 }
 
 fn content_hash(value: &impl Serialize) -> String {
@@ -371,9 +556,9 @@ fn error_policy(csvc: Arc<ClusteredService>, error: &Error, ctx: Arc<Context>) -
 }
 
 /// Delay before retrying after the `failures`-th consecutive failed
-/// reconcile: 1 s, 2 s, 4 s, … doubling up to 256 s (about 4 minutes).
+/// reconcile: 1 s, 2 s, 4 s, … doubling up to [`MAX_BACKOFF`].
 fn retry_backoff(failures: u32) -> Duration {
-    Duration::from_secs(1 << (failures.clamp(1, 9) - 1))
+    Duration::from_secs(1 << (failures.clamp(1, 9) - 1)).min(MAX_BACKOFF)
 }
 
 impl Context {
@@ -389,11 +574,129 @@ impl Context {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::apps::v1::DeploymentSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+    use serde_json::json;
+
+    fn live_service() -> serde_json::Value {
+        json!({
+            "metadata": {
+                "name": "web", "resourceVersion": "42",
+                "labels": {"clustered.dev/service": "web", "team": "shop"},
+                "annotations": {"clustered.dev/applied-hash": "00", "note": "keep"},
+                "ownerReferences": [{"uid": "1234"}],
+            },
+            "spec": {"clusterIP": "10.96.0.7", "ports": [{"name": "http", "port": 9999}, {"name": "x", "port": 1}]},
+            "status": {"loadBalancer": {}},
+        })
+    }
+
+    fn desired_service() -> serde_json::Value {
+        json!({
+            "metadata": {"name": "web", "labels": {"clustered.dev/service": "web"}, "ownerReferences": [{"uid": "1234"}]},
+            "spec": {"ports": [{"name": "http", "port": 8080}]},
+        })
+    }
 
     #[test]
-    fn retry_backoff_doubles_up_to_256_seconds() {
-        let secs: Vec<u64> = (0..=11).map(|n| retry_backoff(n).as_secs()).collect();
-        assert_eq!(secs, [1, 1, 2, 4, 8, 16, 32, 64, 128, 256, 256, 256]);
-        assert_eq!(retry_backoff(u32::MAX), Duration::from_secs(256));
+    fn the_replace_body_keeps_the_live_metadata_and_takes_the_whole_desired_spec() {
+        let body = onto_live(&live_service(), &desired_service());
+        assert_eq!(body["spec"], json!({"ports": [{"name": "http", "port": 8080}]}), "ports replaced as a list");
+        assert_eq!(body["metadata"]["resourceVersion"], "42", "the replace is conditional on what was compared");
+        assert_eq!(body["metadata"]["labels"]["team"], "shop", "others' labels stay");
+        assert_eq!(body["metadata"]["annotations"], json!({"note": "keep"}), "the old hash annotation goes");
+        assert!(body.get("status").is_none());
+    }
+
+    #[test]
+    fn drift_is_any_difference_in_spec_our_labels_or_owner() {
+        let mut rendered = live_service();
+        rendered["metadata"]["labels"] = json!({"clustered.dev/service": "web"});
+        assert!(!drifted(&rendered, &live_service()), "others' labels and annotations are not drift");
+
+        let mut live = live_service();
+        live["spec"]["ports"][0]["port"] = json!(8080);
+        assert!(drifted(&rendered, &live), "a changed port");
+        let mut live = live_service();
+        live["metadata"]["labels"]["clustered.dev/service"] = json!("other");
+        assert!(drifted(&rendered, &live), "a changed label of ours");
+        let mut live = live_service();
+        live["metadata"]["ownerReferences"] = json!([]);
+        assert!(drifted(&rendered, &live), "a removed owner");
+        let mut live = live_service();
+        live["spec"]["sessionAffinity"] = json!("ClientIP");
+        assert!(drifted(&rendered, &live), "a field someone added");
+    }
+
+    fn deployment(replicas: i32, replicas_owner: &str) -> Deployment {
+        Deployment {
+            metadata: kube::api::ObjectMeta {
+                managed_fields: Some(vec![
+                    ManagedFieldsEntry {
+                        manager: Some(replicas_owner.into()),
+                        fields_v1: Some(FieldsV1(json!({"f:spec": {"f:replicas": {}}}))),
+                        ..Default::default()
+                    },
+                    ManagedFieldsEntry {
+                        manager: Some(MANAGER.into()),
+                        fields_v1: Some(FieldsV1(json!({"f:spec": {"f:template": {}}}))),
+                        ..Default::default()
+                    },
+                ]),
+                ..Default::default()
+            },
+            spec: Some(DeploymentSpec { replicas: Some(replicas), ..Default::default() }),
+            status: None,
+        }
+    }
+
+    #[test]
+    fn a_scale_is_the_operator_changing_its_own_replica_count() {
+        assert_eq!(scaled_from(&deployment(1, MANAGER), 2), Some(1));
+        assert_eq!(scaled_from(&deployment(2, MANAGER), 2), None, "no change");
+        assert_eq!(scaled_from(&deployment(5, "kubectl"), 2), None, "undoing someone's scale is drift repair");
+    }
+
+    fn with_degraded(status: &str, reason: &str) -> ClusteredServiceStatus {
+        ClusteredServiceStatus {
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: DEGRADED.into(),
+                status: status.into(),
+                reason: reason.into(),
+                message: format!("because {reason}"),
+                observed_generation: None,
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH),
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn reasons(old: Option<&ClusteredServiceStatus>, new: &ClusteredServiceStatus) -> Vec<(EventType, String)> {
+        transition_events(old, new).into_iter().map(|(t, r, _)| (t, r)).collect()
+    }
+
+    #[test]
+    fn one_event_per_transition_and_no_recovery_while_degraded() {
+        let fine = with_degraded("False", "AsExpected");
+        let pull = with_degraded("True", "ImagePullFailed");
+        let crash = with_degraded("True", "ContainerCrashLoop");
+        let no_limit = with_degraded("False", NO_CPU_LIMIT);
+        assert_eq!(reasons(None, &fine), []);
+        assert_eq!(reasons(Some(&fine), &pull), [(EventType::Warning, "ImagePullFailed".into())]);
+        assert_eq!(reasons(Some(&pull), &pull), [], "a cause that persists is announced once");
+        assert_eq!(reasons(Some(&pull), &crash), [(EventType::Warning, "ContainerCrashLoop".into())]);
+        assert_eq!(reasons(Some(&crash), &fine), [(EventType::Normal, "Recovered".into())]);
+        assert_eq!(
+            reasons(Some(&crash), &no_limit),
+            [(EventType::Normal, "Recovered".into()), (EventType::Warning, NO_CPU_LIMIT.into())]
+        );
+        assert_eq!(reasons(Some(&no_limit), &fine), []);
+    }
+
+    #[test]
+    fn retry_backoff_doubles_up_to_the_maximum() {
+        let secs: Vec<u64> = (0..=8).map(|n| retry_backoff(n).as_secs()).collect();
+        assert_eq!(secs, [1, 1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(retry_backoff(u32::MAX), MAX_BACKOFF);
     }
 }

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabel, Counter>,
     pub reconcile_duration: Histogram,
     pub status_writes: Counter,
+    /// Child objects created, replaced or deleted (desired changes and drift repairs).
+    pub child_writes: Counter,
     pub status_probe_failures: Counter,
     pub leader: Gauge,
     /// ClusteredServices this process keeps per-object bookkeeping for.
@@ -34,6 +36,7 @@ impl Metrics {
             reconcile_errors: Family::default(),
             reconcile_duration: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
             status_writes: Counter::default(),
+            child_writes: Counter::default(),
             status_probe_failures: Counter::default(),
             leader: Gauge::default(),
             tracked_objects: Gauge::default(),
@@ -43,6 +46,11 @@ impl Metrics {
         r.register("reconcile_errors", "Failed reconciles by error kind", metrics.reconcile_errors.clone());
         r.register("reconcile_duration_seconds", "Time per reconcile", metrics.reconcile_duration.clone());
         r.register("status_writes", "Status updates written to the API server", metrics.status_writes.clone());
+        r.register(
+            "child_writes",
+            "Child objects created, replaced or deleted (spec changes and drift repairs)",
+            metrics.child_writes.clone(),
+        );
         r.register(
             "status_probe_failures",
             "clusterd /status requests that failed",

@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 
 use clustered_api::v1alpha1::{
-    ClusteredService, ClusteredServiceStatus, Instance, InstanceWorker, Summary, WorkerState, WorkerTotals,
+    ClusteredService, ClusteredServiceStatus, Instance, InstanceWorker, Summary, WorkerCount, WorkerState, WorkerTotals,
 };
 use clustered_api::wire::ClusterdStatus;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -29,9 +29,22 @@ pub struct Observed<'a> {
     pub pods: Vec<&'a Pod>,
     /// Reports by pod name, for the pods that were asked.
     pub reports: &'a BTreeMap<String, Report>,
-    /// Why the spec could not be turned into a Deployment, if it could not.
-    pub problem: Option<String>,
+    /// Why the operator could not do its own part, if it could not.
+    pub problem: Option<Problem>,
 }
+
+/// A failure of the operator's own work, as opposed to the pods'.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Problem {
+    /// The spec cannot be turned into a Deployment.
+    InvalidSpec(String),
+    /// The API server refused a child object (the API's message).
+    ReconcileError(String),
+}
+
+/// A container that ran and stopped this long ago still counts as
+/// crashing, so a crash loop's running moments are not reported as a recovery.
+const RECENT_EXIT_SECONDS: i64 = 300;
 
 /// The status for `csvc` given what was observed. Conditions keep their
 /// `lastTransitionTime` when their status did not change.
@@ -54,7 +67,7 @@ pub fn compute(csvc: &ClusteredService, observed: &Observed<'_>, now: Timestamp)
     let conditions = [
         available(desired_replicas, ready_replicas),
         progressing(csvc, observed.deployment, live.len() as i32, ready_replicas, &workers),
-        degraded(observed.problem.as_deref(), observed.deployment, &instances),
+        degraded(csvc, observed, &live, &instances, now),
     ]
     .into_iter()
     .map(|(type_, status, reason, message)| Condition {
@@ -168,22 +181,34 @@ fn progressing(
     (PROGRESSING, false, "Complete", format!("{desired} pods with {} workers are up to date and ready", workers.ready))
 }
 
-/// Degraded when something needs a person: a worker crash-looping, a
-/// rollout that stopped making progress, or a ready pod whose workers are
-/// not all serving.
-fn degraded(problem: Option<&str>, deployment: Option<&Deployment>, instances: &[Instance]) -> Verdict {
-    if let Some(problem) = problem {
-        return (DEGRADED, true, "InvalidSpec", problem.to_string());
+/// Degraded when something needs a person: the operator's own work
+/// failing, pods that cannot be created, scheduled, pulled or kept
+/// running, a worker crash-looping, a rollout that stopped making progress,
+/// or a ready pod whose workers are not all serving. The first cause found
+/// wins, in that order.
+fn degraded(
+    csvc: &ClusteredService,
+    observed: &Observed<'_>,
+    live: &[&Pod],
+    instances: &[Instance],
+    now: Timestamp,
+) -> Verdict {
+    match &observed.problem {
+        Some(Problem::InvalidSpec(why)) => return (DEGRADED, true, "InvalidSpec", why.clone()),
+        Some(Problem::ReconcileError(why)) => return (DEGRADED, true, "ReconcileError", why.clone()),
+        None => {}
+    }
+    if let Some((reason, message)) = pod_trouble(observed.deployment, live, now) {
+        return (DEGRADED, true, reason, message);
     }
     let crash_looping = workers_in(instances, WorkerState::CrashLoop);
     if !crash_looping.is_empty() {
         return (DEGRADED, true, "WorkerCrashLoop", format!("workers crash-looping: {}", crash_looping.join(", ")));
     }
-    let stalled = deployment
-        .and_then(|d| d.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Progressing").cloned())
+    let stalled = deployment_condition(observed.deployment, "Progressing")
         .filter(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
     if let Some(c) = stalled {
-        return (DEGRADED, true, "ProgressDeadlineExceeded", c.message.unwrap_or_default());
+        return (DEGRADED, true, "ProgressDeadlineExceeded", c.message.clone().unwrap_or_default());
     }
     let unhealthy = workers_in(instances, WorkerState::Unhealthy);
     if !unhealthy.is_empty() {
@@ -194,7 +219,109 @@ fn degraded(problem: Option<&str>, deployment: Option<&Deployment>, instances: &
             format!("workers failing health checks: {}", unhealthy.join(", ")),
         );
     }
+    if let Some(message) = no_cpu_limit(csvc, observed) {
+        return (DEGRADED, false, NO_CPU_LIMIT, message);
+    }
     (DEGRADED, false, "AsExpected", "no worker is crash-looping or failing health checks".into())
+}
+
+/// Reason of the (not degraded) condition saying the worker count came
+/// from the node's CPUs because the container has no CPU limit.
+pub const NO_CPU_LIMIT: &str = "NoCpuLimit";
+
+/// With `count: auto`, a clusterd that found no CPU limit in its cgroup
+/// runs one worker per CPU of the node: rarely what the user meant.
+fn no_cpu_limit(csvc: &ClusteredService, observed: &Observed<'_>) -> Option<String> {
+    if csvc.spec.workers.count != WorkerCount::Auto {
+        return None;
+    }
+    let (pod, status) = observed
+        .reports
+        .iter()
+        .filter_map(|(pod, report)| Some((pod, report.as_ref().ok()?)))
+        .find(|(_, status)| status.cpu.cores.is_none())?;
+    Some(format!(
+        "the app container has no CPU limit, so clusterd used the node's CPU count: pod {pod} runs {} workers; \
+         set resources.limits.cpu on the app container (or a fixed spec.workers.count)",
+        status.desired_workers
+    ))
+}
+
+/// Why pods are missing or not running, from the Deployment's conditions
+/// and the pods' own status: the reason and the underlying message.
+pub fn pod_trouble(deployment: Option<&Deployment>, pods: &[&Pod], now: Timestamp) -> Option<(&'static str, String)> {
+    // The ReplicaSet's FailedCreate (admission, quota) is copied into the
+    // Deployment's ReplicaFailure condition.
+    if let Some(c) = deployment_condition(deployment, "ReplicaFailure").filter(|c| c.status == "True") {
+        return Some(("PodCreationFailed", c.message.clone().unwrap_or_else(|| c.reason.clone().unwrap_or_default())));
+    }
+    pods.iter().find_map(|pod| {
+        let name = pod.name_any();
+        let status = pod.status.as_ref()?;
+        let unschedulable =
+            status.conditions.iter().flatten().find(|c| {
+                c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
+            });
+        if let Some(c) = unschedulable {
+            return Some(("Unschedulable", format!("pod {name}: {}", c.message.clone().unwrap_or_default())));
+        }
+        let containers =
+            status.init_container_statuses.iter().flatten().chain(status.container_statuses.iter().flatten());
+        containers
+            .filter_map(|c| {
+                container_trouble(c, now)
+                    .map(|(reason, why)| (reason, format!("pod {name}, container {}: {why}", c.name)))
+            })
+            .min_by_key(|(reason, _)| CONTAINER_REASONS.iter().position(|r| r == reason))
+    })
+}
+
+fn deployment_condition<'a>(
+    deployment: Option<&'a Deployment>,
+    type_: &str,
+) -> Option<&'a k8s_openapi::api::apps::v1::DeploymentCondition> {
+    deployment?.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == type_)
+}
+
+/// Container reasons, most telling first.
+const CONTAINER_REASONS: [&str; 4] = ["ImagePullFailed", "ContainerCannotStart", "OOMKilled", "ContainerCrashLoop"];
+
+/// What is wrong with one container, if anything: an image that cannot be
+/// pulled, a container that cannot be created, or one that keeps exiting
+/// (with the message it left in its termination log, clusterd's own error).
+fn container_trouble(c: &ContainerStatus, now: Timestamp) -> Option<(&'static str, String)> {
+    let waiting = c.state.as_ref().and_then(|s| s.waiting.as_ref());
+    let waiting_reason = waiting.and_then(|w| w.reason.as_deref()).unwrap_or_default();
+    let waiting_message = || waiting.and_then(|w| w.message.clone()).unwrap_or_else(|| waiting_reason.to_string());
+    match waiting_reason {
+        "ErrImagePull" | "ImagePullBackOff" | "ErrImageNeverPull" | "InvalidImageName" => {
+            return Some(("ImagePullFailed", waiting_message()));
+        }
+        "CreateContainerConfigError" | "CreateContainerError" | "RunContainerError" => {
+            return Some(("ContainerCannotStart", waiting_message()));
+        }
+        _ => {}
+    }
+    // The exit to explain: the current one, or the last one while the
+    // container waits to be restarted or if it was recent (a container
+    // that crashes again and again runs in between: that is no recovery).
+    let current = c.state.as_ref().and_then(|s| s.terminated.as_ref());
+    let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()).filter(|t| {
+        waiting_reason == "CrashLoopBackOff"
+            || t.finished_at.as_ref().is_some_and(|at| now.as_second() - at.0.as_second() < RECENT_EXIT_SECONDS)
+    });
+    let exit = current
+        .filter(|t| t.exit_code != 0)
+        .or(last.filter(|t| t.exit_code != 0 || waiting_reason == "CrashLoopBackOff"))?;
+    let reason = if exit.reason.as_deref() == Some("OOMKilled") { "OOMKilled" } else { "ContainerCrashLoop" };
+    let mut why = format!("exited with code {}", exit.exit_code);
+    if let Some(r) = exit.reason.as_deref().filter(|r| !r.is_empty()) {
+        why.push_str(&format!(" ({r})"));
+    }
+    if let Some(m) = exit.message.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+        why.push_str(&format!(": {m}"));
+    }
+    Some((reason, why))
 }
 
 /// `pod/id` of every worker in `state`.
@@ -226,8 +353,10 @@ mod tests {
     use super::*;
     use crate::resources::test_support::{APP, csvc};
     use clustered_api::wire::{CpuLimit, WorkerStatus};
-    use k8s_openapi::api::apps::v1::DeploymentStatus;
-    use k8s_openapi::api::core::v1::{PodCondition, PodSpec, PodStatus};
+    use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStateWaiting, PodCondition, PodSpec, PodStatus,
+    };
 
     fn pod(name: &str, ready: bool) -> Pod {
         Pod {
@@ -385,5 +514,165 @@ mod tests {
         );
         assert_eq!(condition(&status, AVAILABLE).reason, "ScaledToZero");
         assert_eq!(condition(&status, PROGRESSING).status, "False");
+    }
+
+    fn container(name: &str, state: ContainerState, last: Option<ContainerStateTerminated>) -> ContainerStatus {
+        ContainerStatus {
+            name: name.into(),
+            state: Some(state),
+            last_state: last.map(|t| ContainerState { terminated: Some(t), ..Default::default() }),
+            restart_count: 1,
+            ..Default::default()
+        }
+    }
+
+    fn waiting(reason: &str, message: &str) -> ContainerState {
+        ContainerState {
+            waiting: Some(ContainerStateWaiting { reason: Some(reason.into()), message: Some(message.into()) }),
+            ..Default::default()
+        }
+    }
+
+    fn exited(code: i32, reason: &str, message: &str, at: i64) -> ContainerStateTerminated {
+        ContainerStateTerminated {
+            exit_code: code,
+            reason: Some(reason.into()),
+            message: Some(message.into()).filter(|m: &String| !m.is_empty()),
+            finished_at: Some(Time(Timestamp::from_second(at).expect("time"))),
+            ..Default::default()
+        }
+    }
+
+    fn pod_with(name: &str, containers: Vec<ContainerStatus>) -> Pod {
+        let mut p = pod(name, false);
+        p.status.as_mut().expect("status").container_statuses = Some(containers);
+        p
+    }
+
+    const NOW: i64 = 10_000;
+
+    fn trouble(deployment: Option<&Deployment>, pods: &[&Pod]) -> Option<(&'static str, String)> {
+        pod_trouble(deployment, pods, Timestamp::from_second(NOW).expect("now"))
+    }
+
+    #[test]
+    fn a_missing_image_is_image_pull_failed_with_the_kubelet_s_message() {
+        let p = pod_with(
+            "web-a",
+            vec![container("app", waiting("ErrImageNeverPull", "Container image \"x:1\" is not present"), None)],
+        );
+        let (reason, message) = trouble(None, &[&p]).expect("trouble");
+        assert_eq!(reason, "ImagePullFailed");
+        assert_eq!(message, "pod web-a, container app: Container image \"x:1\" is not present");
+        let backoff = pod_with("web-a", vec![container("app", waiting("ImagePullBackOff", "Back-off pulling"), None)]);
+        assert_eq!(trouble(None, &[&backoff]).expect("trouble").0, "ImagePullFailed");
+    }
+
+    #[test]
+    fn an_unschedulable_pod_says_why() {
+        let mut p = pod("web-a", false);
+        p.status.as_mut().expect("status").conditions = Some(vec![PodCondition {
+            type_: "PodScheduled".into(),
+            status: "False".into(),
+            reason: Some("Unschedulable".into()),
+            message: Some("0/1 nodes are available: 1 Insufficient cpu.".into()),
+            ..Default::default()
+        }]);
+        assert_eq!(
+            trouble(None, &[&p]),
+            Some(("Unschedulable", "pod web-a: 0/1 nodes are available: 1 Insufficient cpu.".into()))
+        );
+    }
+
+    #[test]
+    fn a_replica_failure_is_pod_creation_failed_and_comes_first() {
+        let mut d = settled_deployment(1);
+        d.status.as_mut().expect("status").conditions = Some(vec![DeploymentCondition {
+            type_: "ReplicaFailure".into(),
+            status: "True".into(),
+            reason: Some("FailedCreate".into()),
+            message: Some("pods \"web-x\" is forbidden: violates PodSecurity \"restricted:latest\"".into()),
+            ..Default::default()
+        }]);
+        let other = pod_with("web-a", vec![container("app", waiting("ErrImagePull", "nope"), None)]);
+        let (reason, message) = trouble(Some(&d), &[&other]).expect("trouble");
+        assert_eq!(reason, "PodCreationFailed");
+        assert!(message.contains("violates PodSecurity"), "{message}");
+    }
+
+    #[test]
+    fn a_crash_loop_carries_clusterd_s_own_message() {
+        let last = exited(127, "Error", "cannot run \"/no/such/binary\": No such file or directory (os error 2)", NOW);
+        let p = pod_with("web-a", vec![container("app", waiting("CrashLoopBackOff", "back-off 10s"), Some(last))]);
+        let (reason, message) = trouble(None, &[&p]).expect("trouble");
+        assert_eq!(reason, "ContainerCrashLoop");
+        assert_eq!(
+            message,
+            "pod web-a, container app: exited with code 127 (Error): cannot run \"/no/such/binary\": No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn an_oom_kill_is_oom_killed_until_the_container_has_run_a_while() {
+        let running = ContainerState { running: Some(Default::default()), ..Default::default() };
+        let oom =
+            |at| pod_with("web-a", vec![container("app", running.clone(), Some(exited(137, "OOMKilled", "", at)))]);
+        let recent = oom(NOW - 30);
+        assert_eq!(
+            trouble(None, &[&recent]),
+            Some(("OOMKilled", "pod web-a, container app: exited with code 137 (OOMKilled)".into()))
+        );
+        // Still counted while it runs between kills: no false recovery.
+        let mut ready = oom(NOW - 30);
+        ready.status.as_mut().expect("status").container_statuses.as_mut().expect("containers")[0].ready = true;
+        assert_eq!(trouble(None, &[&ready]).map(|t| t.0), Some("OOMKilled"));
+        // Long ago, and running since: fine.
+        let old = oom(NOW - RECENT_EXIT_SECONDS - 1);
+        assert_eq!(trouble(None, &[&old]), None);
+    }
+
+    #[test]
+    fn healthy_and_starting_containers_are_no_trouble() {
+        let running = ContainerState { running: Some(Default::default()), ..Default::default() };
+        let fine = pod_with("web-a", vec![container("app", running, None)]);
+        let starting = pod_with("web-b", vec![container("app", waiting("ContainerCreating", ""), None)]);
+        assert_eq!(trouble(Some(&settled_deployment(2)), &[&fine, &starting]), None);
+    }
+
+    #[test]
+    fn pod_trouble_outranks_workers_and_reconcile_errors_outrank_both() {
+        let cr = csvc(APP);
+        let p = pod_with("web-a", vec![container("app", waiting("ErrImagePull", "no such image"), None)]);
+        let reports = BTreeMap::from([("web-a".to_string(), report(&[WorkerState::CrashLoop]))]);
+        let d = settled_deployment(1);
+        let mut observed = Observed { deployment: Some(&d), pods: vec![&p], reports: &reports, problem: None };
+        let status = compute(&cr, &observed, Timestamp::UNIX_EPOCH);
+        assert_eq!(condition(&status, DEGRADED).reason, "ImagePullFailed");
+
+        observed.problem = Some(Problem::ReconcileError("applying the Service: exceeded quota".into()));
+        let status = compute(&cr, &observed, Timestamp::UNIX_EPOCH);
+        let degraded = condition(&status, DEGRADED);
+        assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "ReconcileError"));
+        assert_eq!(degraded.message, "applying the Service: exceeded quota");
+    }
+
+    #[test]
+    fn no_cpu_limit_is_said_when_clusterd_used_the_node_s_cpus() {
+        let a = pod("web-a", true);
+        let mut unlimited = report(&[WorkerState::Ready, WorkerState::Ready]);
+        if let Ok(status) = unlimited.as_mut() {
+            status.cpu = CpuLimit { cores: None, source: "affinity".into() };
+        }
+        let reports = BTreeMap::from([("web-a".to_string(), unlimited)]);
+        let d = settled_deployment(1);
+        let observed = Observed { deployment: Some(&d), pods: vec![&a], reports: &reports, problem: None };
+        let status = compute(&csvc(APP), &observed, Timestamp::UNIX_EPOCH);
+        let degraded = condition(&status, DEGRADED);
+        assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("False", NO_CPU_LIMIT));
+        assert!(degraded.message.contains("node's CPU count: pod web-a runs 2 workers"), "{}", degraded.message);
+
+        // A fixed worker count does not depend on the CPUs.
+        let fixed = csvc(&format!("  workers: {{count: 2}}\n{APP}"));
+        assert_eq!(condition(&compute(&fixed, &observed, Timestamp::UNIX_EPOCH), DEGRADED).reason, "AsExpected");
     }
 }

@@ -16,6 +16,7 @@ pub mod supervisor;
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -68,7 +69,9 @@ pub fn main_entry() -> ExitCode {
         return match install_self(dest) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("clusterd: cannot install to {}: {e}", dest.display());
+                let message = format!("cannot install to {}: {e}", dest.display());
+                eprintln!("clusterd: {message}");
+                write_termination_message(Path::new(TERMINATION_LOG), &message);
                 ExitCode::from(exit::INTERNAL)
             }
         };
@@ -92,11 +95,32 @@ pub fn main_entry() -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("clusterd: {e}");
+            write_termination_message(Path::new(TERMINATION_LOG), &e.to_string());
             e.exit_code()
         }
     };
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     ExitCode::from(code)
+}
+
+/// Where Kubernetes reads a container's last words (its default
+/// `terminationMessagePath`): they become `lastState.terminated.message`,
+/// which the operator puts in the ClusteredService's status.
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
+
+/// Writes clusterd's fatal error to `path` if that file exists (Kubernetes
+/// mounts it); never creates it, so outside Kubernetes nothing is written.
+pub fn write_termination_message(path: &Path, message: &str) {
+    use std::io::Write;
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(message.as_bytes()));
+    match written {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => eprintln!("clusterd: cannot write {}: {e}", path.display()),
+        _ => {}
+    }
 }
 
 /// Copies this binary to `dest` (an init container fills a shared volume
@@ -271,7 +295,22 @@ fn become_subreaper() {
 
 #[cfg(test)]
 mod tests {
-    use super::runtime_threads;
+    use super::{runtime_threads, write_termination_message};
+
+    #[test]
+    fn the_fatal_error_goes_to_an_existing_termination_log_only() {
+        let dir = std::env::temp_dir().join(format!("clusterd-termlog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let log = dir.join("termination-log");
+        std::fs::write(&log, "an older, longer message").expect("log file");
+        write_termination_message(&log, "cannot run \"/no/such/binary\"");
+        assert_eq!(std::fs::read_to_string(&log).expect("read"), "cannot run \"/no/such/binary\"");
+
+        let missing = dir.join("not-mounted");
+        write_termination_message(&missing, "anything");
+        assert!(!missing.exists(), "outside Kubernetes nothing is created");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 
     #[test]
     fn one_runtime_thread_per_two_cpus_of_the_limit() {

@@ -19,7 +19,7 @@ pub use extras::{hpa, pod_disruption_budget, service};
 /// Label that ties every child object and pod to its ClusteredService.
 pub const SERVICE_LABEL: &str = "clustered.dev/service";
 
-/// Field manager for every server-side apply the operator makes.
+/// Field manager of every write the operator makes.
 pub const MANAGER: &str = "clustered-operator";
 
 /// Settings of the operator that shape the children, not the CR.
