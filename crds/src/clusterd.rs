@@ -357,8 +357,9 @@ mod tests {
         assert_eq!(exact, RouteSpec { matcher: RouteMatch::Exact("/".into()), workers: 1 });
         assert_eq!(exact.pool_name(), "=/");
         assert_eq!(exact.to_arg(), "--route-exact=/=1");
-        // The last `=` splits, so a path may contain one.
-        assert_eq!(RouteSpec::parse_prefix("/a=b=3").map(|r| r.pool_name()), Ok("/a=b".into()));
+        // The first `=` splits; the CRD allows no `=` or white space in a path.
+        assert!(RouteSpec::parse_prefix("/a=1=2").is_err());
+        assert!(RouteSpec::parse_prefix("/a b=1").is_err());
         assert!(RouteSpec::parse_prefix("report=2").is_err());
         assert!(RouteSpec::parse_prefix("/a=0").is_err());
         assert!(RouteSpec::parse_exact("/a").is_err());
