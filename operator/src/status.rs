@@ -203,7 +203,18 @@ fn degraded(
     }
     let crash_looping = workers_in(instances, WorkerState::CrashLoop);
     if !crash_looping.is_empty() {
-        return (DEGRADED, true, "WorkerCrashLoop", format!("workers crash-looping: {}", crash_looping.join(", ")));
+        let mut message = format!("workers crash-looping: {}", crash_looping.join(", "));
+        // clusterd's account of the last exit says what the app missed
+        // (e.g. what inherit or reuseport mode needs from it).
+        let last_exit = instances
+            .iter()
+            .flat_map(|i| &i.workers)
+            .find(|w| w.state == WorkerState::CrashLoop)
+            .and_then(|w| w.last_exit.as_deref());
+        if let Some(exit) = last_exit {
+            message.push_str(&format!("; last exit: {exit}"));
+        }
+        return (DEGRADED, true, "WorkerCrashLoop", message);
     }
     let stalled = deployment_condition(observed.deployment, "Progressing")
         .filter(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
@@ -446,7 +457,11 @@ mod tests {
     fn crash_loop_degrades_and_names_the_worker() {
         let cr = csvc(APP);
         let a = pod("web-a", true);
-        let reports = BTreeMap::from([("web-a".to_string(), report(&[WorkerState::Ready, WorkerState::CrashLoop]))]);
+        let mut looping = report(&[WorkerState::Ready, WorkerState::CrashLoop]);
+        if let Ok(r) = &mut looping {
+            r.workers[1].last_exit = Some("exit code 1 before it was ready: inherit mode passes …".into());
+        }
+        let reports = BTreeMap::from([("web-a".to_string(), looping)]);
         let d = settled_deployment(1);
         let status = compute(
             &cr,
@@ -456,6 +471,7 @@ mod tests {
         let degraded = condition(&status, DEGRADED);
         assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "WorkerCrashLoop"));
         assert!(degraded.message.contains("web-a/1"), "{}", degraded.message);
+        assert!(degraded.message.ends_with("; last exit: exit code 1 before it was ready: inherit mode passes …"));
         assert_eq!(status.workers, WorkerTotals { desired: 2, ready: 1 });
     }
 
