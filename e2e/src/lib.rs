@@ -60,9 +60,70 @@ impl Cluster {
     }
 
     async fn connect(kubeconfig: PathBuf, bin_dir: PathBuf) -> anyhow::Result<Cluster> {
-        let config =
-            Config::from_custom_kubeconfig(Kubeconfig::read_from(&kubeconfig)?, &KubeConfigOptions::default()).await?;
+        let config = Self::config_of(&kubeconfig).await?;
         Ok(Cluster { client: Client::try_from(config)?, kubeconfig, bin_dir })
+    }
+
+    async fn config_of(kubeconfig: &Path) -> anyhow::Result<Config> {
+        Ok(Config::from_custom_kubeconfig(Kubeconfig::read_from(kubeconfig)?, &KubeConfigOptions::default()).await?)
+    }
+
+    /// The client configuration of the admin kubeconfig.
+    pub async fn config(&self) -> anyhow::Result<Config> {
+        Self::config_of(&self.kubeconfig).await
+    }
+
+    /// Kills a control-plane component (`etcd`, `kube-apiserver`) with
+    /// SIGKILL, leaves it down for `down_for`, then restarts it with
+    /// `e2e/cluster/up`. Returns when the API server's `/readyz` answers
+    /// again, with the instant it did; the returned [`Restore`] must be
+    /// awaited to know that `up` finished (it runs on even if the test
+    /// fails first, so the cluster is restored either way).
+    pub async fn restart_component(
+        &self,
+        component: &str,
+        down_for: Duration,
+    ) -> anyhow::Result<(tokio::time::Instant, Restore)> {
+        let state = PathBuf::from(std::env::var("CLUSTERED_STATE").unwrap_or_else(|_| "/var/lib/clustered".into()));
+        let pid = std::fs::read_to_string(state.join(format!("pids/{component}.pid")))
+            .with_context(|| format!("{component} has no pid file: is the cluster up?"))?;
+        let pid = pid.trim();
+        let exe = std::fs::read_to_string(state.join(format!("pids/{component}.exe")))?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains(exe.trim()) {
+            bail!("pid {pid} is not {component} ({exe})");
+        }
+        let killed = Command::new("kill").args(["-KILL", pid]).status()?;
+        if !killed.success() {
+            bail!("kill -KILL {pid} ({component}) failed");
+        }
+        tokio::time::sleep(down_for).await;
+        // A process of its own: it finishes restoring the cluster even if
+        // this test panics meanwhile.
+        let up = Command::new(repo_root().join("e2e/cluster/up"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .context("running e2e/cluster/up")?;
+        let restore = Restore(tokio::task::spawn_blocking(move || up.wait_with_output()));
+        let mut config = self.config().await?;
+        config.default_retry = false;
+        let started = tokio::time::Instant::now();
+        loop {
+            // A new client each time: no connection of the killed server.
+            let probe = async {
+                let client = Client::try_from(config.clone())?;
+                client.request_text(hyper::Request::get("/readyz").body(Vec::new())?).await?;
+                anyhow::Ok(())
+            };
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), probe).await {
+                return Ok((tokio::time::Instant::now(), restore));
+            }
+            if started.elapsed() > Duration::from_secs(300) {
+                bail!("the API server did not come back within 300 s after restarting {component}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Applies the checked-in CRD (the one users install) and waits until
@@ -170,39 +231,59 @@ impl Cluster {
     }
 }
 
+/// `e2e/cluster/up` restarting what [`Cluster::restart_component`] killed.
+pub struct Restore(tokio::task::JoinHandle<std::io::Result<std::process::Output>>);
+
+impl Restore {
+    /// Waits until `up` has finished; fails if it failed.
+    pub async fn finished(self) -> anyhow::Result<()> {
+        let output = self.0.await??;
+        if !output.status.success() {
+            bail!("e2e/cluster/up failed ({}): the cluster is not restored", output.status);
+        }
+        Ok(())
+    }
+}
+
 /// The operator, run in this process against the cluster and scoped to one
 /// namespace, so tests running in parallel do not share it.
 pub struct Operator {
     /// Its metrics, to check what it did (e.g. how many status writes).
     pub metrics: std::sync::Arc<clustered_operator::metrics::Metrics>,
+    /// Which of its watches are failing.
+    pub watches: std::sync::Arc<clustered_operator::watches::WatchHealth>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Operator {
     pub async fn start(cluster: &Cluster, namespace: &str) -> anyhow::Result<Operator> {
-        use clustered_operator::{controller, metrics::Metrics, probe::Prober, resources::Settings};
+        use clustered_operator::{controller, metrics::Metrics, probe::Prober, resources::Settings, watches};
         use kube::runtime::events::{Recorder, Reporter};
 
         let metrics = std::sync::Arc::new(Metrics::new(&mut prometheus_client::registry::Registry::default()));
+        let health = std::sync::Arc::new(watches::WatchHealth::default());
+        // Its own client, built as the operator's main builds it: no
+        // connection or retry policy shared with the test's client.
+        let client = watches::client(cluster.config().await?)?;
         let reporter = Reporter { controller: "clustered-operator".into(), instance: Some(format!("e2e-{namespace}")) };
         let config = controller::Config {
             namespace: Some(namespace.to_string()),
             settings: Settings::default(),
             prober: Prober::new(8, Duration::from_secs(2)),
-            recorder: Recorder::new(cluster.client.clone(), reporter),
+            recorder: Recorder::new(client.clone(), reporter),
             metrics: metrics.clone(),
             status_interval: Duration::from_secs(2),
+            watches: health.clone(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let client = cluster.client.clone();
         let task = tokio::spawn(async move {
             controller::run(client, config, async move {
                 let _ = stopped.await;
             })
             .await;
         });
-        Ok(Operator { metrics, stop: Some(stop), task })
+        Ok(Operator { metrics, watches: health, stop: Some(stop), task })
     }
 
     /// Stops gracefully, letting running reconciles finish.

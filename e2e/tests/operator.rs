@@ -223,3 +223,57 @@ async fn a_restart_mid_reconcile_converges_without_duplicates() -> anyhow::Resul
     operator.stop().await;
     cluster.delete_namespace(&ns).await
 }
+
+#[tokio::test]
+async fn a_restarted_operator_writes_no_false_outage() -> anyhow::Result<()> {
+    let cluster = Cluster::get().await?;
+    cluster.require_images(&["clustered.dev/clusterd:dev", "clustered.dev/demo-app:dev"]).await?;
+    let ns = cluster.namespace("op-no-outage").await?;
+    let csvcs: Api<ClusteredService> = Api::namespaced(cluster.client.clone(), &ns);
+    let mut operator = Operator::start(&cluster, &ns).await?;
+    csvcs.create(&PostParams::default(), &demo("steady", 1, 1)).await?;
+    let healthy = |status: &clustered_api::v1alpha1::ClusteredServiceStatus| {
+        status.ready_replicas == 1 && status.conditions.iter().any(|c| c.type_ == "Available" && c.status == "True")
+    };
+    wait_for(POD_START, "1 ready pod, available", || async {
+        Ok(csvcs.get("steady").await?.status.is_some_and(|s| healthy(&s)))
+    })
+    .await?;
+
+    // Every status written from now on, as a watch of the object sees it.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorder = {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, watcher};
+        let (csvcs, seen) = (csvcs.clone(), seen.clone());
+        tokio::spawn(async move {
+            let config = watcher::Config::default().fields("metadata.name=steady");
+            watcher(csvcs, config)
+                .applied_objects()
+                .for_each(|csvc| {
+                    if let Ok(status) = csvc.map(|c| c.status) {
+                        seen.lock().unwrap_or_else(|p| p.into_inner()).push(status);
+                    }
+                    std::future::ready(())
+                })
+                .await;
+        })
+    };
+    // Restarted several times: whether the first reconcile runs before the
+    // Pod and Deployment caches are listed is a race.
+    for _ in 0..5 {
+        operator.stop().await;
+        operator = Operator::start(&cluster, &ns).await?;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+    recorder.abort();
+    let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));
+    assert!(!seen.is_empty(), "the watch saw the object");
+    for status in &seen {
+        let status = status.as_ref().expect("a status");
+        assert!(healthy(status), "a restarted operator wrote a false outage: {status:#?}");
+    }
+
+    operator.stop().await;
+    cluster.delete_namespace(&ns).await
+}

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self as kube_controller, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
@@ -26,12 +26,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics::{ErrorLabel, Metrics, ResultLabel};
 use crate::probe::Prober;
 use crate::resources::{self, MANAGER, SERVICE_LABEL, Settings};
 use crate::status::{self, DEGRADED, NO_CPU_LIMIT, Observed, Problem};
+use crate::watches::{self, WatchHealth};
 
 /// Annotation older operators kept their applied state in; dropped from
 /// children as they are rewritten (the live object is compared instead).
@@ -94,6 +95,23 @@ struct Stores {
     hpas: Store<HorizontalPodAutoscaler>,
 }
 
+impl Stores {
+    /// Waits until every store has been listed once. The controller keeps
+    /// polling the watches meanwhile; it already holds reconciles until the
+    /// ClusteredService store is listed, but not until the children's are.
+    /// False only when a watch was dropped first (the controller stops).
+    async fn synced(&self) -> bool {
+        futures::try_join!(
+            self.pods.wait_until_ready(),
+            self.deployments.wait_until_ready(),
+            self.services.wait_until_ready(),
+            self.pdbs.wait_until_ready(),
+            self.hpas.wait_until_ready(),
+        )
+        .is_ok()
+    }
+}
+
 /// Per-object bookkeeping that lives only in this process.
 #[derive(Default)]
 struct Memory {
@@ -135,11 +153,13 @@ pub struct Config {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub status_interval: Duration,
+    /// Where the watches report failures (read by the liveness probe).
+    pub watches: Arc<WatchHealth>,
 }
 
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let Config { namespace, settings, prober, recorder, metrics, status_interval } = config;
+    let Config { namespace, settings, prober, recorder, metrics, status_interval, watches } = config;
     let ours = watcher::Config::default().labels(SERVICE_LABEL);
 
     // Status writes do not change the generation, so they do not trigger
@@ -147,23 +167,27 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
     let memory = Arc::new(Bookkeeping { objects: Mutex::default(), tracked: metrics.tracked_objects.clone() });
     let forget = Arc::clone(&memory);
     let (csvc_reader, csvc_writer) = reflector::store();
-    let csvcs =
-        watcher(scoped::<ClusteredService>(&client, namespace.as_deref()), watcher::Config::default().any_semantic())
-            .default_backoff()
-            .reflect(csvc_writer)
-            .inspect_ok(move |event| {
-                if let watcher::Event::Delete(csvc) = event {
-                    forget.forget(csvc);
-                }
-            })
-            .applied_objects()
-            .predicate_filter(predicates::generation, Default::default());
+    let csvcs = watches::watch(
+        scoped::<ClusteredService>(&client, namespace.as_deref()),
+        watcher::Config::default().any_semantic(),
+        &watches,
+    )
+    .reflect(csvc_writer)
+    .inspect_ok(move |event| {
+        if let watcher::Event::Delete(csvc) = event {
+            forget.forget(csvc);
+        }
+    })
+    .applied_objects()
+    .predicate_filter(predicates::generation, Default::default());
 
-    let (pods, pod_events) = reflect(scoped::<Pod>(&client, namespace.as_deref()), ours.clone());
-    let (deployments, deployment_events) = reflect(scoped::<Deployment>(&client, namespace.as_deref()), ours.clone());
-    let (services, service_events) = reflect(scoped::<Service>(&client, namespace.as_deref()), ours.clone());
-    let (pdbs, pdb_events) = reflect(scoped::<PodDisruptionBudget>(&client, namespace.as_deref()), ours.clone());
-    let (hpas, hpa_events) = reflect(scoped::<HorizontalPodAutoscaler>(&client, namespace.as_deref()), ours);
+    let (pods, pod_events) = reflect(&watches, scoped::<Pod>(&client, namespace.as_deref()), ours.clone());
+    let (deployments, deployment_events) =
+        reflect(&watches, scoped::<Deployment>(&client, namespace.as_deref()), ours.clone());
+    let (services, service_events) = reflect(&watches, scoped::<Service>(&client, namespace.as_deref()), ours.clone());
+    let (pdbs, pdb_events) =
+        reflect(&watches, scoped::<PodDisruptionBudget>(&client, namespace.as_deref()), ours.clone());
+    let (hpas, hpa_events) = reflect(&watches, scoped::<HorizontalPodAutoscaler>(&client, namespace.as_deref()), ours);
 
     let ctx = Arc::new(Context {
         client,
@@ -187,11 +211,7 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
         })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                warn!(error = %e, "reconcile failed");
-            }
-        })
+        .for_each(|result| async move { log_outcome(result) })
         .await;
 }
 
@@ -207,14 +227,32 @@ where
 }
 
 /// A store of `K` and the stream that fills it.
-fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send)
+fn reflect<K>(
+    health: &Arc<WatchHealth>,
+    api: Api<K>,
+    config: watcher::Config,
+) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + use<K>)
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
     // Deletions too: a deleted child is re-created, and a deleted pod
     // leaves the status, without waiting for a resync.
-    (reader, watcher(api, config).default_backoff().reflect(writer).touched_objects())
+    (reader, watches::watch(api, config, health).reflect(writer).touched_objects())
+}
+
+type RunResult = Result<(ObjectRef<ClusteredService>, Action), kube_controller::Error<Error, watcher::Error>>;
+
+/// Logs what the controller reports. Watch failures are logged (once per
+/// episode) where they happen; a trigger for a ClusteredService that was
+/// just deleted (its children's deletions) is expected.
+fn log_outcome(result: RunResult) {
+    match result {
+        Ok(_) => {}
+        Err(kube_controller::Error::ObjectNotFound(object)) => debug!(%object, "trigger for a deleted object"),
+        Err(kube_controller::Error::QueueError(e)) => debug!(error = %e, "watch failed"),
+        Err(e) => warn!(error = %e, "reconcile failed"),
+    }
 }
 
 async fn reconcile(csvc: Arc<ClusteredService>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -230,6 +268,11 @@ async fn reconcile(csvc: Arc<ClusteredService>, ctx: Arc<Context>) -> Result<Act
 }
 
 async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Action, Error> {
+    // The status is computed from every store: one that has not been
+    // listed yet would show pods or the Deployment as missing.
+    if !ctx.stores.synced().await {
+        return Ok(Action::await_change());
+    }
     if csvc.metadata.deletion_timestamp.is_some() {
         // Children carry owner references: the garbage collector removes them.
         return Ok(Action::await_change());

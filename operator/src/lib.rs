@@ -5,6 +5,7 @@
 //! * [`status`]: observed state, a pure function of pods and clusterd reports.
 //! * [`probe`]: asks each pod's clusterd for its `/status`.
 //! * [`controller`]: the kube-runtime Controller that ties them together.
+//! * [`watches`]: the API client and watches that survive API server restarts.
 //! * [`leader`], [`server`], [`metrics`]: running it as a service.
 
 pub mod controller;
@@ -14,3 +15,4 @@ pub mod probe;
 pub mod resources;
 pub mod server;
 pub mod status;
+pub mod watches;

@@ -1,12 +1,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use clustered_operator::{controller, leader::Elector, metrics::Metrics, probe::Prober, resources::Settings, server};
-use kube::Client;
+use clustered_operator::{
+    controller, leader::Elector, metrics::Metrics, probe::Prober, resources::Settings, server, watches,
+};
 use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
 use tracing::{error, info};
@@ -57,12 +58,16 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args.log_format);
-    let client = Client::try_default().await.context("no Kubernetes configuration (in-cluster or kubeconfig)")?;
+    let kube_config = kube::Config::infer().await.context("no Kubernetes configuration (in-cluster or kubeconfig)")?;
+    let client = watches::client(kube_config.clone()).context("building the Kubernetes client")?;
 
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
-    let health = Arc::new(server::Health { ready: false.into() });
+    let watch_health = Arc::new(watches::WatchHealth::default());
+    let live = Arc::new(AtomicBool::new(true));
+    let health = Arc::new(server::Health { ready: false.into(), live: live.clone() });
     let server = tokio::spawn(server::serve(args.listen, Arc::new(registry), health.clone()));
+    let watchdog = tokio::spawn(watches::watchdog(watch_health.clone(), kube_config, live));
 
     // One shutdown flag for the whole process: a SIGTERM that arrives while
     // this replica is still waiting for the lease must not be forgotten.
@@ -116,7 +121,15 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let status_interval = Duration::from_secs(args.status_interval_seconds);
-    let config = controller::Config { namespace: args.namespace, settings, prober, recorder, metrics, status_interval };
+    let config = controller::Config {
+        namespace: args.namespace,
+        settings,
+        prober,
+        recorder,
+        metrics,
+        status_interval,
+        watches: watch_health,
+    };
     let run = controller::run(client, config, shutdown);
     tokio::select! {
         () = run => {}
@@ -126,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
         elector.release().await;
     }
     server.abort();
+    watchdog.abort();
     Ok(())
 }
 

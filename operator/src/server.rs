@@ -19,6 +19,10 @@ pub struct Health {
     /// Set once the replica is either leading with its caches started or
     /// waiting as a standby: both are fit to receive a rollout's traffic.
     pub ready: AtomicBool,
+    /// Cleared while a watch does not recover although the API server
+    /// answers (see [`crate::watches::watchdog`]): Kubernetes then
+    /// restarts the operator.
+    pub live: Arc<AtomicBool>,
 }
 
 pub async fn serve(addr: SocketAddr, registry: Arc<Registry>, health: Arc<Health>) -> std::io::Result<()> {
@@ -43,7 +47,11 @@ pub async fn serve(addr: SocketAddr, registry: Arc<Registry>, health: Arc<Health
 
 fn route(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/healthz" if health.live.load(Ordering::Relaxed) => text(StatusCode::OK, "ok\n".into()),
+        "/healthz" => text(StatusCode::SERVICE_UNAVAILABLE, "watches do not recover\n".into()),
+        "/readyz" if !health.live.load(Ordering::Relaxed) => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "watches do not recover\n".into())
+        }
         "/readyz" if health.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n".into()),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into()),
         "/metrics" => {
