@@ -210,12 +210,18 @@ async fn status_explains_every_missing_pod_and_reconcile_error() -> anyhow::Resu
             let what = format!("{name}: Degraded reason {} with an Event", case.reason);
             wait_for(Duration::from_secs(60), &what, || async {
                 let current = csvcs.get(&name).await?;
-                let shown = degraded(&current).is_some_and(|c| {
+                let condition = degraded(&current);
+                let shown = condition.is_some_and(|c| {
                     c.reason == case.reason
                         && c.status == if case.degraded { "True" } else { "False" }
                         && c.message.contains(case.message)
                 });
-                Ok(shown && !events_about(&events, &name, case.reason).await?.is_empty())
+                if !shown {
+                    // Said if the wait times out.
+                    let seen = condition.map(|c| format!("{} {}: {}", c.status, c.reason, c.message));
+                    anyhow::bail!("Degraded is {seen:?}");
+                }
+                Ok(!events_about(&events, &name, case.reason).await?.is_empty())
             })
             .await
         }

@@ -45,6 +45,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How soon to look again when the cache was behind the API server.
 const STALE_RETRY: Duration = Duration::from_secs(1);
 
+/// Longest a reconcile may take: a few API requests and a probe of each
+/// pod's clusterd (each bounded by the probe timeout).
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A status write at most this often per ClusteredService.
 const STATUS_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -61,6 +65,8 @@ pub enum Error {
     NoNamespace,
     #[error("cannot encode a child object: {0}")]
     Encode(#[source] serde_json::Error),
+    #[error("the reconcile took longer than {0:?} (an API request hung); retrying")]
+    Timeout(Duration),
 }
 
 impl Error {
@@ -69,6 +75,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::NoNamespace => "no_namespace",
             Error::Encode(_) => "encode",
+            Error::Timeout(_) => "timeout",
         }
     }
 }
@@ -257,7 +264,11 @@ fn log_outcome(result: RunResult) {
 
 async fn reconcile(csvc: Arc<ClusteredService>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let result = reconcile_inner(&csvc, &ctx).await;
+    // A hung request must not stall this object for good: the retry sends
+    // new requests.
+    let result = tokio::time::timeout(RECONCILE_TIMEOUT, reconcile_inner(&csvc, &ctx))
+        .await
+        .unwrap_or(Err(Error::Timeout(RECONCILE_TIMEOUT)));
     ctx.metrics.observe_duration(started.elapsed());
     let outcome = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics.reconciles.get_or_create(&ResultLabel { result: outcome }).inc();
