@@ -50,12 +50,22 @@ bin_dir() { "$CLUSTER_DIR/build" | tail -n 1; }
 
 # pid_of NAME: print the pid of a running component we started, or fail.
 pid_of() {
-	local f="$PIDS/$1.pid" pid
+	local f="$PIDS/$1.pid" pid exe p
 	[[ -f $f ]] || return 1
 	pid=$(<"$f")
-	[[ -n $pid && -d /proc/$pid ]] || return 1
+	exe=$(<"$PIDS/$1.exe")
 	# Guard against pid reuse: the process must still be our binary.
-	grep -qa -- "$(<"$PIDS/$1.exe")" "/proc/$pid/cmdline" 2>/dev/null || return 1
+	if ! [[ -n $pid && -d /proc/$pid ]] || ! grep -qa -- "$exe" "/proc/$pid/cmdline" 2>/dev/null; then
+		# setsid(1) forks when it starts as a process group leader, and the
+		# component then runs under the child's pid: adopt the process of
+		# that binary whose stdout is this component's log.
+		pid=
+		for p in $(pgrep -f -- "$exe"); do
+			[[ $(readlink "/proc/$p/fd/1" 2>/dev/null) == "$LOGS/$1.log" ]] && pid=$p && break
+		done
+		[[ -n $pid ]] || return 1
+		echo "$pid" >"$f"
+	fi
 	echo "$pid"
 }
 
