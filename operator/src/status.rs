@@ -483,15 +483,15 @@ mod tests {
             BTreeMap::from([("web-a".to_string(), r)])
         };
         let d = settled_deployment(1);
-        let now = Timestamp::from_second(1_000_000).unwrap();
-        let recent = oom_at(Timestamp::from_second(1_000_000 - 60).unwrap());
+        let now = Timestamp::from_second(1_000_000).expect("time");
+        let recent = oom_at(Timestamp::from_second(1_000_000 - 60).expect("time"));
         let status =
             compute(&cr, &Observed { deployment: Some(&d), pods: vec![&a], reports: &recent, problem: None }, now);
         let degraded = condition(&status, DEGRADED);
         assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "OOMKilled"));
         assert!(degraded.message.starts_with("pod web-a, worker 1: OOM killed"), "{}", degraded.message);
 
-        let old = oom_at(Timestamp::from_second(1_000_000 - RECENT_EXIT_SECONDS - 1).unwrap());
+        let old = oom_at(Timestamp::from_second(1_000_000 - RECENT_EXIT_SECONDS - 1).expect("time"));
         let status =
             compute(&cr, &Observed { deployment: Some(&d), pods: vec![&a], reports: &old, problem: None }, now);
         assert_eq!(condition(&status, DEGRADED).status, "False", "an OOM kill long ago is history");
