@@ -182,6 +182,20 @@ async fn status_explains_every_missing_pod_and_reconcile_error() -> anyhow::Resu
             message: r#"cannot run "/no/such/binary""#,
         },
         Case {
+            // A worker that outgrows the container's 128Mi: the kernel
+            // kills the worker, the container lives on.
+            csvc: csvc("worker-oom", 1, |v| {
+                v.pointer_mut(app).expect("app")["command"] = serde_json::json!([
+                    "node",
+                    "-e",
+                    "const h = []; setInterval(() => h.push(Buffer.alloc(8 << 20, 1)), 20)"
+                ])
+            }),
+            reason: "OOMKilled",
+            degraded: true,
+            message: "worker 0: OOM killed",
+        },
+        Case {
             // The CRD lets the pod template through; the Deployment's
             // validation refuses it.
             csvc: csvc("refused", 0, |v| v["spec"]["template"]["spec"]["restartPolicy"] = "Never".into()),
