@@ -259,6 +259,9 @@ impl Supervisor {
         setup.env.push(("CLUSTERD_WORKERS".into(), workers.to_string()));
         setup.env.push(("CLUSTERD_POOL".into(), slot.pool.to_string()));
         setup.env.push(("CLUSTERD_PORT_MODE".into(), self.config.port_mode.as_str().into()));
+        if let Some((key, token)) = crate::lifeline::cookie() {
+            setup.env.push((key.into(), token.into()));
+        }
         let addr = match &self.port {
             PortSetup::Proxy { .. } => {
                 let port = free_loopback_port()?;
@@ -809,7 +812,9 @@ fn stop_orphans(step: OrphanStop, now: Instant) -> OrphanStop {
     if step == OrphanStop::Done {
         return step;
     }
-    let orphans = orphans::children_of(std::process::id());
+    let mut orphans = orphans::children_of(std::process::id());
+    // The lifeline is clusterd's own child, not something a worker left.
+    orphans.retain(|&pid| Some(pid) != crate::lifeline::pid());
     if orphans.is_empty() {
         return OrphanStop::Done;
     }
