@@ -13,7 +13,7 @@
 //! Jenkins' process tree killer, every worker gets an environment cookie
 //! (`CLUSTERD_LIFELINE=<token>`) that its descendants inherit whatever group
 //! or session they move to, and a tiny process forked before anything else
-//! (single-threaded, so it may allocate) waits on a pipe whose only write
+//! (single-threaded, so it may allocate) blocks reading a pipe whose only write
 //! end clusterd holds. The kernel closes that end however clusterd dies;
 //! the lifeline then SIGKILLs every process whose environment holds the
 //! cookie, until none is left, and exits. Not found: processes that cleared
