@@ -82,7 +82,8 @@ pub fn cookie() -> Option<(&'static str, &'static str)> {
 
 /// The lifeline process: waits for clusterd to be gone, sweeps, exits.
 fn watch(read_end: OwnedFd, token: &str) -> ! {
-    let _ = nix::sys::prctl::set_name(c"clusterd-lifelin");
+    // What ps shows (the kernel keeps 15 bytes of it).
+    let _ = nix::sys::prctl::set_name(c"clusterd-lifeln");
     // Signals meant for clusterd (a terminal's Ctrl-C reaches the whole
     // foreground group) must not take the lifeline before it is needed.
     for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGPIPE] {

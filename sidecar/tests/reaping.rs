@@ -110,7 +110,9 @@ fn sigkilled_clusterd_takes_its_workers_along() {
 #[test]
 fn sigterm_leaves_no_process_a_worker_started_behind() {
     let _serial = serial();
-    let mut clusterd = Launch::misbehaving(&["--workers", "1"]).start();
+    let entry = format!("LIFELINE_TEST={}-{}", std::process::id(), free_port());
+    let (key, value) = entry.split_once('=').expect("entry");
+    let mut clusterd = Launch::misbehaving(&["--workers", "1"]).env(key, value).start();
     clusterd.wait_ready(1);
     let response = get(clusterd.port, "/grandchild", Duration::from_secs(10)).expect("request");
     let daemon: u32 = String::from_utf8_lossy(&response.body).parse().expect("the daemon's pid");
@@ -119,6 +121,8 @@ fn sigterm_leaves_no_process_a_worker_started_behind() {
     clusterd.signal(Signal::SIGTERM);
     assert_eq!(clusterd.wait_exit(SLOW).code(), Some(0), "logs:\n{}", clusterd.logs());
     wait_until("the daemon to be gone", Duration::from_secs(5), || !process_alive(daemon));
+    // Nothing of clusterd's is left either (its lifeline exits with it).
+    wait_until("no process of the tree to be left", Duration::from_secs(5), || marked(&entry).is_empty());
 }
 
 /// The processes whose environment holds `entry` (zombies have none),
