@@ -46,6 +46,10 @@ pub struct CpuLimit {
     pub source: String,
 }
 
+/// How [`WorkerStatus::last_exit`] starts for a worker the kernel's OOM
+/// killer stopped.
+pub const OOM_KILLED: &str = "OOM killed";
+
 /// One worker slot. The id is stable across restarts of the slot.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
@@ -56,7 +60,9 @@ pub struct WorkerStatus {
     pub state: WorkerState,
     /// How many times this slot's process has been replaced after exiting.
     pub restarts: u32,
-    /// How the previous process ended, e.g. `exit code 1` or `killed by SIGKILL`.
+    /// How the previous process ended, e.g. `exit code 1`, `killed by
+    /// SIGKILL`, or starting with [`OOM_KILLED`] when the kernel killed it
+    /// at the container's memory limit.
     pub last_exit: Option<String>,
     /// When the worker entered its current state (RFC 3339).
     pub since: Option<String>,

@@ -77,8 +77,10 @@ start_bg() {
 	shift
 	mkdir -p "$LOGS" "$PIDS"
 	printf '\n==== %s starting %s\n' "$(date -Is)" "$name" >>"$LOGS/$name.log"
-	# fds 8/9 hold the build/cluster locks: do not leak them into daemons.
-	setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1 8>&- 9>&- &
+	# Daemons inherit no descriptor beyond stdio: fds 8/9 hold our build and
+	# cluster locks, and a caller's `flock LOCK e2e/cluster/up` holds its
+	# lock on fd 3; a daemon keeping either would hold it for ever.
+	setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
 	local pid=$! i
 	printf '%s' "$1" >"$PIDS/$name.exe"
 	echo "$pid" >"$PIDS/$name.pid"

@@ -52,7 +52,10 @@ impl Cluster {
     }
 
     async fn start() -> anyhow::Result<(PathBuf, PathBuf)> {
-        let _ = tracing_subscriber::fmt().with_env_filter("info,kube=warn").with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
+            .with_test_writer()
+            .try_init();
         let kubeconfig = PathBuf::from(last_line_of("e2e/cluster/up").await?);
         let bin_dir = PathBuf::from(last_line_of("e2e/cluster/build").await?);
         Self::connect(kubeconfig.clone(), bin_dir.clone()).await?.install_crd().await?;

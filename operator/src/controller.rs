@@ -216,6 +216,7 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
             let name = pod.labels().get(SERVICE_LABEL)?.clone();
             Some(ObjectRef::<ClusteredService>::new(&name).within(&pod.namespace()?))
         })
+        .trigger_backoff(watches::trigger_backoff())
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move { log_outcome(result) })

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use clustered_api::v1alpha1::{
     ClusteredService, ClusteredServiceStatus, Instance, InstanceWorker, Summary, WorkerCount, WorkerState, WorkerTotals,
 };
-use clustered_api::wire::ClusterdStatus;
+use clustered_api::wire::{ClusterdStatus, OOM_KILLED};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -201,6 +201,9 @@ fn degraded(
     if let Some((reason, message)) = pod_trouble(observed.deployment, live, now) {
         return (DEGRADED, true, reason, message);
     }
+    if let Some(message) = worker_oom_kill(instances, now) {
+        return (DEGRADED, true, "OOMKilled", message);
+    }
     let crash_looping = workers_in(instances, WorkerState::CrashLoop);
     if !crash_looping.is_empty() {
         let mut message = format!("workers crash-looping: {}", crash_looping.join(", "));
@@ -336,6 +339,20 @@ fn container_trouble(c: &ContainerStatus, now: Timestamp) -> Option<(&'static st
 }
 
 /// `pod/id` of every worker in `state`.
+/// A worker the kernel's OOM killer stopped at the container's memory limit
+/// within [`RECENT_EXIT_SECONDS`] (clusterd reads the cgroup's OOM kill
+/// count; the container itself lives on, so the Pod does not say so).
+fn worker_oom_kill(instances: &[Instance], now: Timestamp) -> Option<String> {
+    instances.iter().find_map(|i| {
+        i.workers.iter().find_map(|w| {
+            let exit = w.last_exit.as_deref().filter(|e| e.starts_with(OOM_KILLED))?;
+            let since: Timestamp = w.since.as_deref()?.parse().ok()?;
+            (now.as_second() - since.as_second() < RECENT_EXIT_SECONDS)
+                .then(|| format!("pod {}, worker {}: {exit}; raise the memory limit or fix the leak", i.pod, w.id))
+        })
+    })
+}
+
 pub fn workers_in(instances: &[Instance], state: WorkerState) -> Vec<String> {
     instances
         .iter()
@@ -451,6 +468,33 @@ mod tests {
         assert_eq!(condition(&status, PROGRESSING).reason, "Complete");
         assert_eq!(condition(&status, DEGRADED).status, "False");
         assert!(status.conditions.iter().all(|c| c.observed_generation == Some(4)));
+    }
+
+    #[test]
+    fn a_worker_oom_kill_is_oom_killed_while_recent() {
+        let cr = csvc(APP);
+        let a = pod("web-a", true);
+        let oom_at = |since: Timestamp| {
+            let mut r = report(&[WorkerState::Ready, WorkerState::Ready]);
+            if let Ok(r) = &mut r {
+                r.workers[1].last_exit = Some(format!("{OOM_KILLED} (SIGKILL from the kernel)"));
+                r.workers[1].since = Some(since.to_string());
+            }
+            BTreeMap::from([("web-a".to_string(), r)])
+        };
+        let d = settled_deployment(1);
+        let now = Timestamp::from_second(1_000_000).expect("time");
+        let recent = oom_at(Timestamp::from_second(1_000_000 - 60).expect("time"));
+        let status =
+            compute(&cr, &Observed { deployment: Some(&d), pods: vec![&a], reports: &recent, problem: None }, now);
+        let degraded = condition(&status, DEGRADED);
+        assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "OOMKilled"));
+        assert!(degraded.message.starts_with("pod web-a, worker 1: OOM killed"), "{}", degraded.message);
+
+        let old = oom_at(Timestamp::from_second(1_000_000 - RECENT_EXIT_SECONDS - 1).expect("time"));
+        let status =
+            compute(&cr, &Observed { deployment: Some(&d), pods: vec![&a], reports: &old, problem: None }, now);
+        assert_eq!(condition(&status, DEGRADED).status, "False", "an OOM kill long ago is history");
     }
 
     #[test]

@@ -107,11 +107,57 @@ pub fn v2_cgroup_dir(proc_cgroup: &str, mountinfo: &str) -> Option<PathBuf> {
 
 /// Directory of this process's cgroup v1 `cpu` controller, if mounted.
 pub fn v1_cpu_cgroup_dir(proc_cgroup: &str, mountinfo: &str) -> Option<PathBuf> {
-    let entry = parse_proc_cgroup(proc_cgroup).into_iter().find(|e| e.controllers.iter().any(|c| c == "cpu"))?;
+    v1_cgroup_dir(proc_cgroup, mountinfo, "cpu")
+}
+
+/// Directory of this process's cgroup v1 `controller`, if mounted.
+fn v1_cgroup_dir(proc_cgroup: &str, mountinfo: &str, controller: &str) -> Option<PathBuf> {
+    let entry = parse_proc_cgroup(proc_cgroup).into_iter().find(|e| e.controllers.iter().any(|c| c == controller))?;
     let mount = parse_mountinfo(mountinfo)
         .into_iter()
-        .find(|m| m.fs_type == "cgroup" && m.super_options.iter().any(|o| o == "cpu"))?;
+        .find(|m| m.fs_type == "cgroup" && m.super_options.iter().any(|o| o == controller))?;
     Some(join_cgroup_path(&mount, &entry.path))
+}
+
+/// The file where the kernel counts the OOM kills in this process's memory
+/// cgroup, each file with an `oom_kill N` line: `memory.events` (v2,
+/// counting the cgroup and those below it) or `memory.oom_control` (v1).
+pub fn oom_kill_file_from(proc_cgroup: &str, mountinfo: &str, root: &Path) -> Option<PathBuf> {
+    let v2 = v2_cgroup_dir(proc_cgroup, mountinfo).map(|dir| under(root, &dir).join("memory.events"));
+    let v1 = v1_cgroup_dir(proc_cgroup, mountinfo, "memory").map(|dir| under(root, &dir).join("memory.oom_control"));
+    [v2, v1].into_iter().flatten().find(|file| read(file).and_then(|c| parse_oom_kills(&c)).is_some())
+}
+
+/// The `oom_kill N` count of a `memory.events` or `memory.oom_control`.
+pub fn parse_oom_kills(content: &str) -> Option<u64> {
+    content.lines().find_map(|line| line.strip_prefix("oom_kill ")?.trim().parse().ok())
+}
+
+/// The kernel's count of OOM kills in clusterd's memory cgroup, to tell a
+/// worker the kernel killed at the memory limit from other `SIGKILL`s.
+pub struct OomKills {
+    file: PathBuf,
+    seen: u64,
+}
+
+impl OomKills {
+    /// `None` where the kernel keeps no such count (no memory cgroup, or a
+    /// kernel before 4.13 on cgroup v1).
+    pub fn open() -> Option<OomKills> {
+        let proc_cgroup = read(Path::new("/proc/self/cgroup"))?;
+        let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
+        let file = oom_kill_file_from(&proc_cgroup, &mountinfo, Path::new("/"))?;
+        let seen = parse_oom_kills(&read(&file)?)?;
+        Some(OomKills { file, seen })
+    }
+
+    /// OOM kills since the last call.
+    pub fn new_kills(&mut self) -> u64 {
+        let now = read(&self.file).and_then(|c| parse_oom_kills(&c)).unwrap_or(self.seen);
+        let new = now.saturating_sub(self.seen);
+        self.seen = now;
+        new
+    }
 }
 
 /// Cores allowed by a cgroup v2 `cpu.max` (`$MAX $PERIOD`); `None` = no limit.
@@ -230,6 +276,17 @@ fn limit(cores: Option<f64>, source: &str) -> CpuLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oom_kill_counts_of_v1_and_v2() {
+        let v2 = "low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\noom_group_kill 0\n";
+        assert_eq!(parse_oom_kills(v2), Some(2));
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 7\n";
+        assert_eq!(parse_oom_kills(v1), Some(7));
+        // Kernels before 4.13 have no count on v1.
+        assert_eq!(parse_oom_kills("oom_kill_disable 0\nunder_oom 0\n"), None);
+        assert_eq!(parse_oom_kills("oom_group_kill 4\n"), None);
+    }
 
     #[test]
     fn cpu_max_values() {

@@ -6,6 +6,7 @@
 //   /hang           blocks the event loop for good
 //   /grandchild     starts `sleep 600` in a session of its own (setsid) and
 //                   answers with its pid
+//   /leak           allocates (and touches) 16 MiB every 10 ms, for good
 // At start, optional output:
 //   NOISE_BYTES=N      N bytes of mixed output (invalid UTF-8, text, runs
 //                      without a newline) spread over NOISE_SECONDS (default
@@ -53,6 +54,10 @@ const server = http.createServer((req, res) => {
     console.log(`worker ${worker} wrote bytes that are not UTF-8`);
   } else if (path === '/hang') {
     for (;;) {}
+  } else if (path === '/leak') {
+    const hoard = [];
+    setInterval(() => hoard.push(Buffer.alloc(16 << 20, 1)), 10);
+    return;
   } else if (path === '/grandchild') {
     const child = spawn('sleep', ['600'], { detached: true, stdio: 'ignore' });
     child.unref();
