@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
@@ -51,6 +51,12 @@ pub use crate::wire::WorkerState;
     ),
     printcolumn(name = "Port Mode", type_ = "string", json_path = ".spec.portMode"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Observed",
+        type_ = "date",
+        json_path = ".status.observedAt",
+        description = "When the operator last confirmed the status (at least every minute while it runs): older means stale figures"
+    ),
     printcolumn(name = "Port", type_ = "integer", json_path = ".spec.port", priority = "1"),
     printcolumn(
         name = "Available",
@@ -487,6 +493,12 @@ pub struct ClusteredServiceStatus {
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// When the operator last confirmed this status against the cluster and
+    /// the pods' clusterd. Refreshed at least every minute while the
+    /// operator runs: an older time means the operator is down or cut off
+    /// and the figures above may be stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<Time>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

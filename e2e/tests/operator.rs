@@ -163,6 +163,13 @@ async fn status_reports_every_pod_s_workers_and_follows_scale() -> anyhow::Resul
 
     // Status writes are coalesced to one a second at most, and a settled
     // service is not written at all, however often clusterd is asked.
+    // When the figures were confirmed, for `kubectl get` to show their age.
+    let observed_at = status.observed_at.as_ref().expect("status.observedAt").0;
+    let age = k8s_openapi::jiff::Timestamp::now().duration_since(observed_at);
+    assert!(age.as_secs() < 60 + 10, "observedAt is {age:?} old");
+    let table = cluster.kubectl(&["get", "-n", &ns, "csvc/web"])?;
+    assert!(table.lines().next().is_some_and(|header| header.contains("OBSERVED")), "{table}");
+
     let writes = operator.metrics.status_writes.get();
     assert!(writes <= started.elapsed().as_secs() + 1, "{writes} status writes in {:?}", started.elapsed());
     tokio::time::sleep(Duration::from_secs(7)).await;
@@ -265,6 +272,8 @@ async fn a_restarted_operator_writes_no_false_outage() -> anyhow::Result<()> {
         operator.stop().await;
         operator = Operator::start(&cluster, &ns).await?;
         tokio::time::sleep(Duration::from_secs(4)).await;
+        // Its children were verified against the live objects, not re-applied.
+        assert_eq!(operator.metrics.child_writes.get(), 0, "a restarted operator rewrote children");
     }
     recorder.abort();
     let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));

@@ -52,11 +52,6 @@ const RECONCILE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A status write at most this often per ClusteredService.
 const STATUS_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// How often a ClusteredService without running pods is looked at again.
-/// Nothing needs asking then: its children's and pods' watch events trigger
-/// every reconcile that matters, and this is only a resync.
-const IDLE_RESYNC_INTERVAL: Duration = Duration::from_secs(300);
-
 #[derive(Debug, Error)]
 pub enum Error {
     #[error("Kubernetes API: {0}")]
@@ -342,8 +337,9 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
         reports: &reports,
         problem,
     };
-    let new_status = status::compute(csvc, &observed, Timestamp::now());
-    let wait = write_status(csvc, &ns, new_status, ctx).await?;
+    let now = Timestamp::now();
+    let new_status = status::compute(csvc, &observed, now);
+    let wait = write_status(csvc, &ns, new_status, now, ctx).await?;
     // The failure is in the status now; the error drives the backoff.
     if let Some((_, e)) = refused {
         return Err(e);
@@ -355,7 +351,9 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
         return Ok(Action::requeue(wait));
     }
     // Worker states change without any Kubernetes event: ask clusterd again.
-    let next = if askable.is_empty() { IDLE_RESYNC_INTERVAL } else { ctx.status_interval };
+    // Without running pods, watch events trigger every reconcile that
+    // matters; the heartbeat only keeps `observedAt` current.
+    let next = if askable.is_empty() { status::HEARTBEAT } else { ctx.status_interval };
     Ok(Action::requeue(next))
 }
 
@@ -365,10 +363,11 @@ async fn write_status(
     csvc: &ClusteredService,
     ns: &str,
     new: ClusteredServiceStatus,
+    now: Timestamp,
     ctx: &Context,
 ) -> Result<Option<Duration>, Error> {
     let old = csvc.status.as_ref();
-    if !status::changed(old, &new) {
+    if !status::changed(old, &new, now) {
         return Ok(None);
     }
     let since_last = ctx.memory.remember(csvc, |m| m.last_status_write.map(|t| t.elapsed()));

@@ -92,6 +92,7 @@ pub fn compute(csvc: &ClusteredService, observed: &Observed<'_>, now: Timestamp)
         workers,
         instances,
         conditions,
+        observed_at: Some(Time(now)),
     }
 }
 
@@ -372,8 +373,19 @@ fn transition_time(previous: &[Condition], type_: &str, status: bool, now: Times
 /// True when `new` differs from `old` in anything but condition timestamps
 /// (which only move with a status change anyway), so unchanged status is
 /// never written.
-pub fn changed(old: Option<&ClusteredServiceStatus>, new: &ClusteredServiceStatus) -> bool {
-    old != Some(new)
+/// How often a status that has not changed is written anyway, to refresh
+/// its `observedAt`: while the operator is down the time ages, a sign that
+/// the figures may be stale (`kubectl get csvc` shows it as `OBSERVED`).
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// True when `new` (computed at `now`) must be written: it differs from
+/// `old` in anything but `observedAt`, or `old` is a heartbeat old.
+pub fn changed(old: Option<&ClusteredServiceStatus>, new: &ClusteredServiceStatus, now: Timestamp) -> bool {
+    let Some(old) = old else { return true };
+    let observed_long_ago =
+        old.observed_at.as_ref().is_none_or(|t| now.as_second() - t.0.as_second() >= HEARTBEAT.as_secs() as i64);
+    let without_time = |s: &ClusteredServiceStatus| ClusteredServiceStatus { observed_at: None, ..s.clone() };
+    observed_long_ago || without_time(old) != without_time(new)
 }
 
 #[cfg(test)]
@@ -547,19 +559,25 @@ mod tests {
         let d = settled_deployment(1);
         let observed = Observed { deployment: Some(&d), pods: vec![&a], reports: &reports, problem: None };
         let t1 = Timestamp::from_second(1_000).expect("t1");
-        let t2 = Timestamp::from_second(2_000).expect("t2");
+        let t2 = Timestamp::from_second(1_030).expect("t2");
         let mut cr = cr;
         cr.status = Some(compute(&cr, &observed, t1));
         let again = compute(&cr, &observed, t2);
-        assert!(!changed(cr.status.as_ref(), &again), "nothing changed, nothing to write");
+        assert!(!changed(cr.status.as_ref(), &again, t2), "nothing changed, nothing to write");
         assert_eq!(condition(&again, AVAILABLE).last_transition_time, Time(t1));
+        // A minute on, the same figures are written again: observedAt says
+        // they are current.
+        let t3 = Timestamp::from_second(1_000 + HEARTBEAT.as_secs() as i64).expect("t3");
+        let later = compute(&cr, &observed, t3);
+        assert!(changed(cr.status.as_ref(), &later, t3), "heartbeat");
+        assert_eq!(later.observed_at, Some(Time(t3)));
 
         let down = pod("web-a", false);
         let observed = Observed { deployment: Some(&d), pods: vec![&down], reports: &reports, problem: None };
         let flipped = compute(&cr, &observed, t2);
         assert_eq!(condition(&flipped, AVAILABLE).status, "False");
         assert_eq!(condition(&flipped, AVAILABLE).last_transition_time, Time(t2));
-        assert!(changed(cr.status.as_ref(), &flipped));
+        assert!(changed(cr.status.as_ref(), &flipped, t2));
     }
 
     #[test]
