@@ -12,6 +12,28 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
 use tracing::{debug, info, warn};
 
+/// Why this replica stopped leading.
+#[derive(Debug, thiserror::Error)]
+pub enum LeadershipLost {
+    #[error("another replica took the lease")]
+    TakenOver,
+    #[error("could not renew the lease: {0}")]
+    RenewFailed(#[source] kube::Error),
+}
+
+/// Runs `work` while this replica holds the lease (acquired before):
+/// renews the lease meanwhile, drops `work` at once when leadership is lost,
+/// and gives the lease up at the end so a standby takes over without
+/// waiting for it to expire.
+pub async fn run_while_leading<F: Future>(elector: &Elector, work: F) -> Result<F::Output, LeadershipLost> {
+    let outcome = tokio::select! {
+        output = work => Ok(output),
+        lost = elector.hold() => Err(lost),
+    };
+    elector.release().await;
+    outcome
+}
+
 pub struct Elector {
     api: Api<Lease>,
     name: String,
@@ -48,14 +70,14 @@ impl Elector {
 
     /// Renews the lease until a renewal fails or finds another holder;
     /// returns then, and the caller must stop leading.
-    pub async fn hold(&self) -> String {
+    pub async fn hold(&self) -> LeadershipLost {
         let renew_every = self.lease_duration / 3;
         loop {
             tokio::time::sleep(renew_every).await;
             match self.try_acquire_or_renew().await {
                 Ok(true) => {}
-                Ok(false) => return "another replica took the lease".into(),
-                Err(e) => return format!("could not renew the lease: {e}"),
+                Ok(false) => return LeadershipLost::TakenOver,
+                Err(e) => return LeadershipLost::RenewFailed(e),
             }
         }
     }

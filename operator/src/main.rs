@@ -6,7 +6,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use clustered_operator::{
-    controller, leader::Elector, metrics::Metrics, probe::Prober, resources::Settings, server, watches,
+    controller,
+    leader::{self, Elector},
+    metrics::Metrics,
+    probe::Prober,
+    resources::Settings,
+    server, watches,
 };
 use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
@@ -104,21 +109,9 @@ async fn main() -> anyhow::Result<()> {
     health.ready.store(true, Ordering::Relaxed);
     info!(namespace = ?args.namespace, "starting controller");
 
-    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<String>();
     let shutdown = async move {
-        tokio::select! {
-            () = stopped() => info!("shutting down"),
-            Ok(why) = lost_rx => error!(%why, "lost leadership, stopping"),
-        }
-    };
-    let holder = async {
-        match &elector {
-            Some(elector) => {
-                let why = elector.hold().await;
-                let _ = lost_tx.send(why);
-            }
-            None => std::future::pending().await,
-        }
+        stopped().await;
+        info!("shutting down");
     };
     let status_interval = Duration::from_secs(args.status_interval_seconds);
     let config = controller::Config {
@@ -131,12 +124,13 @@ async fn main() -> anyhow::Result<()> {
         watches: watch_health,
     };
     let run = controller::run(client, config, shutdown);
-    tokio::select! {
-        () = run => {}
-        () = holder => {}
-    }
-    if let Some(elector) = &elector {
-        elector.release().await;
+    match &elector {
+        Some(elector) => {
+            if let Err(why) = leader::run_while_leading(elector, run).await {
+                error!(%why, "lost leadership, stopping");
+            }
+        }
+        None => run.await,
     }
     server.abort();
     watchdog.abort();

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod body;
 pub mod cgroup;
 pub mod config;
+pub mod lifeline;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
@@ -76,8 +77,18 @@ pub fn main_entry() -> ExitCode {
             }
         };
     }
+    // Before any thread starts: the lifeline is forked and must be able to
+    // allocate in the child.
+    let lifeline = lifeline::start();
     // Flushes queued output when clusterd exits.
     let _log_guard = logging::init(config.log_format);
+    match lifeline {
+        Ok(()) => tracing::debug!(pid = lifeline::pid(), "lifeline started"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot start the lifeline: if clusterd is SIGKILLed, what its workers started outlives it"
+        ),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(runtime_threads(cgroup::detect(config.cpu_limit).cores))
         .thread_name("clusterd")

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::signal::{Signal, kill};
@@ -110,7 +110,9 @@ fn sigkilled_clusterd_takes_its_workers_along() {
 #[test]
 fn sigterm_leaves_no_process_a_worker_started_behind() {
     let _serial = serial();
-    let mut clusterd = Launch::misbehaving(&["--workers", "1"]).start();
+    let entry = format!("LIFELINE_TEST={}-{}", std::process::id(), free_port());
+    let (key, value) = entry.split_once('=').expect("entry");
+    let mut clusterd = Launch::misbehaving(&["--workers", "1"]).env(key, value).start();
     clusterd.wait_ready(1);
     let response = get(clusterd.port, "/grandchild", Duration::from_secs(10)).expect("request");
     let daemon: u32 = String::from_utf8_lossy(&response.body).parse().expect("the daemon's pid");
@@ -119,4 +121,63 @@ fn sigterm_leaves_no_process_a_worker_started_behind() {
     clusterd.signal(Signal::SIGTERM);
     assert_eq!(clusterd.wait_exit(SLOW).code(), Some(0), "logs:\n{}", clusterd.logs());
     wait_until("the daemon to be gone", Duration::from_secs(5), || !process_alive(daemon));
+    // Nothing of clusterd's is left either (its lifeline exits with it).
+    wait_until("no process of the tree to be left", Duration::from_secs(5), || marked(&entry).is_empty());
+}
+
+/// The processes whose environment holds `entry` (zombies have none),
+/// with their name, process group and session.
+fn marked(entry: &str) -> Vec<(u32, String, u32, u32)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|e| e == entry.as_bytes()))
+        })
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let name = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?.to_string();
+            // After the name: state, ppid, pgrp, session.
+            let fields: Vec<&str> = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().collect();
+            Some((pid, name, fields.get(2)?.parse().ok()?, fields.get(3)?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// clusterd outside a container, SIGKILLed: the workers die with it
+/// (PDEATHSIG) and so does everything they started, whether it stayed in
+/// the worker's process group or left it with `setsid` (the lifeline).
+#[test]
+fn sigkilled_clusterd_leaves_no_process_of_its_workers_behind() {
+    let _serial = serial();
+    // Every process of the tree carries this variable, wherever it moves.
+    let entry = format!("LIFELINE_TEST={}-{}", std::process::id(), free_port());
+    let (key, value) = entry.split_once('=').expect("entry");
+    let script = format!("sleep 120 & setsid sleep 121 & exec node {}", app("server.js"));
+    let mut launch = Launch::new(&["--workers", "2"], &[]).env(key, value);
+    launch.command = vec!["sh".into(), "-c".into(), script];
+    let mut clusterd = launch.start();
+    let workers = worker_pids(&clusterd.wait_ready(2));
+
+    let sleeps = |tree: &[(u32, String, u32, u32)]| tree.iter().filter(|p| p.1 == "sleep").count();
+    wait_until("each worker to start its two sleeps", SLOW, || sleeps(&marked(&entry)) == 4);
+    let tree = marked(&entry);
+    let in_a_worker_group = tree.iter().filter(|p| p.1 == "sleep" && workers.contains(&p.2)).count();
+    let in_own_session = tree.iter().filter(|p| p.1 == "sleep" && p.3 == p.0).count();
+    assert_eq!((in_a_worker_group, in_own_session), (2, 2), "processes: {tree:?}");
+
+    clusterd.signal(Signal::SIGKILL);
+    clusterd.wait_exit(SLOW);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marked(&entry).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = marked(&entry);
+    for process in &left {
+        let _ = kill(Pid::from_raw(process.0 as i32), Signal::SIGKILL);
+    }
+    assert!(left.is_empty(), "left behind (now killed by the test): {left:?}");
 }

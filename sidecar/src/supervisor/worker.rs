@@ -6,13 +6,15 @@ use std::time::{Duration, Instant};
 use clustered_api::wire::WorkerState;
 use jiff::Timestamp;
 
-use crate::proxy::Backend;
+use super::machine::SpawnKind;
 
-/// One running worker process.
+/// One running worker process, as the supervisor's decisions see it (its
+/// proxy backend, in proxy mode, is kept by the supervisor beside it).
 #[derive(Debug)]
 pub struct Proc {
     pub pid: u32,
-    pub backend: Arc<Backend>,
+    /// The slot it serves.
+    pub worker_id: u32,
     pub state: WorkerState,
     pub since: Timestamp,
     pub started: Instant,
@@ -27,10 +29,10 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn new(backend: Arc<Backend>, now: Instant) -> Proc {
+    pub fn new(pid: u32, worker_id: u32, now: Instant) -> Proc {
         Proc {
-            pid: backend.pid,
-            backend,
+            pid,
+            worker_id,
             state: WorkerState::Starting,
             since: Timestamp::now(),
             started: now,
@@ -74,6 +76,8 @@ pub struct Slot {
     /// A new process warming up to take over from `current` (reload, recycle).
     pub replacement: Option<Proc>,
     pub reloading: bool,
+    /// A process was asked for and its spawn not reported yet.
+    pub spawning: Option<SpawnKind>,
     pub restarts: u32,
     /// Crashes since the last process that stayed up for `stable_after`.
     pub crashes: u32,
@@ -91,6 +95,7 @@ impl Slot {
             current: None,
             replacement: None,
             reloading: false,
+            spawning: None,
             restarts: 0,
             crashes: 0,
             last_exit: None,
