@@ -367,6 +367,19 @@ fn ready_proxy(args: &[&str]) -> Harness {
     h
 }
 
+/// One worker recycled at `--max-requests 1`: its replacement is ready and
+/// the old process (`old`, replaced by `new`) is draining.
+fn recycled_and_draining() -> (Harness, u32, u32) {
+    let mut h = ready_proxy(&["--max-requests", "1"]);
+    let old = h.pid(0);
+    h.world.requests.insert(old, 1);
+    h.tick(h.at(0));
+    let new = h.replacement(0).expect("a replacement");
+    h.machine.probed(new, true, h.at(0));
+    h.tick(h.at(0));
+    (h, old, new)
+}
+
 #[test]
 fn max_requests_recycles_through_a_replacement_then_drains_the_old_worker() {
     let mut h = ready_proxy(&["--max-requests", "10"]);
@@ -398,13 +411,7 @@ fn max_requests_recycles_through_a_replacement_then_drains_the_old_worker() {
 
 #[test]
 fn a_drained_worker_busy_until_the_deadline_gets_sigterm_then() {
-    let mut h = ready_proxy(&["--max-requests", "1"]);
-    let old = h.pid(0);
-    h.world.requests.insert(old, 1);
-    h.tick(h.at(0));
-    let new = h.replacement(0).expect("a replacement");
-    h.machine.probed(new, true, h.at(0));
-    h.tick(h.at(0));
+    let (mut h, old, _new) = recycled_and_draining();
     h.world.in_flight.insert(old, 3);
     assert!(signals(&h.tick(h.at(9999))).is_empty());
     assert_eq!(signals(&h.tick(h.at(10_000))), vec![(old, SIGTERM)]);
@@ -625,13 +632,7 @@ fn sigquit_stops_at_once_with_sigquit_and_exits_131() {
 
 #[test]
 fn draining_workers_are_signalled_at_shutdown_too() {
-    let mut h = ready_proxy(&["--max-requests", "1"]);
-    let old = h.pid(0);
-    h.world.requests.insert(old, 1);
-    h.tick(h.at(0));
-    let new = h.replacement(0).expect("a replacement");
-    h.machine.probed(new, true, h.at(0));
-    h.tick(h.at(0));
+    let (mut h, old, new) = recycled_and_draining();
     h.world.in_flight.insert(old, 1);
     h.signal(SIGTERM, h.at(50));
     assert_eq!(signals(&h.machine.proxy_drained()), vec![(new, SIGTERM), (old, SIGTERM)]);
