@@ -68,6 +68,9 @@ pub struct WorkerStatus {
     pub in_flight: u64,
     /// Requests served by the current process (proxy mode).
     pub requests: u64,
+    /// Upgraded connections (e.g. WebSocket) open to the current process
+    /// (proxy mode, `http` protocol).
+    pub connections: u64,
 }
 
 /// Lifecycle of a worker slot.

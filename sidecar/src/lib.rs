@@ -254,11 +254,11 @@ fn spawn_proxy(
     shutdown: CancellationToken,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
 ) {
-    let protocol = config.protocol;
+    let (protocol, drain_timeout) = (config.protocol, config.drain_timeout);
     tokio::spawn(async move {
         match protocol {
             Protocol::Http => {
-                let proxy = Arc::new(proxy::http::HttpProxy::new(router, metrics, shutdown));
+                let proxy = Arc::new(proxy::http::HttpProxy::new(router, metrics, shutdown, drain_timeout));
                 proxy.serve(listener).await;
             }
             Protocol::Tcp => {

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub workers: Family<StateLabels, Gauge>,
     pub restarts: Counter,
     pub requests: Family<RequestLabels, Counter>,
+    pub connections: Family<RequestLabels, Gauge>,
     pub in_flight: Gauge,
     pub proxy_errors: Counter,
     pub retries: Counter,
@@ -55,6 +56,7 @@ impl Metrics {
         let workers = Family::<StateLabels, Gauge>::default();
         let restarts = Counter::default();
         let requests = Family::<RequestLabels, Counter>::default();
+        let connections = Family::<RequestLabels, Gauge>::default();
         let in_flight = Gauge::default();
         let proxy_errors = Counter::default();
         let retries = Counter::default();
@@ -64,6 +66,11 @@ impl Metrics {
         registry.register("workers", "Worker slots by state", workers.clone());
         registry.register("worker_restarts", "Worker processes restarted after exiting", restarts.clone());
         registry.register("requests", "Requests proxied, by pool and worker id", requests.clone());
+        registry.register(
+            "upgraded_connections",
+            "Upgraded (e.g. WebSocket) connections open, by pool and worker id",
+            connections.clone(),
+        );
         registry.register("in_flight_requests", "Requests (or TCP connections) being proxied", in_flight.clone());
         registry.register("proxy_errors", "Failed attempts to reach a worker", proxy_errors.clone());
         registry.register("proxy_retries", "Requests retried on another worker", retries.clone());
@@ -79,6 +86,7 @@ impl Metrics {
             workers,
             restarts,
             requests,
+            connections,
             in_flight,
             proxy_errors,
             retries,
@@ -91,6 +99,11 @@ impl Metrics {
     /// The requests counter of one worker slot.
     pub fn requests_of(&self, pool: &str, worker: u32) -> Counter {
         self.requests.get_or_create(&RequestLabels { pool: pool.to_string(), worker: worker.to_string() }).clone()
+    }
+
+    /// The upgraded connections gauge of one worker slot.
+    pub fn connections_of(&self, pool: &str, worker: u32) -> Gauge {
+        self.connections.get_or_create(&RequestLabels { pool: pool.to_string(), worker: worker.to_string() }).clone()
     }
 
     /// Encodes the registry after refreshing the gauges that mirror `status`.

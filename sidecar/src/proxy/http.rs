@@ -19,12 +19,11 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Backend, InFlight, Pool, Router};
+use super::{Backend, InFlight, Pool, Router, UpgradedConnection};
 use crate::body::{ProxyBody, full, plain};
 use crate::metrics::Metrics;
 
@@ -43,6 +42,8 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// only after a pause that active clients do not make.
 const DRAIN_IDLE_CLOSE: Duration = Duration::from_secs(1);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connecting to a worker for an upgrade request.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub const WORKER_HEADER: &str = "x-clusterd-worker";
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -54,12 +55,22 @@ pub struct HttpProxy {
     metrics: Arc<Metrics>,
     /// Cancelled when clusterd shuts down.
     shutdown: CancellationToken,
+    /// Upgraded connections stay open this long after shutdown begins (the
+    /// drain deadline), then are closed.
+    drain_timeout: Duration,
+    /// The upgraded connections (client joined to worker), waited for at shutdown.
+    tunnels: TaskTracker,
     /// The origin of the per-connection activity clocks.
     started: Instant,
 }
 
 impl HttpProxy {
-    pub fn new(router: Arc<Router>, metrics: Arc<Metrics>, shutdown: CancellationToken) -> HttpProxy {
+    pub fn new(
+        router: Arc<Router>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        drain_timeout: Duration,
+    ) -> HttpProxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -67,7 +78,15 @@ impl HttpProxy {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
             .build(connector);
-        HttpProxy { router, client, metrics, shutdown, started: Instant::now() }
+        HttpProxy {
+            router,
+            client,
+            metrics,
+            shutdown,
+            drain_timeout,
+            tunnels: TaskTracker::new(),
+            started: Instant::now(),
+        }
     }
 
     /// Serves the shared port until shutdown, then lets open connections
@@ -91,6 +110,9 @@ impl HttpProxy {
         }
         connections.close();
         connections.wait().await;
+        // Upgrades begun by the last requests are tracked by now.
+        self.tunnels.close();
+        self.tunnels.wait().await;
     }
 
     fn spawn_connection(self: &Arc<Self>, connections: &TaskTracker, stream: TcpStream, peer: SocketAddr) {
@@ -107,7 +129,8 @@ impl HttpProxy {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service);
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
         let proxy = Arc::clone(self);
         connections.spawn(async move {
             let mut conn = std::pin::pin!(conn);
@@ -129,11 +152,15 @@ impl HttpProxy {
     /// Shutting down: runs `conn` until the client closes it, its next
     /// response (marked `Connection: close`) is sent, or it has been idle
     /// for [`DRAIN_IDLE_CLOSE`]; a request in progress always finishes.
-    async fn close_when_idle<C: GracefulConnection>(
+    async fn close_when_idle<S>(
         &self,
-        mut conn: Pin<&mut C>,
+        mut conn: Pin<&mut hyper::server::conn::http1::UpgradeableConnection<TokioIo<TcpStream>, S>>,
         last_request: &AtomicU64,
-    ) -> Result<(), C::Error> {
+    ) -> hyper::Result<()>
+    where
+        S: hyper::service::HttpService<Incoming, ResBody = ProxyBody>,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         loop {
             let idle = Duration::from_millis(self.clock().saturating_sub(last_request.load(Ordering::Relaxed)));
             if idle >= DRAIN_IDLE_CLOSE {
@@ -153,6 +180,9 @@ impl HttpProxy {
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let pool = Arc::clone(self.router.route(req.uri().path()));
+        if is_upgrade(req.headers()) {
+            return Ok(self.upgrade(&pool, req, peer).await);
+        }
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         append_forwarded_for(&mut parts.headers, peer.ip());
@@ -207,6 +237,126 @@ impl HttpProxy {
             }
         }
     }
+}
+
+impl HttpProxy {
+    /// Forwards an upgrade request (WebSocket...) to a worker of `pool` on a
+    /// connection of its own; if the worker answers `101`, the client's
+    /// connection and the worker's are joined until either side closes
+    /// (or the drain deadline). Any other answer is passed on as usual.
+    async fn upgrade(&self, pool: &Pool, mut req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let client_side = hyper::upgrade::on(&mut req);
+        let (mut parts, body) = req.into_parts();
+        let protocol = parts.headers.get(header::UPGRADE).cloned();
+        strip_hop_by_hop(&mut parts.headers);
+        append_forwarded_for(&mut parts.headers, peer.ip());
+        if let Some(protocol) = protocol {
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol);
+        }
+        let mut body = Some(UnsyncBoxBody::new(body));
+        let mut tried = Vec::new();
+        loop {
+            let Some(backend) = pool.pick(&tried) else {
+                return no_worker(pool, tried.is_empty());
+            };
+            tried.push(backend.pid);
+            let guard = InFlight::start(Arc::clone(&backend), Arc::clone(&self.metrics));
+            let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend.addr)).await {
+                Ok(Ok(stream)) => stream,
+                failed => {
+                    self.metrics.proxy_errors.inc();
+                    tracing::debug!(worker = backend.worker_id, ?failed, "connecting to worker for an upgrade failed");
+                    // Nothing reached the worker: another one may take it.
+                    if tried.len() < MAX_ATTEMPTS {
+                        self.metrics.retries.inc();
+                        continue;
+                    }
+                    return plain(StatusCode::BAD_GATEWAY, format!("worker {} unreachable\n", backend.worker_id));
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let Some(body) = body.take() else {
+                return plain(StatusCode::BAD_GATEWAY, "upgrade request already sent\n".into());
+            };
+            let mut request = Request::from_parts(parts, body);
+            // A connection of its own: the origin form, as a client sends it.
+            *request.uri_mut() = request.uri().path_and_query().map_or(Uri::from_static("/"), |p| {
+                Uri::from_maybe_shared(Bytes::copy_from_slice(p.as_str().as_bytes())).unwrap_or_default()
+            });
+            let mut response = match send_on_new_connection(stream, request).await {
+                Ok(response) => response,
+                Err(e) => {
+                    self.metrics.proxy_errors.inc();
+                    tracing::debug!(worker = backend.worker_id, error = %e, "upgrade request failed");
+                    return plain(StatusCode::BAD_GATEWAY, format!("worker {} failed: {e}\n", backend.worker_id));
+                }
+            };
+            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                return respond(response, guard);
+            }
+            let worker_side = hyper::upgrade::on(&mut response);
+            backend.count_request();
+            let connection = UpgradedConnection::start(Arc::clone(&backend));
+            drop(guard);
+            let closing = self.closing();
+            let worker = backend.worker_id;
+            self.tunnels.spawn(async move {
+                let _connection = connection;
+                tokio::select! {
+                    result = join(client_side, worker_side) => {
+                        if let Err(e) = result {
+                            tracing::debug!(worker, error = %e, "upgraded connection ended with an error");
+                        }
+                    }
+                    () = closing => tracing::debug!(worker, "drain deadline: closing an upgraded connection"),
+                }
+            });
+            let (mut parts, _) = response.into_parts();
+            parts.headers.insert(X_CLUSTERD_WORKER.clone(), HeaderValue::from(worker));
+            return Response::from_parts(parts, full(Bytes::new()));
+        }
+    }
+
+    /// Completes at the drain deadline: `drain_timeout` after shutdown began.
+    fn closing(&self) -> impl Future<Output = ()> + Send + 'static {
+        let (shutdown, drain_timeout) = (self.shutdown.clone(), self.drain_timeout);
+        async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain_timeout).await;
+        }
+    }
+}
+
+/// An HTTP/1.1 upgrade request: `Upgrade` plus `Connection: upgrade`.
+/// (Checked on every request: the `Upgrade` lookup comes first, it is cheap.)
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Sends one request on a fresh connection that may then be upgraded.
+async fn send_on_new_connection(stream: TcpStream, request: Request<ProxyBody>) -> hyper::Result<Response<Incoming>> {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "worker connection for an upgrade ended with an error");
+        }
+    });
+    sender.send_request(request).await
+}
+
+/// Copies bytes both ways between the two upgraded connections until both
+/// sides have closed.
+async fn join(client: hyper::upgrade::OnUpgrade, worker: hyper::upgrade::OnUpgrade) -> Result<(), String> {
+    let (client, worker) = tokio::try_join!(client, worker).map_err(|e| e.to_string())?;
+    let (mut client, mut worker) = (TokioIo::new(client), TokioIo::new(worker));
+    tokio::io::copy_bidirectional(&mut client, &mut worker).await.map(|_| ()).map_err(|e| e.to_string())
 }
 
 enum RequestBody {
@@ -343,5 +493,16 @@ mod tests {
         append_forwarded_for(&mut headers, IpAddr::from([10, 0, 0, 1]));
         append_forwarded_for(&mut headers, IpAddr::from([127, 0, 0, 1]));
         assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+    }
+
+    #[test]
+    fn upgrade_needs_both_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(!is_upgrade(&headers));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(is_upgrade(&headers));
+        headers.remove(header::UPGRADE);
+        assert!(!is_upgrade(&headers));
     }
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 
 use ::http::uri::Authority;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::{RouteMatch, RouteSpec};
 use crate::metrics::Metrics;
@@ -45,26 +46,38 @@ pub struct Backend {
     pub authority: Authority,
     pub pool: Arc<str>,
     pub in_flight: AtomicU64,
+    /// Upgraded connections (WebSocket...) joined to this process. They are
+    /// not requests: see [`Pool::pick`] for how they weigh in balancing.
+    pub connections: AtomicU64,
     /// Requests served by this process (recycling counts these).
     pub requests: AtomicU64,
     /// The slot's `clusterd_requests{pool, worker}` counter, looked up once
     /// rather than per request.
     requests_metric: Counter,
+    /// The slot's `clusterd_upgraded_connections{pool, worker}` gauge.
+    connections_metric: Gauge,
 }
 
 impl Backend {
-    pub fn new(worker_id: u32, pid: u32, addr: SocketAddr, pool: Arc<str>, requests_metric: Counter) -> Backend {
+    pub fn new(worker_id: u32, pid: u32, addr: SocketAddr, pool: Arc<str>, metrics: &Metrics) -> Backend {
         let authority = Authority::try_from(addr.to_string()).expect("a socket address is a valid authority");
         Backend {
             worker_id,
             pid,
             addr,
             authority,
+            requests_metric: metrics.requests_of(&pool, worker_id),
+            connections_metric: metrics.connections_of(&pool, worker_id),
             pool,
             in_flight: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             requests: AtomicU64::new(0),
-            requests_metric,
         }
+    }
+
+    /// No request in flight and no upgraded connection open.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0 && self.connections.load(Ordering::Relaxed) == 0
     }
 
     /// Counts one request (or TCP connection) handed to this worker.
@@ -99,6 +112,26 @@ impl Drop for InFlight {
     }
 }
 
+/// Counts an upgraded connection against a backend while it is open.
+pub struct UpgradedConnection {
+    backend: Arc<Backend>,
+}
+
+impl UpgradedConnection {
+    pub fn start(backend: Arc<Backend>) -> UpgradedConnection {
+        backend.connections.fetch_add(1, Ordering::Relaxed);
+        backend.connections_metric.inc();
+        UpgradedConnection { backend }
+    }
+}
+
+impl Drop for UpgradedConnection {
+    fn drop(&mut self) {
+        self.backend.connections.fetch_sub(1, Ordering::Relaxed);
+        self.backend.connections_metric.dec();
+    }
+}
+
 /// The workers in rotation for one pool.
 #[derive(Debug)]
 pub struct Pool {
@@ -122,25 +155,33 @@ impl Pool {
     }
 
     /// The member with the fewest outstanding requests, skipping `tried`
-    /// pids. Scanning from a rotating start makes ties round robin.
+    /// pids; among those, the one with the fewest upgraded connections.
+    /// Scanning from a rotating start makes remaining ties round robin.
+    ///
+    /// Upgraded connections are only a tie-breaker: a WebSocket is mostly
+    /// idle, so counting it like a request would keep request traffic off a
+    /// worker that holds many quiet sockets while it has CPU to spare. In
+    /// flight requests still measure what a worker is busy with now; when
+    /// they tie (at low load, and for the upgrade requests themselves),
+    /// new connections spread evenly over the workers.
     pub fn pick(&self, tried: &[u32]) -> Option<Arc<Backend>> {
         let members = self.members();
         if members.is_empty() {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut best: Option<&Arc<Backend>> = None;
+        let mut best: Option<(&Arc<Backend>, (u64, u64))> = None;
         for offset in 0..members.len() {
             let candidate = &members[(start + offset) % members.len()];
             if tried.contains(&candidate.pid) {
                 continue;
             }
-            let load = candidate.in_flight.load(Ordering::Relaxed);
-            if best.is_none_or(|b| load < b.in_flight.load(Ordering::Relaxed)) {
-                best = Some(candidate);
+            let load = (candidate.in_flight.load(Ordering::Relaxed), candidate.connections.load(Ordering::Relaxed));
+            if best.is_none_or(|(_, best_load)| load < best_load) {
+                best = Some((candidate, load));
             }
         }
-        best.cloned()
+        best.map(|(backend, _)| Arc::clone(backend))
     }
 }
 
@@ -190,10 +231,24 @@ mod tests {
     use super::*;
 
     fn backend(id: u32, in_flight: u64) -> Arc<Backend> {
+        with_connections(id, in_flight, 0)
+    }
+
+    fn with_connections(id: u32, in_flight: u64, connections: u64) -> Arc<Backend> {
         let addr = SocketAddr::from(([127, 0, 0, 1], 1000 + id as u16));
-        let b = Backend::new(id, 100 + id, addr, "default".into(), Counter::default());
+        let b = Backend::new(id, 100 + id, addr, "default".into(), &Metrics::new());
         b.in_flight.store(in_flight, Ordering::Relaxed);
+        b.connections.store(connections, Ordering::Relaxed);
         Arc::new(b)
+    }
+
+    #[test]
+    fn upgraded_connections_break_ties_only() {
+        let pool = Pool::new("default");
+        pool.set_members(vec![with_connections(0, 0, 5), with_connections(1, 0, 2), with_connections(2, 1, 0)]);
+        for _ in 0..5 {
+            assert_eq!(pool.pick(&[]).map(|b| b.worker_id), Some(1));
+        }
     }
 
     #[test]

@@ -291,8 +291,7 @@ impl Supervisor {
         if let Some(stderr) = spawned.stderr {
             output::forward(stderr, slot.id, Stream::Stderr, self.config.log_format);
         }
-        let requests = self.metrics.requests_of(&slot.pool, slot.id);
-        let backend = Arc::new(Backend::new(slot.id, spawned.pid, addr, Arc::clone(&slot.pool), requests));
+        let backend = Arc::new(Backend::new(slot.id, spawned.pid, addr, Arc::clone(&slot.pool), &self.metrics));
         Ok(Proc::new(backend, now))
     }
 
@@ -712,7 +711,8 @@ impl Supervisor {
             let Some(drain) = proc.drain.as_mut() else {
                 continue;
             };
-            let idle = !proxy || proc.backend.in_flight.load(Ordering::Relaxed) == 0;
+            // Upgraded connections keep it too: they close at the deadline.
+            let idle = !proxy || proc.backend.is_idle();
             let grace_over = now.duration_since(drain.began) >= DRAIN_GRACE;
             if !drain.term_sent && ((idle && grace_over) || now >= drain.deadline) {
                 drain.term_sent = true;
@@ -772,6 +772,7 @@ impl Supervisor {
                     port: proc.filter(|_| proxy).map(|p| p.backend.addr.port()),
                     in_flight: proc.map_or(0, |p| p.backend.in_flight.load(Ordering::Relaxed)),
                     requests: proc.map_or(0, |p| p.backend.requests.load(Ordering::Relaxed)),
+                    connections: proc.map_or(0, |p| p.backend.connections.load(Ordering::Relaxed)),
                 }
             })
             .collect();
