@@ -8,6 +8,16 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
+
+/// One GET with extra header lines, on a fresh connection.
+fn request_with(port: u16, path: &str, headers: &str) -> HttpResponse {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_read_timeout(Some(SLOW)).expect("timeout");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).expect("send");
+    read_response(&mut stream).expect("response")
+}
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -35,23 +45,36 @@ fn connections_metric(clusterd: &Clusterd) -> f64 {
 /// Echo on every client, then `kill -9` of one worker: its clients
 /// reconnect to the other worker and echo again.
 fn echo_count_and_fail_over(kind: &str, clients: usize) {
+    echo_and_fail_over(kind, clients, &["--workers", "2"], true);
+}
+
+fn echo_and_fail_over(kind: &str, clients: usize, args: &[&str], upgraded: bool) -> Clusterd {
     let _serial = serial();
-    let (clusterd, modules) = start(&["--workers", "2"]);
+    let (clusterd, modules) = start(args);
     let port = clusterd.port.to_string();
     let client = NodeClient::start("realtime_client.js", &[kind, &port, &clients.to_string()], &modules);
     let (echo, _) = client.wait_event("echo", SLOW);
     assert_eq!(echo["errors"], serde_json::json!([]), "{echo}\nlogs:\n{}", clusterd.logs());
     let pids = echo_pids(&echo);
+    let mut client = client;
+    for _ in 0..3 {
+        client.send("echo");
+        let (again, _) = client.wait_event("echo", SLOW);
+        assert_eq!(echo_pids(&again), pids, "each client stays on its worker: {again}");
+    }
+    assert_eq!(unknown_sessions(&clusterd), 0, "{}", clusterd.logs());
     assert!(pids.iter().all(Option::is_some), "every client echoed: {echo}");
     let workers: HashSet<u32> = pids.iter().flatten().copied().collect();
     assert_eq!(workers.len(), 2, "connections spread over both workers: {echo}");
 
-    // Every client holds one upgraded connection.
-    let status = clusterd.wait_status("connections counted", SLOW, |s| {
-        s.workers.iter().map(|w| w.connections).sum::<u64>() == clients as u64
-    });
-    assert!(status.workers.iter().all(|w| w.connections > 0), "{status:#?}");
-    assert_eq!(connections_metric(&clusterd), clients as f64);
+    if upgraded {
+        // Every client holds one upgraded connection.
+        let status = clusterd.wait_status("connections counted", SLOW, |s| {
+            s.workers.iter().map(|w| w.connections).sum::<u64>() == clients as u64
+        });
+        assert!(status.workers.iter().all(|w| w.connections > 0), "{status:#?}");
+        assert_eq!(connections_metric(&clusterd), clients as f64);
+    }
 
     let victim = pids[0].expect("pid");
     let moved: Vec<usize> = (0..clients).filter(|&i| pids[i] == Some(victim)).collect();
@@ -64,7 +87,6 @@ fn echo_count_and_fail_over(kind: &str, clients: usize) {
     }
     closed.sort_unstable();
     assert_eq!(closed, moved, "exactly the killed worker's clients lost their connection");
-    let mut client = client;
     client.send("reconnect");
     let (echo, _) = client.wait_event("echo", SLOW);
     let after = echo_pids(&echo);
@@ -72,8 +94,54 @@ fn echo_count_and_fail_over(kind: &str, clients: usize) {
         let expected = if moved.contains(&i) { survivor } else { pids[i].expect("pid") };
         assert_eq!(after[i], Some(expected), "client {i} after the kill: {echo}\nlogs:\n{}", clusterd.logs());
     }
+    // (The errors are the killed worker's disconnects.)
     client.finish();
     clusterd.wait_status("connections closed", SLOW, |s| s.workers.iter().all(|w| w.connections == 0));
+    clusterd
+}
+
+fn unknown_sessions(clusterd: &Clusterd) -> usize {
+    clusterd.logs().matches("Session ID unknown").count()
+}
+
+/// socket.io's long-polling transport sends each poll as a new request: all
+/// must reach the worker that holds the session.
+#[test]
+fn socketio_polling_with_a_sticky_cookie_keeps_sessions_and_fails_over() {
+    let clusterd = echo_and_fail_over("sio-polling", 6, &["--workers", "2", "--sticky", "cookie"], false);
+    // After the kill, a poll of a lost session reaches the other worker
+    // once: that "Session ID unknown" is how the client learns to start a
+    // new session. Before the kill there were none (checked above).
+    let unknown = unknown_sessions(&clusterd);
+    assert!(unknown <= 6, "{unknown} unknown sessions after the kill\n{}", clusterd.logs());
+}
+
+#[test]
+fn socketio_polling_with_a_sticky_header_keeps_sessions() {
+    // socket.io-client sends no header of its own; cookie mode is its case.
+    // Header mode: the same key always reaches the same worker.
+    let _serial = serial();
+    let (clusterd, _) = start(&["--workers", "2", "--sticky", "header=x-session"]);
+    for session in ["alice", "bob", "carol", "dave"] {
+        let workers: HashSet<u32> = (0..6)
+            .map(|_| {
+                let response = request_with(clusterd.port, "/", &format!("x-session: {session}\r\n"));
+                response.worker().expect("worker header")
+            })
+            .collect();
+        assert_eq!(workers.len(), 1, "session {session} on {workers:?}");
+    }
+}
+
+/// The same test without --sticky fails: polls land on the other worker.
+#[test]
+fn socketio_polling_without_sticky_loses_sessions() {
+    let _serial = serial();
+    let (clusterd, modules) = start(&["--workers", "2"]);
+    let port = clusterd.port.to_string();
+    let client = NodeClient::start("realtime_client.js", &["sio-polling", &port, "6"], &modules);
+    let (echo, _) = client.wait_event("echo", SLOW);
+    assert!(unknown_sessions(&clusterd) > 0, "expected 'Session ID unknown' without sticky: {echo}");
 }
 
 #[test]

@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{Backend, InFlight, Pool, Router, UpgradedConnection};
 use crate::body::{ProxyBody, full, plain};
+use crate::config::{Admission, Sticky};
 use crate::metrics::Metrics;
 
 /// Bodies up to this size are buffered so the request can be retried.
@@ -62,6 +63,18 @@ pub struct HttpProxy {
     tunnels: TaskTracker,
     /// The origin of the per-connection activity clocks.
     started: Instant,
+    /// `--max-concurrency` and its queue; `None`: no limit.
+    admission: Option<Admission>,
+    /// `--sticky`: what ties a client to a worker.
+    sticky: Option<Sticky>,
+}
+
+/// Where a sticky client was before: the worker it should go to, and the
+/// cookie token it sent (a new one is set when it differs).
+#[derive(Default)]
+struct Affinity {
+    preferred: Option<Arc<Backend>>,
+    cookie_sent: Option<String>,
 }
 
 impl HttpProxy {
@@ -86,6 +99,97 @@ impl HttpProxy {
             drain_timeout,
             tunnels: TaskTracker::new(),
             started: Instant::now(),
+            admission: None,
+            sticky: None,
+        }
+    }
+
+    pub fn sticky(mut self, sticky: Option<Sticky>) -> HttpProxy {
+        self.sticky = sticky;
+        self
+    }
+
+    /// The request's sticky worker, if `--sticky` is on and it has one alive.
+    fn affinity(&self, pool: &Pool, headers: &HeaderMap) -> Affinity {
+        match &self.sticky {
+            None => Affinity::default(),
+            Some(Sticky::Cookie(name)) => {
+                let cookie_sent = cookie(headers, name).map(str::to_string);
+                let preferred = cookie_sent.as_deref().and_then(|token| pool.by_token(token));
+                Affinity { preferred, cookie_sent }
+            }
+            Some(Sticky::Header(name)) => {
+                let preferred = headers.get(name.as_str()).and_then(|value| pool.by_hash(value.as_bytes()));
+                Affinity { preferred, cookie_sent: None }
+            }
+        }
+    }
+
+    /// Sets the sticky cookie on `response` unless the client sent this
+    /// worker's token already.
+    fn stick(&self, response: &mut Response<ProxyBody>, backend: &Backend, affinity: &Affinity) {
+        let Some(Sticky::Cookie(name)) = &self.sticky else {
+            return;
+        };
+        if affinity.cookie_sent.as_deref() == Some(&*backend.sticky_token) {
+            return;
+        }
+        let cookie = format!("{name}={}; Path=/; HttpOnly; SameSite=Lax", backend.sticky_token);
+        if let Ok(value) = HeaderValue::from_str(&cookie) {
+            response.headers_mut().append(header::SET_COOKIE, value);
+        }
+    }
+
+    pub fn admission(mut self, admission: Option<Admission>) -> HttpProxy {
+        self.admission = admission;
+        self
+    }
+
+    /// A worker of `pool` for one request (not one of `tried`), counted as
+    /// in flight. Under admission control the request waits, in a bounded
+    /// queue, until a worker has fewer than `max_concurrency` requests; a
+    /// full queue or a wait of `queue_timeout` gets a `503`.
+    async fn admit(
+        &self,
+        pool: &Arc<Pool>,
+        tried: &[u32],
+        affinity: &Affinity,
+    ) -> Result<InFlight, Response<ProxyBody>> {
+        // A sticky client's worker, unless it already failed this request.
+        let preferred = affinity.preferred.as_ref().filter(|b| !tried.contains(&b.pid));
+        let candidate = || preferred.cloned().or_else(|| pool.pick(tried));
+        let Some(limits) = self.admission else {
+            let backend = candidate().ok_or_else(|| no_worker(pool, tried.is_empty()))?;
+            return Ok(InFlight::start(backend, Arc::clone(&self.metrics)));
+        };
+        let mut waiting = None;
+        loop {
+            // Registered before looking, so a place freed meanwhile is not missed.
+            let freed = pool.queue.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            // The least busy member is full only when every member is (a
+            // sticky client waits for its own worker).
+            let backend = candidate().ok_or_else(|| no_worker(pool, tried.is_empty()))?;
+            if let Some(guard) = InFlight::try_start(backend, &self.metrics, limits.max_concurrency, pool) {
+                if let Some(waiting) = waiting {
+                    super::Waiting::admitted(waiting);
+                }
+                return Ok(guard);
+            }
+            if waiting.is_none() {
+                let Some(entered) = pool.queue.enter(limits.max_queue) else {
+                    pool.queue.reject();
+                    return Err(busy(pool, "every worker is busy and the queue is full"));
+                };
+                waiting = Some(entered);
+            }
+            let since = waiting.as_ref().map_or_else(std::time::Instant::now, super::Waiting::since);
+            let deadline = tokio::time::Instant::from_std(since + limits.queue_timeout);
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                pool.queue.reject();
+                return Err(busy(pool, "no worker was free within --queue-timeout"));
+            }
         }
     }
 
@@ -180,8 +284,9 @@ impl HttpProxy {
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let pool = Arc::clone(self.router.route(req.uri().path()));
+        let affinity = self.affinity(&pool, req.headers());
         if is_upgrade(req.headers()) {
-            return Ok(self.upgrade(&pool, req, peer).await);
+            return Ok(self.upgrade(&pool, req, peer, &affinity).await);
         }
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -195,7 +300,7 @@ impl HttpProxy {
             },
             _ => RequestBody::Streaming(Some(body)),
         };
-        let mut response = self.forward(&pool, &parts, body).await;
+        let mut response = self.forward(&pool, &parts, body, &affinity).await;
         if self.shutdown.is_cancelled() {
             // The client reconnects, and finds a pod that is not stopping.
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -208,20 +313,31 @@ impl HttpProxy {
     /// a worker is never replayed, whatever its method, so a request that
     /// hangs or crashes its worker costs one worker, not every worker it
     /// would be retried on.
-    async fn forward(&self, pool: &Pool, parts: &http::request::Parts, mut body: RequestBody) -> Response<ProxyBody> {
+    async fn forward(
+        &self,
+        pool: &Arc<Pool>,
+        parts: &http::request::Parts,
+        mut body: RequestBody,
+        affinity: &Affinity,
+    ) -> Response<ProxyBody> {
         let mut tried = Vec::new();
         loop {
-            let Some(backend) = pool.pick(&tried) else {
-                return no_worker(pool, tried.is_empty());
+            let guard = match self.admit(pool, &tried, affinity).await {
+                Ok(guard) => guard,
+                Err(response) => return response,
             };
+            let backend = Arc::clone(guard.backend());
             tried.push(backend.pid);
-            let guard = InFlight::start(Arc::clone(&backend), Arc::clone(&self.metrics));
             let Some(attempt_body) = body.for_attempt() else {
                 return plain(StatusCode::BAD_GATEWAY, "request body already sent to a failed worker\n".into());
             };
             let request = build_request(parts, &backend, attempt_body);
             match self.client.request(request).await {
-                Ok(response) => return respond(response, guard),
+                Ok(response) => {
+                    let mut response = respond(response, guard);
+                    self.stick(&mut response, &backend, affinity);
+                    return response;
+                }
                 Err(e) => {
                     self.metrics.proxy_errors.inc();
                     // A failed connect never reached the app. (A pooled
@@ -244,7 +360,13 @@ impl HttpProxy {
     /// connection of its own; if the worker answers `101`, the client's
     /// connection and the worker's are joined until either side closes
     /// (or the drain deadline). Any other answer is passed on as usual.
-    async fn upgrade(&self, pool: &Pool, mut req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    async fn upgrade(
+        &self,
+        pool: &Arc<Pool>,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        affinity: &Affinity,
+    ) -> Response<ProxyBody> {
         let client_side = hyper::upgrade::on(&mut req);
         let (mut parts, body) = req.into_parts();
         let protocol = parts.headers.get(header::UPGRADE).cloned();
@@ -257,11 +379,12 @@ impl HttpProxy {
         let mut body = Some(UnsyncBoxBody::new(body));
         let mut tried = Vec::new();
         loop {
-            let Some(backend) = pool.pick(&tried) else {
-                return no_worker(pool, tried.is_empty());
+            let guard = match self.admit(pool, &tried, affinity).await {
+                Ok(guard) => guard,
+                Err(response) => return response,
             };
+            let backend = Arc::clone(guard.backend());
             tried.push(backend.pid);
-            let guard = InFlight::start(Arc::clone(&backend), Arc::clone(&self.metrics));
             let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend.addr)).await {
                 Ok(Ok(stream)) => stream,
                 failed => {
@@ -293,7 +416,9 @@ impl HttpProxy {
                 }
             };
             if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-                return respond(response, guard);
+                let mut response = respond(response, guard);
+                self.stick(&mut response, &backend, affinity);
+                return response;
             }
             let worker_side = hyper::upgrade::on(&mut response);
             backend.count_request();
@@ -314,7 +439,9 @@ impl HttpProxy {
             });
             let (mut parts, _) = response.into_parts();
             parts.headers.insert(X_CLUSTERD_WORKER.clone(), HeaderValue::from(worker));
-            return Response::from_parts(parts, full(Bytes::new()));
+            let mut response = Response::from_parts(parts, full(Bytes::new()));
+            self.stick(&mut response, &backend, affinity);
+            return response;
         }
     }
 
@@ -326,6 +453,16 @@ impl HttpProxy {
             tokio::time::sleep(drain_timeout).await;
         }
     }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| pair.trim().strip_prefix(name)?.strip_prefix('='))
 }
 
 /// An HTTP/1.1 upgrade request: `Upgrade` plus `Connection: upgrade`.
@@ -447,6 +584,13 @@ fn no_worker(pool: &Pool, first_attempt: bool) -> Response<ProxyBody> {
     plain(StatusCode::SERVICE_UNAVAILABLE, text)
 }
 
+/// Admission control's answer: try again shortly (another pod may have room).
+fn busy(pool: &Pool, why: &str) -> Response<ProxyBody> {
+    let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, format!("clusterd: {why} (pool {:?})\n", pool.name));
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
 /// A worker's response body that keeps the request counted as in flight
 /// until the last byte went out.
 struct TrackedBody {
@@ -493,6 +637,16 @@ mod tests {
         append_forwarded_for(&mut headers, IpAddr::from([10, 0, 0, 1]));
         append_forwarded_for(&mut headers, IpAddr::from([127, 0, 0, 1]));
         assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+    }
+
+    #[test]
+    fn cookies_are_found_by_exact_name() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1; clusterd-worker-x=2"));
+        headers.append(header::COOKIE, HeaderValue::from_static("clusterd-worker=abc"));
+        assert_eq!(cookie(&headers, "clusterd-worker"), Some("abc"));
+        assert_eq!(cookie(&headers, "a"), Some("1"));
+        assert_eq!(cookie(&headers, "b"), None);
     }
 
     #[test]

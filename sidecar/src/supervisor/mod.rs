@@ -787,6 +787,10 @@ impl Supervisor {
             started_at: self.started_at.to_string(),
             draining: self.shutdown.is_some(),
             workers,
+            pools: match &self.port {
+                PortSetup::Proxy { router, .. } => router.pools().map(|pool| pool.status()).collect(),
+                _ => Vec::new(),
+            },
         }
     }
 }

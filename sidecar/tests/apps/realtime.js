@@ -28,6 +28,9 @@ server.on('upgrade', (req, socket, head) => {
 });
 
 const io = new Server(server, { destroyUpgrade: false });
+// e.g. "Session ID unknown": a polling request reached another worker than
+// its handshake (the tests count these in clusterd's log).
+io.engine.on('connection_error', (err) => console.log(`engine.io error: ${err.message}`));
 io.on('connection', (socket) => {
   socket.on('echo', (msg, ack) => ack(reply(msg)));
 });

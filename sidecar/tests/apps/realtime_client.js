@@ -57,6 +57,8 @@ function sioClient(index, transport) {
   const { io } = require('socket.io-client');
   const socket = io(`http://127.0.0.1:${port}`, {
     transports: [transport],
+    // Keeps and sends cookies (clusterd's sticky cookie) in Node.js.
+    withCredentials: true,
     reconnectionDelay: 100,
     reconnectionDelayMax: 300,
   });

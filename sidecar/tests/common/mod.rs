@@ -341,6 +341,8 @@ fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
 pub struct Outcome {
     /// When the request had been written to an open connection.
     pub sent: Instant,
+    /// From `sent` to the whole response read.
+    pub latency: Duration,
     pub result: Result<(u16, Option<u32>), String>,
 }
 
@@ -389,12 +391,16 @@ fn one_request(port: u16, path: &str) -> Outcome {
         Ok(stream) => stream,
         // Never got a connection: counted as sent "now" (it failed at once).
         Err(e) => {
-            return Outcome { sent: Instant::now(), result: Err(format!("connect/send: {e}")) };
+            return Outcome {
+                sent: Instant::now(),
+                latency: Duration::ZERO,
+                result: Err(format!("connect/send: {e}")),
+            };
         }
     };
     let sent = Instant::now();
     let result = read_response(&mut stream).map(|r| (r.status, r.worker())).map_err(|e| format!("read: {e}"));
-    Outcome { sent, result }
+    Outcome { sent, latency: sent.elapsed(), result }
 }
 
 pub fn failures(outcomes: &[Outcome]) -> Vec<&Outcome> {
