@@ -145,6 +145,21 @@ pub enum Protocol {
 }
 flag_values!(Protocol { Http => "http", Tcp => "tcp" });
 
+/// What the HTTP proxy speaks to the workers: HTTP/1.1, HTTP/2 cleartext
+/// (prior knowledge, as gRPC servers expect), or the client's own version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "crd", derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema))]
+pub enum UpstreamProtocol {
+    #[default]
+    #[cfg_attr(feature = "crd", serde(rename = "http1"))]
+    Http1,
+    #[cfg_attr(feature = "crd", serde(rename = "h2c"))]
+    H2c,
+    #[cfg_attr(feature = "crd", serde(rename = "auto"))]
+    Auto,
+}
+flag_values!(UpstreamProtocol { Http1 => "http1", H2c => "h2c", Auto => "auto" });
+
 /// How clusterd probes each worker. `None` exists only on the command line:
 /// the CRD offers `HTTP` and `TCP`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -310,6 +325,8 @@ pub struct ClusterdArgs {
     pub max_queue: Option<u32>,
     pub queue_timeout: Option<Duration>,
     pub sticky: Option<Sticky>,
+    /// Only sent when not the default (so existing pods do not roll).
+    pub upstream_protocol: UpstreamProtocol,
     pub drain_timeout: Duration,
     pub log_format: LogFormat,
 }
@@ -342,6 +359,7 @@ impl Default for ClusterdArgs {
             max_queue: None,
             queue_timeout: None,
             sticky: None,
+            upstream_protocol: UpstreamProtocol::default(),
             drain_timeout: defaults::DRAIN_TIMEOUT,
             log_format: LogFormat::default(),
         }
@@ -385,6 +403,9 @@ impl ClusterdArgs {
         args.extend(self.max_queue.map(|n| format!("--max-queue={n}")));
         args.extend(self.queue_timeout.map(|d| format!("--queue-timeout={}", seconds(d))));
         args.extend(self.sticky.as_ref().map(Sticky::to_arg));
+        if self.upstream_protocol != UpstreamProtocol::default() {
+            args.push(format!("--upstream-protocol={}", self.upstream_protocol.as_str()));
+        }
 
         args.push(format!("--drain-timeout={}", seconds(self.drain_timeout)));
         args.push(format!("--log-format={}", self.log_format.as_str()));
@@ -496,6 +517,7 @@ mod tests {
             max_queue: Some(20),
             queue_timeout: Some(Duration::from_secs(3)),
             sticky: Some(Sticky::Cookie("sid".into())),
+            upstream_protocol: UpstreamProtocol::H2c,
             ..ClusterdArgs::default()
         }
         .to_args();
@@ -511,6 +533,7 @@ mod tests {
             "--max-queue=20",
             "--queue-timeout=3s",
             "--sticky=cookie=sid",
+            "--upstream-protocol=h2c",
         ] {
             assert!(args.iter().any(|a| a == expected), "missing {expected} in {args:?}");
         }
@@ -526,6 +549,7 @@ mod tests {
         assert!(distinct(&PortMode::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>()));
         assert!(distinct(&Protocol::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>()));
         assert!(distinct(&HealthCheck::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>()));
+        assert!(distinct(&UpstreamProtocol::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>()));
         assert!(distinct(&LogFormat::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>()));
     }
 }

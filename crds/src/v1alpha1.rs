@@ -13,7 +13,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
 use crate::clusterd::{self, defaults};
-pub use crate::clusterd::{PortMode, Protocol, Rounding, WorkerCount};
+pub use crate::clusterd::{PortMode, Protocol, Rounding, UpstreamProtocol, WorkerCount};
 pub use crate::wire::WorkerState;
 
 /// A service whose pods each run a cluster of workers of a single-threaded
@@ -113,6 +113,11 @@ pub use crate::wire::WorkerState;
         "rule": "!has(self.sticky) || (self.portMode == 'proxy' && self.protocol == 'HTTP')",
         "message": "spec.sticky needs spec.portMode: proxy and protocol: HTTP, because only the HTTP proxy sees cookies and headers; remove sticky or use the proxy",
         "fieldPath": ".sticky"
+    },
+    {
+        "rule": "!has(self.upstreamProtocol) || self.upstreamProtocol == 'http1' || (self.portMode == 'proxy' && self.protocol == 'HTTP')",
+        "message": "spec.upstreamProtocol needs spec.portMode: proxy and protocol: HTTP, because only the HTTP proxy speaks to the workers; remove upstreamProtocol or use the proxy",
+        "fieldPath": ".upstreamProtocol"
     }
 ]))]
 pub struct ClusteredServiceSpec {
@@ -148,6 +153,12 @@ pub struct ClusteredServiceSpec {
     /// and route by path; `TCP` balances per connection.
     #[serde(default)]
     pub protocol: Protocol,
+
+    /// What the proxy speaks to the workers (proxy mode, HTTP): `http1`,
+    /// `h2c` (HTTP/2 cleartext, e.g. gRPC servers) or `auto` (the client's
+    /// version: HTTP/2 clients over h2c, others over HTTP/1.1).
+    #[serde(default)]
+    pub upstream_protocol: UpstreamProtocol,
 
     /// Sticky sessions (proxy mode, HTTP): `cookie` or `cookie=NAME`
     /// (clusterd sets a cookie naming the worker) or `header=NAME` (the

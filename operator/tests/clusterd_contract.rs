@@ -71,6 +71,7 @@ fn contract_part(c: &Config) -> ClusterdArgs {
         max_queue: c.max_queue,
         queue_timeout: c.queue_timeout,
         sticky: c.sticky.clone(),
+        upstream_protocol: c.upstream_protocol,
         drain_timeout: c.drain_timeout,
         log_format: c.log_format,
     }
@@ -163,6 +164,7 @@ fn every_valid_spec_reaches_clusterd_as_asked() {
                 .map(|s| { if s == "cookie" { "cookie=clusterd-worker".to_string() } else { s.clone() } }),
             "{at}"
         );
+        assert_eq!(c.upstream_protocol, spec.upstream_protocol, "{at}");
         assert_eq!(c.drain_timeout, seconds(spec.shutdown.drain_timeout_seconds), "{at}");
         assert_eq!(c.log_format, LogFormat::Json, "{at}");
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, error::ErrorKind};
 use clustered_api::clusterd::defaults;
 pub use clustered_api::clusterd::{
-    HealthCheck, LogFormat, PortMode, Protocol, Rounding, RouteMatch, RouteSpec, Sticky, WorkerCount,
+    HealthCheck, LogFormat, PortMode, Protocol, Rounding, RouteMatch, RouteSpec, Sticky, UpstreamProtocol, WorkerCount,
 };
 
 use crate::policy::{WorkerPolicy, slot_layout};
@@ -55,6 +55,11 @@ pub struct Config {
     /// Proxy mode only: `http` balances requests, `tcp` balances connections.
     #[arg(long, value_enum, default_value_t = Protocol::default())]
     pub protocol: Protocol,
+    /// What the HTTP proxy speaks to workers: `http1`, `h2c` (HTTP/2
+    /// cleartext, prior knowledge) or `auto` (the client's version).
+    /// Clients may always use HTTP/1.1 or h2c on the shared port.
+    #[arg(long, value_enum, default_value_t = UpstreamProtocol::default())]
+    pub upstream_protocol: UpstreamProtocol,
     /// `PREFIX=N`: N dedicated workers for paths starting with PREFIX
     /// (longest prefix wins; proxy + http only). Repeatable.
     #[arg(long = "route", value_parser = RouteSpec::parse_prefix)]
@@ -237,6 +242,11 @@ impl Config {
 
     /// --max-concurrency and its queue; --sticky.
     fn validate_admission(&self) -> Result<(), String> {
+        if self.upstream_protocol != UpstreamProtocol::Http1
+            && (self.port_mode != PortMode::Proxy || self.protocol != Protocol::Http)
+        {
+            return Err("--upstream-protocol needs --port-mode proxy and --protocol http".into());
+        }
         if self.sticky.is_some() && (self.port_mode != PortMode::Proxy || self.protocol != Protocol::Http) {
             return Err(
                 "--sticky needs --port-mode proxy and --protocol http: only the HTTP proxy sees cookies and headers"

@@ -255,14 +255,15 @@ fn spawn_proxy(
     events: tokio::sync::mpsc::UnboundedSender<Event>,
 ) {
     let (protocol, drain_timeout, admission) = (config.protocol, config.drain_timeout, config.admission());
-    let sticky = config.sticky.clone();
+    let (sticky, upstream) = (config.sticky.clone(), config.upstream_protocol);
     tokio::spawn(async move {
         match protocol {
             Protocol::Http => {
                 let proxy = Arc::new(
                     proxy::http::HttpProxy::new(router, metrics, shutdown, drain_timeout)
                         .admission(admission)
-                        .sticky(sticky),
+                        .sticky(sticky)
+                        .upstream(upstream),
                 );
                 proxy.serve(listener).await;
             }

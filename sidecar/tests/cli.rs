@@ -147,6 +147,7 @@ fn impossible_settings_are_refused_with_the_flag_named() {
         (&["--max-concurrency", "2", "--port-mode", "inherit", "--", "true"][..], "--max-concurrency needs"),
         (&["--max-concurrency", "0", "--", "true"][..], "--max-concurrency"),
         (&["--sticky", "cookie", "--protocol", "tcp", "--", "true"][..], "--sticky needs --port-mode proxy"),
+        (&["--upstream-protocol", "h2c", "--protocol", "tcp", "--", "true"][..], "--upstream-protocol needs"),
         (&["--sticky", "ip", "--", "true"][..], "expected `cookie`, `cookie=NAME` or `header=NAME`"),
         (
             &["--max-concurrency", "1", "--queue-timeout", "0s", "--", "true"][..],

@@ -47,6 +47,7 @@ pub fn clusterd_args(spec: &ClusteredServiceSpec) -> ClusterdArgs {
         queue_timeout: workers.queue_timeout_seconds.map(seconds),
         // The CRD's pattern admits only values that parse.
         sticky: spec.sticky.as_deref().and_then(|s| s.parse().ok()),
+        upstream_protocol: spec.upstream_protocol,
         drain_timeout: seconds(spec.shutdown.drain_timeout_seconds),
         // The kubelet keeps the logs; JSON lines are what log shippers read.
         log_format: LogFormat::Json,

@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{Backend, InFlight, Pool, Router, UpgradedConnection};
 use crate::body::{ProxyBody, full, plain};
-use crate::config::{Admission, Sticky};
+use crate::config::{Admission, Sticky, UpstreamProtocol};
 use crate::metrics::Metrics;
 
 /// Bodies up to this size are buffered so the request can be retried.
@@ -53,6 +53,9 @@ static X_CLUSTERD_WORKER: HeaderName = HeaderName::from_static(WORKER_HEADER);
 pub struct HttpProxy {
     router: Arc<Router>,
     client: Client<HttpConnector, ProxyBody>,
+    /// HTTP/2 cleartext (prior knowledge) to the workers.
+    h2c_client: Client<HttpConnector, ProxyBody>,
+    upstream: UpstreamProtocol,
     metrics: Arc<Metrics>,
     /// Cancelled when clusterd shuts down.
     shutdown: CancellationToken,
@@ -90,10 +93,17 @@ impl HttpProxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
+            .build(connector.clone());
+        let h2c_client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .http2_only(true)
             .build(connector);
         HttpProxy {
             router,
             client,
+            h2c_client,
+            upstream: UpstreamProtocol::Http1,
             metrics,
             shutdown,
             drain_timeout,
@@ -102,6 +112,11 @@ impl HttpProxy {
             admission: None,
             sticky: None,
         }
+    }
+
+    pub fn upstream(mut self, upstream: UpstreamProtocol) -> HttpProxy {
+        self.upstream = upstream;
+        self
     }
 
     pub fn sticky(mut self, sticky: Option<Sticky>) -> HttpProxy {
@@ -230,13 +245,13 @@ impl HttpProxy {
                 Arc::clone(&proxy).handle(req, peer)
             }
         });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
         let proxy = Arc::clone(self);
         connections.spawn(async move {
+            // HTTP/1.1, or HTTP/2 when the client opens with its preface.
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            builder.http2().timer(TokioTimer::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             let mut conn = std::pin::pin!(conn);
             let result = tokio::select! {
                 result = conn.as_mut() => result,
@@ -256,15 +271,11 @@ impl HttpProxy {
     /// Shutting down: runs `conn` until the client closes it, its next
     /// response (marked `Connection: close`) is sent, or it has been idle
     /// for [`DRAIN_IDLE_CLOSE`]; a request in progress always finishes.
-    async fn close_when_idle<S>(
+    async fn close_when_idle<C: hyper_util::server::graceful::GracefulConnection>(
         &self,
-        mut conn: Pin<&mut hyper::server::conn::http1::UpgradeableConnection<TokioIo<TcpStream>, S>>,
+        mut conn: Pin<&mut C>,
         last_request: &AtomicU64,
-    ) -> hyper::Result<()>
-    where
-        S: hyper::service::HttpService<Incoming, ResBody = ProxyBody>,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    ) -> Result<(), C::Error> {
         loop {
             let idle = Duration::from_millis(self.clock().saturating_sub(last_request.load(Ordering::Relaxed)));
             if idle >= DRAIN_IDLE_CLOSE {
@@ -331,8 +342,14 @@ impl HttpProxy {
             let Some(attempt_body) = body.for_attempt() else {
                 return plain(StatusCode::BAD_GATEWAY, "request body already sent to a failed worker\n".into());
             };
-            let request = build_request(parts, &backend, attempt_body);
-            match self.client.request(request).await {
+            let h2c = match self.upstream {
+                UpstreamProtocol::Http1 => false,
+                UpstreamProtocol::H2c => true,
+                UpstreamProtocol::Auto => parts.version == http::Version::HTTP_2,
+            };
+            let request = build_request(parts, &backend, attempt_body, h2c);
+            let client = if h2c { &self.h2c_client } else { &self.client };
+            match client.request(request).await {
                 Ok(response) => {
                     let mut response = respond(response, guard);
                     self.stick(&mut response, &backend, affinity);
@@ -514,7 +531,7 @@ impl RequestBody {
     }
 }
 
-fn build_request(parts: &http::request::Parts, backend: &Backend, body: ProxyBody) -> Request<ProxyBody> {
+fn build_request(parts: &http::request::Parts, backend: &Backend, body: ProxyBody, h2c: bool) -> Request<ProxyBody> {
     let mut uri = uri::Parts::default();
     uri.scheme = Some(uri::Scheme::HTTP);
     uri.authority = Some(backend.authority.clone());
@@ -524,6 +541,13 @@ fn build_request(parts: &http::request::Parts, backend: &Backend, body: ProxyBod
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
     *request.headers_mut() = parts.headers.clone();
+    if h2c {
+        *request.version_mut() = http::Version::HTTP_2;
+        // gRPC servers require it; the only TE value HTTP/2 allows.
+        if parts.headers.get(header::TE).is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers")) {
+            request.headers_mut().insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    }
     request
 }
 
