@@ -28,6 +28,11 @@ pub mod defaults {
     pub const STABLE_AFTER: Duration = Duration::from_secs(30);
     pub const CRASH_LOOP_THRESHOLD: u32 = 5;
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+    /// Requests that may wait per pool under `--max-concurrency`
+    /// (Passenger's default request queue size).
+    pub const MAX_QUEUE: u32 = 100;
+    /// How long a request may wait in that queue.
+    pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 }
 
 /// `auto` or a fixed number of workers.
@@ -140,6 +145,21 @@ pub enum Protocol {
 }
 flag_values!(Protocol { Http => "http", Tcp => "tcp" });
 
+/// What the HTTP proxy speaks to the workers: HTTP/1.1, HTTP/2 cleartext
+/// (prior knowledge, as gRPC servers expect), or the client's own version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "crd", derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema))]
+pub enum UpstreamProtocol {
+    #[default]
+    #[cfg_attr(feature = "crd", serde(rename = "http1"))]
+    Http1,
+    #[cfg_attr(feature = "crd", serde(rename = "h2c"))]
+    H2c,
+    #[cfg_attr(feature = "crd", serde(rename = "auto"))]
+    Auto,
+}
+flag_values!(UpstreamProtocol { Http1 => "http1", H2c => "h2c", Auto => "auto" });
+
 /// How clusterd probes each worker. `None` exists only on the command line:
 /// the CRD offers `HTTP` and `TCP`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -221,6 +241,56 @@ fn parse_route(s: &str) -> Result<(String, u32), String> {
     Ok((prefix.to_string(), workers))
 }
 
+/// Sticky sessions (`--sticky`): what ties a client to one worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sticky {
+    /// clusterd sets a cookie naming the worker (`cookie` or `cookie=NAME`).
+    Cookie(String),
+    /// The client's own header value (e.g. a session id) is hashed to a
+    /// worker (`header=NAME`).
+    Header(String),
+}
+
+impl Sticky {
+    pub const DEFAULT_COOKIE: &'static str = "clusterd-worker";
+
+    /// The flag, as `to_args` writes it.
+    pub fn to_arg(&self) -> String {
+        format!("--sticky={self}")
+    }
+}
+
+impl fmt::Display for Sticky {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Sticky::Cookie(name) => write!(f, "cookie={name}"),
+            Sticky::Header(name) => write!(f, "header={name}"),
+        }
+    }
+}
+
+impl FromStr for Sticky {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, name) = match s.split_once('=') {
+            Some((kind, name)) => (kind, Some(name)),
+            None => (s, None),
+        };
+        let token = |name: &str| {
+            let ok =
+                !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if ok { Ok(name.to_string()) } else { Err(format!("{name:?} is not a valid cookie or header name")) }
+        };
+        match (kind, name) {
+            ("cookie", None) => Ok(Sticky::Cookie(Sticky::DEFAULT_COOKIE.into())),
+            ("cookie", Some(name)) => token(name).map(Sticky::Cookie),
+            ("header", Some(name)) => token(name).map(|n| Sticky::Header(n.to_ascii_lowercase())),
+            _ => Err(format!("expected `cookie`, `cookie=NAME` or `header=NAME`, got {s:?}")),
+        }
+    }
+}
+
 /// The settings the operator passes to clusterd. clusterd has more flags
 /// (bind addresses, CPU limit override, …); these are the ones a
 /// `ClusteredService` spec controls.
@@ -249,6 +319,14 @@ pub struct ClusterdArgs {
     pub crash_loop_threshold: u32,
     pub max_requests: Option<u64>,
     pub max_memory_mib: Option<u64>,
+    /// Admission control: requests in flight per worker; the queue flags
+    /// are only sent with it.
+    pub max_concurrency: Option<u32>,
+    pub max_queue: Option<u32>,
+    pub queue_timeout: Option<Duration>,
+    pub sticky: Option<Sticky>,
+    /// Only sent when not the default (so existing pods do not roll).
+    pub upstream_protocol: UpstreamProtocol,
     pub drain_timeout: Duration,
     pub log_format: LogFormat,
 }
@@ -277,6 +355,11 @@ impl Default for ClusterdArgs {
             crash_loop_threshold: defaults::CRASH_LOOP_THRESHOLD,
             max_requests: None,
             max_memory_mib: None,
+            max_concurrency: None,
+            max_queue: None,
+            queue_timeout: None,
+            sticky: None,
+            upstream_protocol: UpstreamProtocol::default(),
             drain_timeout: defaults::DRAIN_TIMEOUT,
             log_format: LogFormat::default(),
         }
@@ -316,6 +399,13 @@ impl ClusterdArgs {
         ]);
         args.extend(self.max_requests.map(|n| format!("--max-requests={n}")));
         args.extend(self.max_memory_mib.map(|n| format!("--max-memory-mib={n}")));
+        args.extend(self.max_concurrency.map(|n| format!("--max-concurrency={n}")));
+        args.extend(self.max_queue.map(|n| format!("--max-queue={n}")));
+        args.extend(self.queue_timeout.map(|d| format!("--queue-timeout={}", seconds(d))));
+        args.extend(self.sticky.as_ref().map(Sticky::to_arg));
+        if self.upstream_protocol != UpstreamProtocol::default() {
+            args.push(format!("--upstream-protocol={}", self.upstream_protocol.as_str()));
+        }
 
         args.push(format!("--drain-timeout={}", seconds(self.drain_timeout)));
         args.push(format!("--log-format={}", self.log_format.as_str()));
@@ -366,6 +456,17 @@ mod tests {
     }
 
     #[test]
+    fn sticky_parses_and_prints() {
+        assert_eq!("cookie".parse(), Ok(Sticky::Cookie("clusterd-worker".into())));
+        assert_eq!("cookie=sid".parse(), Ok(Sticky::Cookie("sid".into())));
+        assert_eq!("header=X-Session".parse(), Ok(Sticky::Header("x-session".into())));
+        assert_eq!(Sticky::Header("x-session".into()).to_arg(), "--sticky=header=x-session");
+        for bad in ["header", "cookie=", "cookie=a b", "ip", "header=a;b"] {
+            assert!(bad.parse::<Sticky>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn durations_keep_their_unit() {
         assert_eq!(seconds(Duration::from_secs(30)), "30s");
         assert_eq!(seconds(Duration::from_millis(1500)), "1500ms");
@@ -412,6 +513,11 @@ mod tests {
             health_check: HealthCheck::Tcp,
             max_requests: Some(1000),
             max_memory_mib: Some(300),
+            max_concurrency: Some(4),
+            max_queue: Some(20),
+            queue_timeout: Some(Duration::from_secs(3)),
+            sticky: Some(Sticky::Cookie("sid".into())),
+            upstream_protocol: UpstreamProtocol::H2c,
             ..ClusterdArgs::default()
         }
         .to_args();
@@ -423,6 +529,11 @@ mod tests {
             "--health-check=tcp",
             "--max-requests=1000",
             "--max-memory-mib=300",
+            "--max-concurrency=4",
+            "--max-queue=20",
+            "--queue-timeout=3s",
+            "--sticky=cookie=sid",
+            "--upstream-protocol=h2c",
         ] {
             assert!(args.iter().any(|a| a == expected), "missing {expected} in {args:?}");
         }
@@ -438,6 +549,7 @@ mod tests {
         assert!(distinct(&PortMode::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>()));
         assert!(distinct(&Protocol::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>()));
         assert!(distinct(&HealthCheck::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>()));
+        assert!(distinct(&UpstreamProtocol::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>()));
         assert!(distinct(&LogFormat::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>()));
     }
 }

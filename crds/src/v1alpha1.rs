@@ -13,7 +13,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
 use crate::clusterd::{self, defaults};
-pub use crate::clusterd::{PortMode, Protocol, Rounding, WorkerCount};
+pub use crate::clusterd::{PortMode, Protocol, Rounding, UpstreamProtocol, WorkerCount};
 pub use crate::wire::WorkerState;
 
 /// A service whose pods each run a cluster of workers of a single-threaded
@@ -109,6 +109,21 @@ pub use crate::wire::WorkerState;
         "rule": "!has(self.restart) || !has(self.restart.maxRequests) || self.portMode == 'proxy'",
         "message": "spec.restart.maxRequests needs spec.portMode: proxy, because only the proxy sees the requests it counts; use restart.maxMemoryMib or set portMode: proxy",
         "fieldPath": ".restart.maxRequests"
+    },
+    {
+        "rule": "!has(self.workers) || !has(self.workers.maxConcurrency) || (self.portMode == 'proxy' && self.protocol == 'HTTP')",
+        "message": "spec.workers.maxConcurrency needs spec.portMode: proxy and protocol: HTTP, because only the HTTP proxy sees each request; remove maxConcurrency or use the proxy",
+        "fieldPath": ".workers.maxConcurrency"
+    },
+    {
+        "rule": "!has(self.sticky) || (self.portMode == 'proxy' && self.protocol == 'HTTP')",
+        "message": "spec.sticky needs spec.portMode: proxy and protocol: HTTP, because only the HTTP proxy sees cookies and headers; remove sticky or use the proxy",
+        "fieldPath": ".sticky"
+    },
+    {
+        "rule": "!has(self.upstreamProtocol) || self.upstreamProtocol == 'http1' || (self.portMode == 'proxy' && self.protocol == 'HTTP')",
+        "message": "spec.upstreamProtocol needs spec.portMode: proxy and protocol: HTTP, because only the HTTP proxy speaks to the workers; remove upstreamProtocol or use the proxy",
+        "fieldPath": ".upstreamProtocol"
     }
 ]))]
 pub struct ClusteredServiceSpec {
@@ -144,6 +159,20 @@ pub struct ClusteredServiceSpec {
     /// and route by path; `TCP` balances per connection.
     #[serde(default)]
     pub protocol: Protocol,
+
+    /// What the proxy speaks to the workers (proxy mode, HTTP): `http1`,
+    /// `h2c` (HTTP/2 cleartext, e.g. gRPC servers) or `auto` (the client's
+    /// version: HTTP/2 clients over h2c, others over HTTP/1.1).
+    #[serde(default)]
+    pub upstream_protocol: UpstreamProtocol,
+
+    /// Sticky sessions (proxy mode, HTTP): `cookie` or `cookie=NAME`
+    /// (clusterd sets a cookie naming the worker) or `header=NAME` (the
+    /// client's header value is hashed to a worker). A client stays on one
+    /// worker of its pool while that worker lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(cookie|cookie=[A-Za-z0-9!#$%&'*+.^_`|~-]+|header=[A-Za-z0-9!#$%&'*+.^_`|~-]+)$"))]
+    pub sticky: Option<String>,
 
     /// Route pools: the requests of a route (an exact `path` or a
     /// `pathPrefix`) go to workers of their own, so a heavy route cannot
@@ -201,6 +230,11 @@ pub struct ClusteredServiceSpec {
         "rule": "type(self.count) == string || ((!has(self.min) || int(self.count) >= self.min) && (!has(self.max) || int(self.count) <= self.max))",
         "message": "spec.workers.count is outside spec.workers.min..spec.workers.max; change the count or the bounds",
         "fieldPath": ".count"
+    },
+    {
+        "rule": "has(self.maxConcurrency) || (!has(self.maxQueue) && !has(self.queueTimeoutSeconds))",
+        "message": "spec.workers.maxQueue and queueTimeoutSeconds size the queue of spec.workers.maxConcurrency: set maxConcurrency or remove them",
+        "fieldPath": ".maxConcurrency"
     }
 ]))]
 pub struct WorkerPolicy {
@@ -220,11 +254,35 @@ pub struct WorkerPolicy {
     /// (always at least 1).
     #[serde(default)]
     pub rounding: Rounding,
+    /// Admission control (proxy mode, HTTP): at most this many requests in
+    /// flight per worker; others wait in a bounded queue per route pool
+    /// and get `503` with `Retry-After` when it is full or they waited too
+    /// long. Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_concurrency: Option<i32>,
+    /// Requests that may wait per pool when every worker is at
+    /// `maxConcurrency` (default 100; 0: answer `503` at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub max_queue: Option<i32>,
+    /// How long a request may wait in that queue (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub queue_timeout_seconds: Option<i32>,
 }
 
 impl Default for WorkerPolicy {
     fn default() -> Self {
-        Self { count: WorkerCount::Auto, min: None, max: None, rounding: Rounding::Floor }
+        Self {
+            count: WorkerCount::Auto,
+            min: None,
+            max: None,
+            rounding: Rounding::Floor,
+            max_concurrency: None,
+            max_queue: None,
+            queue_timeout_seconds: None,
+        }
     }
 }
 

@@ -34,6 +34,25 @@ pub struct ClusterdStatus {
     pub draining: bool,
     /// One entry per worker slot, ordered by id.
     pub workers: Vec<WorkerStatus>,
+    /// Request queues of the route pools (proxy mode with `--max-concurrency`).
+    pub pools: Vec<PoolStatus>,
+}
+
+/// A route pool's admission queue (`--max-concurrency`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PoolStatus {
+    /// `default` or the route's pool name.
+    pub name: String,
+    /// Requests waiting for a worker right now.
+    pub queued: u64,
+    /// Requests that waited in the queue and were then served.
+    pub waited: u64,
+    /// Their total time in the queue, in milliseconds (mean = this / `waited`).
+    pub wait_millis: u64,
+    /// Requests answered `503` because the queue was full or they waited
+    /// `--queue-timeout`.
+    pub rejected: u64,
 }
 
 /// The CPU limit as clusterd detected it.
@@ -74,6 +93,9 @@ pub struct WorkerStatus {
     pub in_flight: u64,
     /// Requests served by the current process (proxy mode).
     pub requests: u64,
+    /// Upgraded connections (e.g. WebSocket) open to the current process
+    /// (proxy mode, `http` protocol).
+    pub connections: u64,
 }
 
 /// Lifecycle of a worker slot.

@@ -67,6 +67,11 @@ fn contract_part(c: &Config) -> ClusterdArgs {
         crash_loop_threshold: c.crash_loop_threshold,
         max_requests: c.max_requests,
         max_memory_mib: c.max_memory_mib,
+        max_concurrency: c.max_concurrency,
+        max_queue: c.max_queue,
+        queue_timeout: c.queue_timeout,
+        sticky: c.sticky.clone(),
+        upstream_protocol: c.upstream_protocol,
         drain_timeout: c.drain_timeout,
         log_format: c.log_format,
     }
@@ -149,6 +154,17 @@ fn every_valid_spec_reaches_clusterd_as_asked() {
         assert_eq!(c.crash_loop_threshold, unsigned(restart.crash_loop_threshold), "{at}");
         assert_eq!(c.max_requests.map(|n| n as i64), restart.max_requests, "{at}");
         assert_eq!(c.max_memory_mib.map(|n| n as i64), restart.max_memory_mib, "{at}");
+        assert_eq!(c.max_concurrency, spec.workers.max_concurrency.map(unsigned), "{at}");
+        assert_eq!(c.max_queue, spec.workers.max_queue.map(unsigned), "{at}");
+        assert_eq!(c.queue_timeout, spec.workers.queue_timeout_seconds.map(seconds), "{at}");
+        assert_eq!(
+            c.sticky.as_ref().map(ToString::to_string),
+            spec.sticky
+                .as_ref()
+                .map(|s| { if s == "cookie" { "cookie=clusterd-worker".to_string() } else { s.clone() } }),
+            "{at}"
+        );
+        assert_eq!(c.upstream_protocol, spec.upstream_protocol, "{at}");
         assert_eq!(c.drain_timeout, seconds(spec.shutdown.drain_timeout_seconds), "{at}");
         assert_eq!(c.log_format, LogFormat::Json, "{at}");
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, error::ErrorKind};
 use clustered_api::clusterd::defaults;
 pub use clustered_api::clusterd::{
-    HealthCheck, LogFormat, PortMode, Protocol, Rounding, RouteMatch, RouteSpec, WorkerCount,
+    HealthCheck, LogFormat, PortMode, Protocol, Rounding, RouteMatch, RouteSpec, Sticky, UpstreamProtocol, WorkerCount,
 };
 
 use crate::policy::{WorkerPolicy, slot_layout};
@@ -55,6 +55,11 @@ pub struct Config {
     /// Proxy mode only: `http` balances requests, `tcp` balances connections.
     #[arg(long, value_enum, default_value_t = Protocol::default())]
     pub protocol: Protocol,
+    /// What the HTTP proxy speaks to workers: `http1`, `h2c` (HTTP/2
+    /// cleartext, prior knowledge) or `auto` (the client's version).
+    /// Clients may always use HTTP/1.1 or h2c on the shared port.
+    #[arg(long, value_enum, default_value_t = UpstreamProtocol::default())]
+    pub upstream_protocol: UpstreamProtocol,
     /// `PREFIX=N`: N dedicated workers for paths starting with PREFIX
     /// (longest prefix wins; proxy + http only). Repeatable.
     #[arg(long = "route", value_parser = RouteSpec::parse_prefix)]
@@ -105,6 +110,22 @@ pub struct Config {
     /// Recycle a worker after it served this many requests (proxy mode).
     #[arg(long)]
     pub max_requests: Option<u64>,
+    /// Admission control (proxy mode, `--protocol http`): at most N requests
+    /// in flight per worker; others wait in a queue per route pool.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrency: Option<u32>,
+    /// Requests that may wait per pool when every worker is at
+    /// --max-concurrency; beyond it: 503 with Retry-After (default 100).
+    #[arg(long)]
+    pub max_queue: Option<u32>,
+    /// How long a request may wait in the queue before its 503 (default 10s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub queue_timeout: Option<Duration>,
+    /// Sticky sessions (proxy mode, `--protocol http`): `cookie[=NAME]` (a
+    /// cookie clusterd sets names the worker) or `header=NAME` (the
+    /// header's value is hashed to a worker).
+    #[arg(long)]
+    pub sticky: Option<Sticky>,
     /// Recycle a worker whose RSS exceeds this many MiB.
     #[arg(long)]
     pub max_memory_mib: Option<u64>,
@@ -135,6 +156,16 @@ pub struct Config {
     /// The worker command and its arguments.
     #[arg(last = true, required_unless_present = "install_to", num_args = 1.., value_name = "command")]
     pub command: Vec<String>,
+}
+
+/// Admission control of the HTTP proxy (`--max-concurrency`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// Requests in flight per worker.
+    pub max_concurrency: u64,
+    /// Requests waiting per pool.
+    pub max_queue: usize,
+    pub queue_timeout: Duration,
 }
 
 /// A default duration as `--help` shows it and clap parses it.
@@ -197,6 +228,7 @@ impl Config {
                 self.port_mode.as_str()
             ));
         }
+        self.validate_admission()?;
         if self.admin_port == self.port
             && (self.admin_bind == self.bind || self.admin_bind.is_unspecified() || self.bind.is_unspecified())
         {
@@ -206,6 +238,52 @@ impl Config {
             ));
         }
         self.validate_counts()
+    }
+
+    /// --max-concurrency and its queue; --sticky.
+    fn validate_admission(&self) -> Result<(), String> {
+        if self.upstream_protocol != UpstreamProtocol::Http1
+            && (self.port_mode != PortMode::Proxy || self.protocol != Protocol::Http)
+        {
+            return Err("--upstream-protocol needs --port-mode proxy and --protocol http".into());
+        }
+        if self.sticky.is_some() && (self.port_mode != PortMode::Proxy || self.protocol != Protocol::Http) {
+            return Err(
+                "--sticky needs --port-mode proxy and --protocol http: only the HTTP proxy sees cookies and headers"
+                    .into(),
+            );
+        }
+        if self.max_concurrency.is_none() {
+            for (flag, given) in
+                [("--max-queue", self.max_queue.is_some()), ("--queue-timeout", self.queue_timeout.is_some())]
+            {
+                if given {
+                    return Err(format!(
+                        "{flag} sizes the queue of --max-concurrency: give --max-concurrency N too, or drop {flag}"
+                    ));
+                }
+            }
+            return Ok(());
+        }
+        if self.port_mode != PortMode::Proxy || self.protocol != Protocol::Http {
+            return Err(
+                "--max-concurrency needs --port-mode proxy and --protocol http: only the HTTP proxy sees each request"
+                    .into(),
+            );
+        }
+        if self.queue_timeout.is_some_and(|t| t.is_zero()) {
+            return Err("--queue-timeout must be greater than 0 (use --max-queue 0 for no queue)".into());
+        }
+        Ok(())
+    }
+
+    /// The admission limits, when --max-concurrency is given.
+    pub fn admission(&self) -> Option<Admission> {
+        Some(Admission {
+            max_concurrency: self.max_concurrency?.into(),
+            max_queue: self.max_queue.unwrap_or(defaults::MAX_QUEUE) as usize,
+            queue_timeout: self.queue_timeout.unwrap_or(defaults::QUEUE_TIMEOUT),
+        })
     }
 
     /// Worker counts clusterd can actually run (see --worker-cap).
@@ -291,6 +369,22 @@ mod tests {
         assert_eq!(names, ["/", "=/"]);
         assert!(parse(&["clusterd", "--route", "/a=1", "--route", "/a=2", "--", "x"]).is_err());
         assert!(parse(&["clusterd", "--route", "/a=1", "--port-mode", "inherit", "--", "x"]).is_err());
+    }
+
+    #[test]
+    fn admission_flags_validate() {
+        let c = parse(&["clusterd", "--max-concurrency", "2", "--", "x"]).expect("parse");
+        let admission = c.admission().expect("admission");
+        assert_eq!((admission.max_concurrency, admission.max_queue), (2, 100));
+        assert!(parse(&["clusterd", "--", "x"]).expect("parse").admission().is_none());
+        let err = parse(&["clusterd", "--max-queue", "5", "--", "x"]).expect_err("queue alone");
+        assert!(err.contains("--max-queue") && err.contains("--max-concurrency"), "{err}");
+        assert!(parse(&["clusterd", "--queue-timeout", "1s", "--", "x"]).is_err());
+        assert!(parse(&["clusterd", "--max-concurrency", "0", "--", "x"]).is_err());
+        assert!(parse(&["clusterd", "--max-concurrency", "1", "--protocol", "tcp", "--", "x"]).is_err());
+        assert!(parse(&["clusterd", "--max-concurrency", "1", "--port-mode", "inherit", "--", "x"]).is_err());
+        assert!(parse(&["clusterd", "--max-concurrency", "1", "--queue-timeout", "0s", "--", "x"]).is_err());
+        assert!(parse(&["clusterd", "--max-concurrency", "1", "--max-queue", "0", "--", "x"]).is_ok());
     }
 
     #[test]

@@ -192,7 +192,7 @@ pub async fn run(config: Config) -> Result<u8, StartupError> {
     let metrics = Arc::new(Metrics::new());
     let shared = Arc::new(Shared::default());
     let proxy_shutdown = CancellationToken::new();
-    let router = Arc::new(Router::new(&config.pools()));
+    let router = Arc::new(Router::new(&config.pools(), &metrics));
     let (port, proxy_listener) = match config.port_mode {
         PortMode::Proxy => {
             let listener = listen_shared(shared_addr, config.backlog)
@@ -265,11 +265,17 @@ fn spawn_proxy(
     shutdown: CancellationToken,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
 ) {
-    let protocol = config.protocol;
+    let (protocol, drain_timeout, admission) = (config.protocol, config.drain_timeout, config.admission());
+    let (sticky, upstream) = (config.sticky.clone(), config.upstream_protocol);
     tokio::spawn(async move {
         match protocol {
             Protocol::Http => {
-                let proxy = Arc::new(proxy::http::HttpProxy::new(router, metrics, shutdown));
+                let proxy = Arc::new(
+                    proxy::http::HttpProxy::new(router, metrics, shutdown, drain_timeout)
+                        .admission(admission)
+                        .sticky(sticky)
+                        .upstream(upstream),
+                );
                 proxy.serve(listener).await;
             }
             Protocol::Tcp => {

@@ -7,11 +7,17 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub pool: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -35,7 +41,11 @@ pub struct Metrics {
     pub workers: Family<StateLabels, Gauge>,
     pub restarts: Counter,
     pub requests: Family<RequestLabels, Counter>,
+    pub connections: Family<RequestLabels, Gauge>,
     pub in_flight: Gauge,
+    pub queue_depth: Family<PoolLabels, Gauge>,
+    pub queue_wait: Family<PoolLabels, Histogram, fn() -> Histogram>,
+    pub rejected: Family<PoolLabels, Counter>,
     pub proxy_errors: Counter,
     pub retries: Counter,
     pub cpu_limit: Gauge<f64, AtomicU64>,
@@ -55,7 +65,13 @@ impl Metrics {
         let workers = Family::<StateLabels, Gauge>::default();
         let restarts = Counter::default();
         let requests = Family::<RequestLabels, Counter>::default();
+        let connections = Family::<RequestLabels, Gauge>::default();
         let in_flight = Gauge::default();
+        let queue_depth = Family::<PoolLabels, Gauge>::default();
+        let queue_wait = Family::<PoolLabels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
+            Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+        });
+        let rejected = Family::<PoolLabels, Counter>::default();
         let proxy_errors = Counter::default();
         let retries = Counter::default();
         let cpu_limit = Gauge::<f64, AtomicU64>::default();
@@ -64,7 +80,27 @@ impl Metrics {
         registry.register("workers", "Worker slots by state", workers.clone());
         registry.register("worker_restarts", "Worker processes restarted after exiting", restarts.clone());
         registry.register("requests", "Requests proxied, by pool and worker id", requests.clone());
+        registry.register(
+            "upgraded_connections",
+            "Upgraded (e.g. WebSocket) connections open, by pool and worker id",
+            connections.clone(),
+        );
         registry.register("in_flight_requests", "Requests (or TCP connections) being proxied", in_flight.clone());
+        registry.register(
+            "queue_depth",
+            "Requests waiting for a worker, by pool (--max-concurrency)",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time admitted requests waited for a worker, by pool (--max-concurrency)",
+            queue_wait.clone(),
+        );
+        registry.register(
+            "rejected_requests",
+            "Requests answered 503 because the queue was full or they waited --queue-timeout, by pool",
+            rejected.clone(),
+        );
         registry.register("proxy_errors", "Failed attempts to reach a worker", proxy_errors.clone());
         registry.register("proxy_retries", "Requests retried on another worker", retries.clone());
         registry.register("cpu_limit_cores", "CPU limit clusterd sees", cpu_limit.clone());
@@ -79,7 +115,11 @@ impl Metrics {
             workers,
             restarts,
             requests,
+            connections,
             in_flight,
+            queue_depth,
+            queue_wait,
+            rejected,
             proxy_errors,
             retries,
             cpu_limit,
@@ -91,6 +131,21 @@ impl Metrics {
     /// The requests counter of one worker slot.
     pub fn requests_of(&self, pool: &str, worker: u32) -> Counter {
         self.requests.get_or_create(&RequestLabels { pool: pool.to_string(), worker: worker.to_string() }).clone()
+    }
+
+    /// The upgraded connections gauge of one worker slot.
+    pub fn connections_of(&self, pool: &str, worker: u32) -> Gauge {
+        self.connections.get_or_create(&RequestLabels { pool: pool.to_string(), worker: worker.to_string() }).clone()
+    }
+
+    /// The queue figures of one pool: depth, wait time, rejections.
+    pub fn queue_of(&self, pool: &str) -> (Gauge, Histogram, Counter) {
+        let labels = PoolLabels { pool: pool.to_string() };
+        (
+            self.queue_depth.get_or_create(&labels).clone(),
+            self.queue_wait.get_or_create(&labels).clone(),
+            self.rejected.get_or_create(&labels).clone(),
+        )
     }
 
     /// Encodes the registry after refreshing the gauges that mirror `status`.

@@ -138,6 +138,21 @@ fn impossible_settings_are_refused_with_the_flag_named() {
         (&["--route", "/a b=1", "--", "true"][..], "white space"),
         (&["--port", "8080", "--admin-port", "8080", "--", "true"][..], "--admin-port 8080 is the same as --port"),
         (&["--backlog", "0", "--", "true"][..], "--backlog"),
+        (&["--max-queue", "10", "--", "true"][..], "--max-queue sizes the queue of --max-concurrency"),
+        (&["--queue-timeout", "2s", "--", "true"][..], "--queue-timeout sizes the queue of --max-concurrency"),
+        (
+            &["--max-concurrency", "2", "--protocol", "tcp", "--", "true"][..],
+            "--max-concurrency needs --port-mode proxy",
+        ),
+        (&["--max-concurrency", "2", "--port-mode", "inherit", "--", "true"][..], "--max-concurrency needs"),
+        (&["--max-concurrency", "0", "--", "true"][..], "--max-concurrency"),
+        (&["--sticky", "cookie", "--protocol", "tcp", "--", "true"][..], "--sticky needs --port-mode proxy"),
+        (&["--upstream-protocol", "h2c", "--protocol", "tcp", "--", "true"][..], "--upstream-protocol needs"),
+        (&["--sticky", "ip", "--", "true"][..], "expected `cookie`, `cookie=NAME` or `header=NAME`"),
+        (
+            &["--max-concurrency", "1", "--queue-timeout", "0s", "--", "true"][..],
+            "--queue-timeout must be greater than 0",
+        ),
     ] {
         let started = std::time::Instant::now();
         let output = run(args);

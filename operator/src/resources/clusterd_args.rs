@@ -42,6 +42,12 @@ pub fn clusterd_args(spec: &ClusteredServiceSpec) -> ClusterdArgs {
         crash_loop_threshold: count(restart.crash_loop_threshold),
         max_requests: restart.max_requests.map(|n| u64::try_from(n).unwrap_or(0)),
         max_memory_mib: restart.max_memory_mib.map(|n| u64::try_from(n).unwrap_or(0)),
+        max_concurrency: workers.max_concurrency.map(count),
+        max_queue: workers.max_queue.map(count),
+        queue_timeout: workers.queue_timeout_seconds.map(seconds),
+        // The CRD's pattern admits only values that parse.
+        sticky: spec.sticky.as_deref().and_then(|s| s.parse().ok()),
+        upstream_protocol: spec.upstream_protocol,
         drain_timeout: seconds(spec.shutdown.drain_timeout_seconds),
         // The kubelet keeps the logs; JSON lines are what log shippers read.
         log_format: LogFormat::Json,

@@ -19,13 +19,13 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Backend, InFlight, Pool, Router};
+use super::{Backend, InFlight, Pool, Router, UpgradedConnection};
 use crate::body::{ProxyBody, full, plain};
+use crate::config::{Admission, Sticky, UpstreamProtocol};
 use crate::metrics::Metrics;
 
 /// Bodies up to this size are buffered so the request can be retried.
@@ -43,6 +43,8 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// only after a pause that active clients do not make.
 const DRAIN_IDLE_CLOSE: Duration = Duration::from_secs(1);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connecting to a worker for an upgrade request.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub const WORKER_HEADER: &str = "x-clusterd-worker";
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -51,23 +53,159 @@ static X_CLUSTERD_WORKER: HeaderName = HeaderName::from_static(WORKER_HEADER);
 pub struct HttpProxy {
     router: Arc<Router>,
     client: Client<HttpConnector, ProxyBody>,
+    /// HTTP/2 cleartext (prior knowledge) to the workers.
+    h2c_client: Client<HttpConnector, ProxyBody>,
+    upstream: UpstreamProtocol,
     metrics: Arc<Metrics>,
     /// Cancelled when clusterd shuts down.
     shutdown: CancellationToken,
+    /// Upgraded connections stay open this long after shutdown begins (the
+    /// drain deadline), then are closed.
+    drain_timeout: Duration,
+    /// The upgraded connections (client joined to worker), waited for at shutdown.
+    tunnels: TaskTracker,
     /// The origin of the per-connection activity clocks.
     started: Instant,
+    /// `--max-concurrency` and its queue; `None`: no limit.
+    admission: Option<Admission>,
+    /// `--sticky`: what ties a client to a worker.
+    sticky: Option<Sticky>,
+}
+
+/// Where a sticky client was before: the worker it should go to, and the
+/// cookie token it sent (a new one is set when it differs).
+#[derive(Default)]
+struct Affinity {
+    preferred: Option<Arc<Backend>>,
+    cookie_sent: Option<String>,
 }
 
 impl HttpProxy {
-    pub fn new(router: Arc<Router>, metrics: Arc<Metrics>, shutdown: CancellationToken) -> HttpProxy {
+    pub fn new(
+        router: Arc<Router>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        drain_timeout: Duration,
+    ) -> HttpProxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
+            .build(connector.clone());
+        let h2c_client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .http2_only(true)
             .build(connector);
-        HttpProxy { router, client, metrics, shutdown, started: Instant::now() }
+        HttpProxy {
+            router,
+            client,
+            h2c_client,
+            upstream: UpstreamProtocol::Http1,
+            metrics,
+            shutdown,
+            drain_timeout,
+            tunnels: TaskTracker::new(),
+            started: Instant::now(),
+            admission: None,
+            sticky: None,
+        }
+    }
+
+    pub fn upstream(mut self, upstream: UpstreamProtocol) -> HttpProxy {
+        self.upstream = upstream;
+        self
+    }
+
+    pub fn sticky(mut self, sticky: Option<Sticky>) -> HttpProxy {
+        self.sticky = sticky;
+        self
+    }
+
+    /// The request's sticky worker, if `--sticky` is on and it has one alive.
+    fn affinity(&self, pool: &Pool, headers: &HeaderMap) -> Affinity {
+        match &self.sticky {
+            None => Affinity::default(),
+            Some(Sticky::Cookie(name)) => {
+                let cookie_sent = cookie(headers, name).map(str::to_string);
+                let preferred = cookie_sent.as_deref().and_then(|token| pool.by_token(token));
+                Affinity { preferred, cookie_sent }
+            }
+            Some(Sticky::Header(name)) => {
+                let preferred = headers.get(name.as_str()).and_then(|value| pool.by_hash(value.as_bytes()));
+                Affinity { preferred, cookie_sent: None }
+            }
+        }
+    }
+
+    /// Sets the sticky cookie on `response` unless the client sent this
+    /// worker's token already.
+    fn stick(&self, response: &mut Response<ProxyBody>, backend: &Backend, affinity: &Affinity) {
+        let Some(Sticky::Cookie(name)) = &self.sticky else {
+            return;
+        };
+        if affinity.cookie_sent.as_deref() == Some(&*backend.sticky_token) {
+            return;
+        }
+        let cookie = format!("{name}={}; Path=/; HttpOnly; SameSite=Lax", backend.sticky_token);
+        if let Ok(value) = HeaderValue::from_str(&cookie) {
+            response.headers_mut().append(header::SET_COOKIE, value);
+        }
+    }
+
+    pub fn admission(mut self, admission: Option<Admission>) -> HttpProxy {
+        self.admission = admission;
+        self
+    }
+
+    /// A worker of `pool` for one request (not one of `tried`), counted as
+    /// in flight. Under admission control the request waits, in a bounded
+    /// queue, until a worker has fewer than `max_concurrency` requests; a
+    /// full queue or a wait of `queue_timeout` gets a `503`.
+    async fn admit(
+        &self,
+        pool: &Arc<Pool>,
+        tried: &[u32],
+        affinity: &Affinity,
+    ) -> Result<InFlight, Response<ProxyBody>> {
+        // A sticky client's worker, unless it already failed this request.
+        let preferred = affinity.preferred.as_ref().filter(|b| !tried.contains(&b.pid));
+        let candidate = || preferred.cloned().or_else(|| pool.pick(tried));
+        let Some(limits) = self.admission else {
+            let backend = candidate().ok_or_else(|| no_worker(pool, tried.is_empty()))?;
+            return Ok(InFlight::start(backend, Arc::clone(&self.metrics)));
+        };
+        let mut waiting = None;
+        loop {
+            // Registered before looking, so a place freed meanwhile is not missed.
+            let freed = pool.queue.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            // The least busy member is full only when every member is (a
+            // sticky client waits for its own worker).
+            let backend = candidate().ok_or_else(|| no_worker(pool, tried.is_empty()))?;
+            if let Some(guard) = InFlight::try_start(backend, &self.metrics, limits.max_concurrency, pool) {
+                if let Some(waiting) = waiting {
+                    super::Waiting::admitted(waiting);
+                }
+                return Ok(guard);
+            }
+            if waiting.is_none() {
+                let Some(entered) = pool.queue.enter(limits.max_queue) else {
+                    pool.queue.reject();
+                    return Err(busy(pool, "every worker is busy and the queue is full"));
+                };
+                waiting = Some(entered);
+            }
+            let since = waiting.as_ref().map_or_else(std::time::Instant::now, super::Waiting::since);
+            let deadline = tokio::time::Instant::from_std(since + limits.queue_timeout);
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                pool.queue.reject();
+                return Err(busy(pool, "no worker was free within --queue-timeout"));
+            }
+        }
     }
 
     /// Serves the shared port until shutdown, then lets open connections
@@ -91,6 +229,9 @@ impl HttpProxy {
         }
         connections.close();
         connections.wait().await;
+        // Upgrades begun by the last requests are tracked by now.
+        self.tunnels.close();
+        self.tunnels.wait().await;
     }
 
     fn spawn_connection(self: &Arc<Self>, connections: &TaskTracker, stream: TcpStream, peer: SocketAddr) {
@@ -104,12 +245,13 @@ impl HttpProxy {
                 Arc::clone(&proxy).handle(req, peer)
             }
         });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service);
         let proxy = Arc::clone(self);
         connections.spawn(async move {
+            // HTTP/1.1, or HTTP/2 when the client opens with its preface.
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            builder.http2().timer(TokioTimer::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             let mut conn = std::pin::pin!(conn);
             let result = tokio::select! {
                 result = conn.as_mut() => result,
@@ -129,7 +271,7 @@ impl HttpProxy {
     /// Shutting down: runs `conn` until the client closes it, its next
     /// response (marked `Connection: close`) is sent, or it has been idle
     /// for [`DRAIN_IDLE_CLOSE`]; a request in progress always finishes.
-    async fn close_when_idle<C: GracefulConnection>(
+    async fn close_when_idle<C: hyper_util::server::graceful::GracefulConnection>(
         &self,
         mut conn: Pin<&mut C>,
         last_request: &AtomicU64,
@@ -153,6 +295,10 @@ impl HttpProxy {
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let pool = Arc::clone(self.router.route(req.uri().path()));
+        let affinity = self.affinity(&pool, req.headers());
+        if is_upgrade(req.headers()) {
+            return Ok(self.upgrade(&pool, req, peer, &affinity).await);
+        }
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         append_forwarded_for(&mut parts.headers, peer.ip());
@@ -165,7 +311,7 @@ impl HttpProxy {
             },
             _ => RequestBody::Streaming(Some(body)),
         };
-        let mut response = self.forward(&pool, &parts, body).await;
+        let mut response = self.forward(&pool, &parts, body, &affinity).await;
         if self.shutdown.is_cancelled() {
             // The client reconnects, and finds a pod that is not stopping.
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -178,20 +324,37 @@ impl HttpProxy {
     /// a worker is never replayed, whatever its method, so a request that
     /// hangs or crashes its worker costs one worker, not every worker it
     /// would be retried on.
-    async fn forward(&self, pool: &Pool, parts: &http::request::Parts, mut body: RequestBody) -> Response<ProxyBody> {
+    async fn forward(
+        &self,
+        pool: &Arc<Pool>,
+        parts: &http::request::Parts,
+        mut body: RequestBody,
+        affinity: &Affinity,
+    ) -> Response<ProxyBody> {
         let mut tried = Vec::new();
         loop {
-            let Some(backend) = pool.pick(&tried) else {
-                return no_worker(pool, tried.is_empty());
+            let guard = match self.admit(pool, &tried, affinity).await {
+                Ok(guard) => guard,
+                Err(response) => return response,
             };
+            let backend = Arc::clone(guard.backend());
             tried.push(backend.pid);
-            let guard = InFlight::start(Arc::clone(&backend), Arc::clone(&self.metrics));
             let Some(attempt_body) = body.for_attempt() else {
                 return plain(StatusCode::BAD_GATEWAY, "request body already sent to a failed worker\n".into());
             };
-            let request = build_request(parts, &backend, attempt_body);
-            match self.client.request(request).await {
-                Ok(response) => return respond(response, guard),
+            let h2c = match self.upstream {
+                UpstreamProtocol::Http1 => false,
+                UpstreamProtocol::H2c => true,
+                UpstreamProtocol::Auto => parts.version == http::Version::HTTP_2,
+            };
+            let request = build_request(parts, &backend, attempt_body, h2c);
+            let client = if h2c { &self.h2c_client } else { &self.client };
+            match client.request(request).await {
+                Ok(response) => {
+                    let mut response = respond(response, guard);
+                    self.stick(&mut response, &backend, affinity);
+                    return response;
+                }
                 Err(e) => {
                     self.metrics.proxy_errors.inc();
                     // A failed connect never reached the app. (A pooled
@@ -207,6 +370,147 @@ impl HttpProxy {
             }
         }
     }
+}
+
+impl HttpProxy {
+    /// Forwards an upgrade request (WebSocket...) to a worker of `pool` on a
+    /// connection of its own; if the worker answers `101`, the client's
+    /// connection and the worker's are joined until either side closes
+    /// (or the drain deadline). Any other answer is passed on as usual.
+    async fn upgrade(
+        &self,
+        pool: &Arc<Pool>,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        affinity: &Affinity,
+    ) -> Response<ProxyBody> {
+        let client_side = hyper::upgrade::on(&mut req);
+        let (mut parts, body) = req.into_parts();
+        let protocol = parts.headers.get(header::UPGRADE).cloned();
+        strip_hop_by_hop(&mut parts.headers);
+        append_forwarded_for(&mut parts.headers, peer.ip());
+        if let Some(protocol) = protocol {
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol);
+        }
+        let mut body = Some(UnsyncBoxBody::new(body));
+        let mut tried = Vec::new();
+        loop {
+            let guard = match self.admit(pool, &tried, affinity).await {
+                Ok(guard) => guard,
+                Err(response) => return response,
+            };
+            let backend = Arc::clone(guard.backend());
+            tried.push(backend.pid);
+            let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend.addr)).await {
+                Ok(Ok(stream)) => stream,
+                failed => {
+                    self.metrics.proxy_errors.inc();
+                    tracing::debug!(worker = backend.worker_id, ?failed, "connecting to worker for an upgrade failed");
+                    // Nothing reached the worker: another one may take it.
+                    if tried.len() < MAX_ATTEMPTS {
+                        self.metrics.retries.inc();
+                        continue;
+                    }
+                    return plain(StatusCode::BAD_GATEWAY, format!("worker {} unreachable\n", backend.worker_id));
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let Some(body) = body.take() else {
+                return plain(StatusCode::BAD_GATEWAY, "upgrade request already sent\n".into());
+            };
+            let mut request = Request::from_parts(parts, body);
+            // A connection of its own: the origin form, as a client sends it.
+            *request.uri_mut() = request.uri().path_and_query().map_or(Uri::from_static("/"), |p| {
+                Uri::from_maybe_shared(Bytes::copy_from_slice(p.as_str().as_bytes())).unwrap_or_default()
+            });
+            let mut response = match send_on_new_connection(stream, request).await {
+                Ok(response) => response,
+                Err(e) => {
+                    self.metrics.proxy_errors.inc();
+                    tracing::debug!(worker = backend.worker_id, error = %e, "upgrade request failed");
+                    return plain(StatusCode::BAD_GATEWAY, format!("worker {} failed: {e}\n", backend.worker_id));
+                }
+            };
+            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                let mut response = respond(response, guard);
+                self.stick(&mut response, &backend, affinity);
+                return response;
+            }
+            let worker_side = hyper::upgrade::on(&mut response);
+            backend.count_request();
+            let connection = UpgradedConnection::start(Arc::clone(&backend));
+            drop(guard);
+            let closing = self.closing();
+            let worker = backend.worker_id;
+            self.tunnels.spawn(async move {
+                let _connection = connection;
+                tokio::select! {
+                    result = join(client_side, worker_side) => {
+                        if let Err(e) = result {
+                            tracing::debug!(worker, error = %e, "upgraded connection ended with an error");
+                        }
+                    }
+                    () = closing => tracing::debug!(worker, "drain deadline: closing an upgraded connection"),
+                }
+            });
+            let (mut parts, _) = response.into_parts();
+            parts.headers.insert(X_CLUSTERD_WORKER.clone(), HeaderValue::from(worker));
+            let mut response = Response::from_parts(parts, full(Bytes::new()));
+            self.stick(&mut response, &backend, affinity);
+            return response;
+        }
+    }
+
+    /// Completes at the drain deadline: `drain_timeout` after shutdown began.
+    fn closing(&self) -> impl Future<Output = ()> + Send + 'static {
+        let (shutdown, drain_timeout) = (self.shutdown.clone(), self.drain_timeout);
+        async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain_timeout).await;
+        }
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| pair.trim().strip_prefix(name)?.strip_prefix('='))
+}
+
+/// An HTTP/1.1 upgrade request: `Upgrade` plus `Connection: upgrade`.
+/// (Checked on every request: the `Upgrade` lookup comes first, it is cheap.)
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Sends one request on a fresh connection that may then be upgraded.
+async fn send_on_new_connection(stream: TcpStream, request: Request<ProxyBody>) -> hyper::Result<Response<Incoming>> {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "worker connection for an upgrade ended with an error");
+        }
+    });
+    sender.send_request(request).await
+}
+
+/// Copies bytes both ways between the two upgraded connections until both
+/// sides have closed.
+async fn join(client: hyper::upgrade::OnUpgrade, worker: hyper::upgrade::OnUpgrade) -> Result<(), String> {
+    let (client, worker) = tokio::try_join!(client, worker).map_err(|e| e.to_string())?;
+    let (mut client, mut worker) = (TokioIo::new(client), TokioIo::new(worker));
+    tokio::io::copy_bidirectional(&mut client, &mut worker).await.map(|_| ()).map_err(|e| e.to_string())
 }
 
 enum RequestBody {
@@ -227,7 +531,7 @@ impl RequestBody {
     }
 }
 
-fn build_request(parts: &http::request::Parts, backend: &Backend, body: ProxyBody) -> Request<ProxyBody> {
+fn build_request(parts: &http::request::Parts, backend: &Backend, body: ProxyBody, h2c: bool) -> Request<ProxyBody> {
     let mut uri = uri::Parts::default();
     uri.scheme = Some(uri::Scheme::HTTP);
     uri.authority = Some(backend.authority.clone());
@@ -237,6 +541,13 @@ fn build_request(parts: &http::request::Parts, backend: &Backend, body: ProxyBod
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
     *request.headers_mut() = parts.headers.clone();
+    if h2c {
+        *request.version_mut() = http::Version::HTTP_2;
+        // gRPC servers require it; the only TE value HTTP/2 allows.
+        if parts.headers.get(header::TE).is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers")) {
+            request.headers_mut().insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    }
     request
 }
 
@@ -297,6 +608,13 @@ fn no_worker(pool: &Pool, first_attempt: bool) -> Response<ProxyBody> {
     plain(StatusCode::SERVICE_UNAVAILABLE, text)
 }
 
+/// Admission control's answer: try again shortly (another pod may have room).
+fn busy(pool: &Pool, why: &str) -> Response<ProxyBody> {
+    let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, format!("clusterd: {why} (pool {:?})\n", pool.name));
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
 /// A worker's response body that keeps the request counted as in flight
 /// until the last byte went out.
 struct TrackedBody {
@@ -343,5 +661,26 @@ mod tests {
         append_forwarded_for(&mut headers, IpAddr::from([10, 0, 0, 1]));
         append_forwarded_for(&mut headers, IpAddr::from([127, 0, 0, 1]));
         assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+    }
+
+    #[test]
+    fn cookies_are_found_by_exact_name() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1; clusterd-worker-x=2"));
+        headers.append(header::COOKIE, HeaderValue::from_static("clusterd-worker=abc"));
+        assert_eq!(cookie(&headers, "clusterd-worker"), Some("abc"));
+        assert_eq!(cookie(&headers, "a"), Some("1"));
+        assert_eq!(cookie(&headers, "b"), None);
+    }
+
+    #[test]
+    fn upgrade_needs_both_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(!is_upgrade(&headers));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(is_upgrade(&headers));
+        headers.remove(header::UPGRADE);
+        assert!(!is_upgrade(&headers));
     }
 }

@@ -60,7 +60,9 @@ pub enum Action {
 
 /// What the decisions read from the world, only when they need it.
 pub trait Observe {
-    /// Requests the proxy has in flight to the process.
+    /// Requests the proxy has in flight to the process, and upgraded
+    /// connections (WebSocket…) open to it: a drain waits for both, up to
+    /// its deadline.
     fn in_flight(&self, pid: u32) -> u64;
     /// Requests the process has served.
     fn requests(&self, pid: u32) -> u64;

@@ -248,8 +248,7 @@ impl Supervisor {
             output::forward(stderr, id, Stream::Stderr, self.config.log_format);
         }
         if let Some(addr) = proxy_addr {
-            let requests = self.metrics.requests_of(&pool, id);
-            self.backends.insert(spawned.pid, Arc::new(Backend::new(id, spawned.pid, addr, pool, requests)));
+            self.backends.insert(spawned.pid, Arc::new(Backend::new(id, spawned.pid, addr, pool, &self.metrics)));
         }
         Ok(spawned.pid)
     }
@@ -326,6 +325,7 @@ impl Supervisor {
                     port: backend.map(|b| b.addr.port()),
                     in_flight: backend.map_or(0, |b| b.in_flight.load(Ordering::Relaxed)),
                     requests: backend.map_or(0, |b| b.requests.load(Ordering::Relaxed)),
+                    connections: backend.map_or(0, |b| b.connections.load(Ordering::Relaxed)),
                 }
             })
             .collect();
@@ -340,6 +340,10 @@ impl Supervisor {
             started_at: self.started_at.to_string(),
             draining: self.machine.draining(),
             workers,
+            pools: match &self.port {
+                PortSetup::Proxy { router, .. } => router.pools().map(|pool| pool.status()).collect(),
+                _ => Vec::new(),
+            },
         }
     }
 }
@@ -351,7 +355,9 @@ struct World<'a> {
 
 impl Observe for World<'_> {
     fn in_flight(&self, pid: u32) -> u64 {
-        self.backends.get(&pid).map_or(0, |b| b.in_flight.load(Ordering::Relaxed))
+        self.backends
+            .get(&pid)
+            .map_or(0, |b| b.in_flight.load(Ordering::Relaxed) + b.connections.load(Ordering::Relaxed))
     }
 
     fn requests(&self, pid: u32) -> u64 {

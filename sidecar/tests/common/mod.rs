@@ -341,6 +341,8 @@ fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
 pub struct Outcome {
     /// When the request had been written to an open connection.
     pub sent: Instant,
+    /// From `sent` to the whole response read.
+    pub latency: Duration,
     pub result: Result<(u16, Option<u32>), String>,
 }
 
@@ -389,12 +391,16 @@ fn one_request(port: u16, path: &str) -> Outcome {
         Ok(stream) => stream,
         // Never got a connection: counted as sent "now" (it failed at once).
         Err(e) => {
-            return Outcome { sent: Instant::now(), result: Err(format!("connect/send: {e}")) };
+            return Outcome {
+                sent: Instant::now(),
+                latency: Duration::ZERO,
+                result: Err(format!("connect/send: {e}")),
+            };
         }
     };
     let sent = Instant::now();
     let result = read_response(&mut stream).map(|r| (r.status, r.worker())).map_err(|e| format!("read: {e}"));
-    Outcome { sent, result }
+    Outcome { sent, latency: sent.elapsed(), result }
 }
 
 pub fn failures(outcomes: &[Outcome]) -> Vec<&Outcome> {
@@ -418,4 +424,111 @@ impl Load {
     pub fn finish_when_done(self) -> Vec<Outcome> {
         self.threads.into_iter().flat_map(|t| t.join().expect("load thread")).collect()
     }
+}
+
+/// Installs pinned npm packages (e.g. `ws@8.23.0`) once into
+/// `~/.cache/clustered/npm/<packages>` and returns its `node_modules` (for
+/// NODE_PATH). A file lock keeps parallel tests from racing; once installed,
+/// no network is needed.
+pub fn npm_modules(packages: &[&str]) -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let root = PathBuf::from(home).join(".cache/clustered/npm");
+    std::fs::create_dir_all(&root).expect("npm cache dir");
+    let dir = root.join(packages.join("+").replace('/', "%"));
+    let done = dir.join(".installed");
+    let lock = std::fs::File::create(root.join(".lock")).expect("npm cache lock");
+    lock.lock().expect("lock the npm cache");
+    if !done.exists() {
+        std::fs::create_dir_all(&dir).expect("package dir");
+        let status = Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--no-save", "--loglevel=error", "--prefix"])
+            .arg(&dir)
+            .args(packages)
+            .stdin(Stdio::null())
+            .status()
+            .expect("run npm");
+        assert!(status.success(), "npm install {packages:?} failed: {status}");
+        std::fs::write(&done, packages.join("\n")).expect("mark installed");
+    }
+    dir.join("node_modules")
+}
+
+/// A test app under tests/apps.
+pub fn test_app(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/apps").join(name).display().to_string()
+}
+
+/// A node process driven line by line: commands on its stdin, one JSON
+/// event per line on its stdout (see tests/apps/realtime_client.js).
+pub struct NodeClient {
+    child: Child,
+    events: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl NodeClient {
+    pub fn start(script: &str, args: &[&str], node_path: &std::path::Path) -> NodeClient {
+        let mut child = Command::new("node")
+            .arg(test_app(script))
+            .args(args)
+            .env("NODE_PATH", node_path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn node client");
+        let stdout = child.stdout.take().expect("client stdout");
+        let (tx, events) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let event = serde_json::from_str(&line).unwrap_or(serde_json::Value::String(line));
+                if tx.send(event).is_err() {
+                    break;
+                }
+            }
+        });
+        NodeClient { child, events }
+    }
+
+    pub fn send(&mut self, command: &str) {
+        let stdin = self.child.stdin.as_mut().expect("client stdin");
+        writeln!(stdin, "{command}").expect("write to client");
+    }
+
+    /// The next event named `name` (others are returned too, in order, as
+    /// the second value), within `timeout`.
+    pub fn wait_event(&self, name: &str, timeout: Duration) -> (serde_json::Value, Vec<serde_json::Value>) {
+        let deadline = Instant::now() + timeout;
+        let mut others = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(event) if event["event"] == name => return (event, others),
+                Ok(event) => others.push(event),
+                Err(e) => panic!("no {name:?} event from the client ({e}); other events: {others:?}"),
+            }
+        }
+    }
+
+    /// Events already printed, without waiting.
+    pub fn pending_events(&self) -> Vec<serde_json::Value> {
+        self.events.try_iter().collect()
+    }
+
+    /// Closes its stdin: the clients disconnect and it exits.
+    pub fn finish(mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The pids in an echo event (`null` for a client whose echo failed).
+pub fn echo_pids(event: &serde_json::Value) -> Vec<Option<u32>> {
+    event["pids"].as_array().expect("pids").iter().map(|p| p.as_u64().map(|p| p as u32)).collect()
 }
