@@ -23,6 +23,7 @@ API_PORT=6443
 ETCD_CLIENT_PORT=12379
 ETCD_PEER_PORT=12380
 CHAIN=CLUSTERED                  # prefix of our own iptables chains
+METRICS_PORT=4443                # metrics-server, on NODE_IP
 
 KUBECONFIG_PATH="$STATE/admin.kubeconfig"
 CONTAINERD_SOCK="$RUN/containerd/containerd.sock"
@@ -30,7 +31,7 @@ LOGS="$STATE/logs"
 PIDS="$STATE/pids"
 
 # Components in start order.
-COMPONENTS=(etcd kube-apiserver containerd kube-controller-manager kube-scheduler kubelet kube-proxy)
+COMPONENTS=(etcd kube-apiserver containerd kube-controller-manager kube-scheduler kubelet kube-proxy metrics-server)
 
 log() { printf '[%s %s] %s\n' "${0##*/}" "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }

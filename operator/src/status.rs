@@ -92,6 +92,8 @@ pub fn compute(csvc: &ClusteredService, observed: &Observed<'_>, now: Timestamp)
         workers,
         instances,
         conditions,
+        // Filled in by the autoscaler (see `autoscale::reconcile`).
+        autoscaling: None,
     }
 }
 
