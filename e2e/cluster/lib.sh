@@ -72,14 +72,40 @@ pid_of() {
 
 running() { pid_of "$1" >/dev/null; }
 
+# stop NAME: SIGTERM a component we started, SIGKILL after 15s.
+stop() {
+	local pid i
+	pid=$(pid_of "$1") || { rm -f "$PIDS/$1.pid"; return 0; }
+	log "stopping $1 (pid $pid)"
+	kill -TERM "$pid" 2>/dev/null || true
+	for ((i = 0; i < 150; i++)); do
+		[[ -d /proc/$pid ]] || break
+		sleep 0.1
+	done
+	if [[ -d /proc/$pid ]]; then
+		log "$1 did not exit, killing"
+		kill -KILL "$pid" 2>/dev/null || true
+		sleep 0.5
+	fi
+	rm -f "$PIDS/$1.pid"
+}
+
 # start_bg NAME EXE ARGS...: run EXE in its own session, log to $LOGS/NAME.log.
 start_bg() {
 	local name=$1
 	shift
 	mkdir -p "$LOGS" "$PIDS"
 	printf '\n==== %s starting %s\n' "$(date -Is)" "$name" >>"$LOGS/$name.log"
-	# fds 8/9 hold the build/cluster locks: do not leak them into daemons.
-	setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1 8>&- 9>&- &
+	# No inherited fd beyond stdio: fds 8/9 hold the build/cluster locks,
+	# and a caller's `flock LOCK e2e/cluster/up` passes its lock fd down; a
+	# daemon holding it would keep the lock for its lifetime.
+	(
+		for fd in /proc/$BASHPID/fd/*; do
+			fd=${fd##*/}
+			((fd > 2)) && eval "exec $fd>&-"
+		done
+		exec setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1
+	) &
 	local pid=$! i
 	printf '%s' "$1" >"$PIDS/$name.exe"
 	echo "$pid" >"$PIDS/$name.pid"
