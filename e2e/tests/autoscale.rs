@@ -216,7 +216,8 @@ async fn concurrency_autoscaling_grows_under_load_and_shrinks_after() -> anyhow:
     assert_eq!(created.spec.autoscaling.expect("autoscaling kept").metric, AutoscalingMetric::Concurrency);
     wait_for(POD_START, "the pod ready and sampled", || async {
         let status = csvcs.get("conc").await?.status.unwrap_or_default();
-        Ok(status.ready_replicas == 1 && status.autoscaling.is_some_and(|a| a.observed_concurrency_per_worker.is_some()))
+        Ok(status.ready_replicas == 1
+            && status.autoscaling.is_some_and(|a| a.observed_concurrency_per_worker.is_some()))
     })
     .await?;
     assert!(hpas.get_opt("conc").await?.is_none(), "no HPA in concurrency mode");
@@ -242,6 +243,7 @@ async fn concurrency_autoscaling_grows_under_load_and_shrinks_after() -> anyhow:
     assert!(status.last_scale_time.is_some(), "{status:?}");
     let events = reasons_of_events(&cluster, &ns, "conc").await?;
     assert!(events.iter().any(|e| e.starts_with("Autoscaled: pods 1 → ")), "{events:?}");
+    assert!(events.iter().any(|e| e.starts_with("AutoscalerPanic: ")), "a burst from idle panics: {events:?}");
     let wide = cluster.kubectl(&["-n", &ns, "get", "csvc", "conc", "-o", "wide"])?;
     assert!(wide.lines().next().is_some_and(|h| h.contains("DESIRED")), "{wide}");
 
@@ -252,8 +254,13 @@ async fn concurrency_autoscaling_grows_under_load_and_shrinks_after() -> anyhow:
     assert!(seen.max_replicas <= 3, "above maxReplicas: {seen:?}");
     let status = csvcs.get("conc").await?.status.and_then(|s| s.autoscaling).expect("status.autoscaling");
     assert!(!status.panic, "{status:?}");
-    let events = reasons_of_events(&cluster, &ns, "conc").await?;
-    assert!(events.iter().any(|e| e.contains("→ 1:")), "{events:?}");
+    // The Event follows the scale.
+    wait_for(Duration::from_secs(15), "an Autoscaled Event for the scale-down", || async {
+        let events = reasons_of_events(&cluster, &ns, "conc").await?;
+        anyhow::ensure!(events.iter().any(|e| e.starts_with("Autoscaled: ") && e.contains(" → 1:")), "{events:?}");
+        Ok(true)
+    })
+    .await?;
 
     operator.stop().await;
     cluster.delete_namespace(&ns).await?;

@@ -633,8 +633,20 @@ impl Context {
     }
 
     pub(crate) async fn event(&self, csvc: &ClusteredService, type_: EventType, reason: &str, note: String) {
-        let event =
-            Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+        self.event_of(csvc, type_, reason, "Reconcile", note).await;
+    }
+
+    /// An Event with its own `action`: the recorder folds Events of the same
+    /// reason and action into one series, keeping the first note.
+    pub(crate) async fn event_of(
+        &self,
+        csvc: &ClusteredService,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
         if let Err(e) = self.recorder.publish(&event, &csvc.object_ref(&())).await {
             warn!(error = %e, "could not publish event");
         }

@@ -82,7 +82,10 @@ pub async fn reconcile(
                 info!(name = %csvc.name_any(), from = current, to = decision.desired, reason = %decision.reason, "autoscaled");
                 last_scale_time = Some(Timestamp::now().to_string());
                 let note = format!("pods {current} → {}: {}", decision.desired, decision.message);
-                ctx.event(csvc, EventType::Normal, "Autoscaled", note).await;
+                // One Event per transition: the same reason and action
+                // would be folded into the first Event's series.
+                let action = format!("Scale{current}To{}", decision.desired);
+                ctx.event_of(csvc, EventType::Normal, "Autoscaled", &action, note).await;
             }
             Err(e) => {
                 warn!(name = %csvc.name_any(), error = %e, "could not scale");
