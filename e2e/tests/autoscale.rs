@@ -170,17 +170,21 @@ async fn cpu_autoscaling_grows_under_load_and_shrinks_after() -> anyhow::Result<
     let down = hpa.behavior.and_then(|b| b.scale_down).expect("scaleDown behavior");
     assert_eq!(down.stabilization_window_seconds, Some(10));
 
+    let load_started = tokio::time::Instant::now();
     let (stop, load) = start_load(&services, "cpu", "/?ms=50", 3).await?;
     let mut seen = Seen::default();
     // metrics-server scrapes every 15 s and the HPA syncs every 15 s.
     let grown =
         watch_replicas(&cluster, &csvcs, "cpu", Duration::from_secs(180), "a scale-up", &mut seen, |r| r >= 2).await;
+    let grown_after = load_started.elapsed();
     // Under load a while longer: the count must stay within maxReplicas.
     let kept = record_for(&cluster, &csvcs, "cpu", Duration::from_secs(30), &mut seen).await;
     stop.store(true, Ordering::Relaxed);
     let report = load.await?;
+    let load_stopped = tokio::time::Instant::now();
     grown?;
     kept?;
+    eprintln!("scaled up {grown_after:?} after the load started; {report:?}");
     assert!(seen.max_replicas <= 3, "above maxReplicas: {seen:?}");
     assert!(report.ok > 0, "{report:?}");
     let status = csvcs.get("cpu").await?.status.and_then(|s| s.autoscaling).expect("status.autoscaling");
@@ -192,6 +196,7 @@ async fn cpu_autoscaling_grows_under_load_and_shrinks_after() -> anyhow::Result<
     // Idle: back to one pod once the HPA has seen low CPU for the 10 s window.
     watch_replicas(&cluster, &csvcs, "cpu", Duration::from_secs(240), "the scale-down to 1", &mut seen, |r| r == 1)
         .await?;
+    eprintln!("back to 1 pod {:?} after the load stopped", load_stopped.elapsed());
     assert!(seen.max_replicas <= 3, "above maxReplicas: {seen:?}");
 
     operator.stop().await;
@@ -224,16 +229,20 @@ async fn concurrency_autoscaling_grows_under_load_and_shrinks_after() -> anyhow:
 
     // Slow requests (300 ms of CPU each) from 4 clients: about 4 in flight
     // on one worker, eight times the 0.5 target.
+    let load_started = tokio::time::Instant::now();
     let (stop, load) = start_load(&services, "conc", "/?ms=300", 4).await?;
     let mut seen = Seen::default();
     let grown =
         watch_replicas(&cluster, &csvcs, "conc", Duration::from_secs(90), "a scale-up", &mut seen, |r| r >= 2).await;
+    let grown_after = load_started.elapsed();
     let kept = record_for(&cluster, &csvcs, "conc", Duration::from_secs(20), &mut seen).await;
     let under_load = csvcs.get("conc").await?.status.and_then(|s| s.autoscaling);
     stop.store(true, Ordering::Relaxed);
     let report = load.await?;
+    let load_stopped = tokio::time::Instant::now();
     grown?;
     kept?;
+    eprintln!("scaled up {grown_after:?} after the load started; {report:?}");
     assert!(seen.max_replicas <= 3, "above maxReplicas: {seen:?}");
     assert!(report.ok > 0, "{report:?}");
     let status = under_load.expect("status.autoscaling");
@@ -251,6 +260,7 @@ async fn concurrency_autoscaling_grows_under_load_and_shrinks_after() -> anyhow:
     // window empties, then the 10 s stabilisation: back to one pod.
     watch_replicas(&cluster, &csvcs, "conc", Duration::from_secs(240), "the scale-down to 1", &mut seen, |r| r == 1)
         .await?;
+    eprintln!("back to 1 pod {:?} after the load stopped", load_stopped.elapsed());
     assert!(seen.max_replicas <= 3, "above maxReplicas: {seen:?}");
     let status = csvcs.get("conc").await?.status.and_then(|s| s.autoscaling).expect("status.autoscaling");
     assert!(!status.panic, "{status:?}");
