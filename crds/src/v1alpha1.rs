@@ -59,6 +59,13 @@ pub use crate::wire::WorkerState;
     ),
     printcolumn(name = "Port", type_ = "integer", json_path = ".spec.port", priority = "1"),
     printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.autoscaling.desiredReplicas",
+        description = "Pods the autoscaler wants",
+        priority = "1"
+    ),
+    printcolumn(
         name = "Available",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Available\")].status",
@@ -106,6 +113,11 @@ pub use crate::wire::WorkerState;
         "fieldPath": ".adminPort"
     },
     {
+        "rule": "!has(self.autoscaling) || self.autoscaling.metric != 'concurrency' || self.portMode == 'proxy'",
+        "message": "spec.autoscaling.metric: concurrency needs spec.portMode: proxy, because only the proxy counts in-flight requests; set portMode: proxy or use metric: cpu",
+        "fieldPath": ".autoscaling.metric"
+    },
+    {
         "rule": "!has(self.restart) || !has(self.restart.maxRequests) || self.portMode == 'proxy'",
         "message": "spec.restart.maxRequests needs spec.portMode: proxy, because only the proxy sees the requests it counts; use restart.maxMemoryMib or set portMode: proxy",
         "fieldPath": ".restart.maxRequests"
@@ -127,8 +139,8 @@ pub use crate::wire::WorkerState;
     }
 ]))]
 pub struct ClusteredServiceSpec {
-    /// Number of pods. Scaled by `kubectl scale` and by the HPA when
-    /// `autoscaling` is set.
+    /// Number of pods. Scaled by `kubectl scale`, and by the HPA (metric
+    /// `cpu`) or the operator (metric `concurrency`) when `autoscaling` is set.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0))]
     pub replicas: i32,
@@ -207,8 +219,9 @@ pub struct ClusteredServiceSpec {
     #[serde(default)]
     pub shutdown: ShutdownPolicy,
 
-    /// Scale pods horizontally on CPU with a HorizontalPodAutoscaler that
-    /// targets this resource's scale subresource.
+    /// Scale pods horizontally through this resource's scale subresource:
+    /// on CPU with a HorizontalPodAutoscaler, or on in-flight requests per
+    /// worker by the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<Autoscaling>,
 }
@@ -499,13 +512,25 @@ impl Default for ShutdownPolicy {
     }
 }
 
-/// Horizontal autoscaling of pods on CPU.
+/// Horizontal autoscaling of pods, on CPU (a HorizontalPodAutoscaler) or on
+/// the in-flight requests clusterd counts per worker (the operator itself).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
         "rule": "self.minReplicas <= self.maxReplicas",
-        "message": "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas"
+        "message": "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas: lower minReplicas or raise maxReplicas",
+        "fieldPath": ".minReplicas"
+    },
+    {
+        "rule": "!has(self.targetPerWorker) || self.targetPerWorker > 0.0",
+        "message": "spec.autoscaling.targetPerWorker must be above 0 (in-flight requests per worker the autoscaler aims for, e.g. 0.7)",
+        "fieldPath": ".targetPerWorker"
+    },
+    {
+        "rule": "!has(self.targetPerWorker) || self.metric == 'concurrency'",
+        "message": "spec.autoscaling.targetPerWorker is only used with metric: concurrency; set metric: concurrency or use targetCpuUtilizationPercentage",
+        "fieldPath": ".targetPerWorker"
     }
 ]))]
 pub struct Autoscaling {
@@ -514,10 +539,79 @@ pub struct Autoscaling {
     pub min_replicas: i32,
     #[schemars(range(min = 1))]
     pub max_replicas: i32,
-    /// Average CPU utilisation (percent of requests) the HPA aims for.
+    /// What the pod count follows: `cpu` (a HorizontalPodAutoscaler on the
+    /// pods' CPU use, needs metrics-server) or `concurrency` (the operator
+    /// scales on the in-flight requests each pod's clusterd reports per
+    /// worker; proxy mode only, needs nothing else).
+    #[serde(default)]
+    pub metric: AutoscalingMetric,
+    /// `cpu`: average CPU utilisation (percent of requests) the HPA aims for.
     #[serde(default = "default_target_cpu")]
     #[schemars(range(min = 1, max = 100))]
     pub target_cpu_utilization_percentage: i32,
+    /// `concurrency`: in-flight requests per worker the autoscaler aims for
+    /// (default 0.7: a worker busy 70% of the time on average).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_per_worker: Option<f64>,
+    /// How long the recommendation must have stayed lower before pods are
+    /// removed (the highest recommendation of this window wins). Default
+    /// 300 (the HPA's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: Option<i32>,
+}
+
+/// The signal `spec.autoscaling` scales on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoscalingMetric {
+    #[default]
+    Cpu,
+    Concurrency,
+}
+
+/// Default `targetPerWorker`.
+pub const DEFAULT_TARGET_PER_WORKER: f64 = 0.7;
+/// Default `scaleDownStabilizationSeconds`.
+pub const DEFAULT_SCALE_DOWN_STABILIZATION_SECONDS: i32 = 300;
+
+impl Autoscaling {
+    pub fn target_per_worker(&self) -> f64 {
+        self.target_per_worker.unwrap_or(DEFAULT_TARGET_PER_WORKER)
+    }
+
+    pub fn scale_down_stabilization_seconds(&self) -> i32 {
+        self.scale_down_stabilization_seconds.unwrap_or(DEFAULT_SCALE_DOWN_STABILIZATION_SECONDS)
+    }
+}
+
+/// What the autoscaler last saw and decided.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// `cpu` or `concurrency`.
+    pub metric: AutoscalingMetric,
+    /// Pods `spec.replicas` asks for now.
+    pub current_replicas: i32,
+    /// Pods the autoscaler wants.
+    pub desired_replicas: i32,
+    /// `concurrency`: average in-flight requests per ready worker over the
+    /// stable window (60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_concurrency_per_worker: Option<f64>,
+    /// `concurrency`: true while bursts drive scaling (the 6 s panic
+    /// window wants at least twice the pods there are); no pod is removed.
+    #[serde(default)]
+    pub panic: bool,
+    /// When the autoscaler last changed the pod count (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<String>,
+    /// Why `desiredReplicas` is what it is, as a CamelCase word.
+    #[serde(default)]
+    pub reason: String,
+    /// The same for humans.
+    #[serde(default)]
+    pub message: String,
 }
 
 /// Observed state, written only by the operator.
@@ -557,6 +651,9 @@ pub struct ClusteredServiceStatus {
     /// and the figures above may be stale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_at: Option<Time>,
+    /// The autoscaler's view, when `spec.autoscaling` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -23,6 +23,7 @@ API_PORT=6443
 ETCD_CLIENT_PORT=12379
 ETCD_PEER_PORT=12380
 CHAIN=CLUSTERED                  # prefix of our own iptables chains
+METRICS_PORT=4443                # metrics-server, on NODE_IP
 
 KUBECONFIG_PATH="$STATE/admin.kubeconfig"
 CONTAINERD_SOCK="$RUN/containerd/containerd.sock"
@@ -30,7 +31,7 @@ LOGS="$STATE/logs"
 PIDS="$STATE/pids"
 
 # Components in start order.
-COMPONENTS=(etcd kube-apiserver containerd kube-controller-manager kube-scheduler kubelet kube-proxy)
+COMPONENTS=(etcd kube-apiserver containerd kube-controller-manager kube-scheduler kubelet kube-proxy metrics-server)
 
 log() { printf '[%s %s] %s\n' "${0##*/}" "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -70,6 +71,24 @@ pid_of() {
 }
 
 running() { pid_of "$1" >/dev/null; }
+
+# stop NAME: SIGTERM a component we started, SIGKILL after 15s.
+stop() {
+	local pid i
+	pid=$(pid_of "$1") || { rm -f "$PIDS/$1.pid"; return 0; }
+	log "stopping $1 (pid $pid)"
+	kill -TERM "$pid" 2>/dev/null || true
+	for ((i = 0; i < 150; i++)); do
+		[[ -d /proc/$pid ]] || break
+		sleep 0.1
+	done
+	if [[ -d /proc/$pid ]]; then
+		log "$1 did not exit, killing"
+		kill -KILL "$pid" 2>/dev/null || true
+		sleep 0.5
+	fi
+	rm -f "$PIDS/$1.pid"
+}
 
 # start_bg NAME EXE ARGS...: run EXE in its own session, log to $LOGS/NAME.log.
 start_bg() {

@@ -28,6 +28,7 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
+use crate::autoscale;
 use crate::metrics::{ErrorLabel, Metrics, ResultLabel};
 use crate::probe::Prober;
 use crate::resources::{self, MANAGER, SERVICE_LABEL, Settings};
@@ -123,6 +124,8 @@ struct Memory {
     /// `resourceVersion` the API server last confirmed it matches, so an
     /// unchanged child costs no API call.
     verified: HashMap<String, (String, String)>,
+    /// The concurrency autoscaler's samples and recommendations.
+    autoscaler: crate::autoscale::Autoscaler,
 }
 
 /// The `Memory` of every ClusteredService seen, forgotten when it is deleted.
@@ -338,7 +341,9 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
         problem,
     };
     let now = Timestamp::now();
-    let new_status = status::compute(csvc, &observed, now);
+    let mut new_status = status::compute(csvc, &observed, now);
+    let hpa = stores.hpas.get(&ObjectRef::new(&name).within(&ns));
+    new_status.autoscaling = autoscale::reconcile(ctx, csvc, &new_status, &reports, hpa.as_deref()).await;
     let wait = write_status(csvc, &ns, new_status, now, ctx).await?;
     // The failure is in the status now; the error drives the backoff.
     if let Some((_, e)) = refused {
@@ -354,6 +359,8 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
     // Without running pods, watch events trigger every reconcile that
     // matters; the heartbeat only keeps `observedAt` current.
     let next = if askable.is_empty() { status::HEARTBEAT } else { ctx.status_interval };
+    // The concurrency autoscaler samples clusterd at its own pace.
+    let next = if autoscale::scales_on_concurrency(csvc) { next.min(autoscale::SAMPLE_INTERVAL) } else { next };
     Ok(Action::requeue(next))
 }
 
@@ -616,9 +623,30 @@ fn retry_backoff(failures: u32) -> Duration {
 }
 
 impl Context {
-    async fn event(&self, csvc: &ClusteredService, type_: EventType, reason: &str, note: String) {
-        let event =
-            Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+    /// Runs `f` on the concurrency autoscaler of `csvc`.
+    pub(crate) fn with_autoscaler<T>(
+        &self,
+        csvc: &ClusteredService,
+        f: impl FnOnce(&mut crate::autoscale::Autoscaler) -> T,
+    ) -> T {
+        self.memory.remember(csvc, |m| f(&mut m.autoscaler))
+    }
+
+    pub(crate) async fn event(&self, csvc: &ClusteredService, type_: EventType, reason: &str, note: String) {
+        self.event_of(csvc, type_, reason, "Reconcile", note).await;
+    }
+
+    /// An Event with its own `action`: the recorder folds Events of the same
+    /// reason and action into one series, keeping the first note.
+    pub(crate) async fn event_of(
+        &self,
+        csvc: &ClusteredService,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
         if let Err(e) = self.recorder.publish(&event, &csvc.object_ref(&())).await {
             warn!(error = %e, "could not publish event");
         }

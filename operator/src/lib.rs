@@ -4,10 +4,12 @@
 //! * [`resources`]: desired children, pure functions of the CR.
 //! * [`status`]: observed state, a pure function of pods and clusterd reports.
 //! * [`probe`]: asks each pod's clusterd for its `/status`.
+//! * [`autoscale`]: `spec.autoscaling` in concurrency mode, and its status.
 //! * [`controller`]: the kube-runtime Controller that ties them together.
 //! * [`watches`]: the API client and watches that survive API server restarts.
 //! * [`leader`], [`server`], [`metrics`]: running it as a service.
 
+pub mod autoscale;
 pub mod controller;
 pub mod leader;
 pub mod metrics;

@@ -93,6 +93,8 @@ pub fn compute(csvc: &ClusteredService, observed: &Observed<'_>, now: Timestamp)
         instances,
         conditions,
         observed_at: Some(Time(now)),
+        // Filled in by the autoscaler (see `autoscale::reconcile`).
+        autoscaling: None,
     }
 }
 

@@ -1,9 +1,9 @@
 //! Service, PodDisruptionBudget and HorizontalPodAutoscaler.
 
-use clustered_api::v1alpha1::{ClusteredService, Protocol};
+use clustered_api::v1alpha1::{AutoscalingMetric, ClusteredService, Protocol};
 use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec, MetricTarget,
-    ResourceMetricSource,
+    CrossVersionObjectReference, HPAScalingRules, HorizontalPodAutoscaler, HorizontalPodAutoscalerBehavior,
+    HorizontalPodAutoscalerSpec, MetricSpec, MetricTarget, ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -51,10 +51,11 @@ pub fn pod_disruption_budget(csvc: &ClusteredService) -> PodDisruptionBudget {
     }
 }
 
-/// The HPA for `spec.autoscaling`, scaling the CR itself through its scale
-/// subresource (so `spec.replicas` stays the one source of truth).
+/// The HPA for `spec.autoscaling` on CPU, scaling the CR itself through its
+/// scale subresource (so `spec.replicas` stays the one source of truth).
+/// None in `concurrency` mode: the operator scales then.
 pub fn hpa(csvc: &ClusteredService) -> Option<HorizontalPodAutoscaler> {
-    let auto = csvc.spec.autoscaling.as_ref()?;
+    let auto = csvc.spec.autoscaling.as_ref().filter(|a| a.metric == AutoscalingMetric::Cpu)?;
     Some(HorizontalPodAutoscaler {
         metadata: child_meta(csvc),
         spec: Some(HorizontalPodAutoscalerSpec {
@@ -77,7 +78,10 @@ pub fn hpa(csvc: &ClusteredService) -> Option<HorizontalPodAutoscaler> {
                 }),
                 ..Default::default()
             }]),
-            ..Default::default()
+            behavior: auto.scale_down_stabilization_seconds.map(|seconds| HorizontalPodAutoscalerBehavior {
+                scale_down: Some(HPAScalingRules { stabilization_window_seconds: Some(seconds), ..Default::default() }),
+                scale_up: None,
+            }),
         }),
         status: None,
     })
@@ -120,5 +124,21 @@ mod tests {
         let metrics = spec.metrics.expect("metrics");
         let target = &metrics[0].resource.as_ref().expect("resource").target;
         assert_eq!(target.average_utilization, Some(60));
+        assert_eq!(spec.behavior, None, "the HPA's own scale-down stabilisation unless the CR sets one");
+    }
+
+    #[test]
+    fn hpa_scale_down_stabilisation_comes_from_the_cr() {
+        let with = csvc(&format!("  autoscaling: {{maxReplicas: 3, scaleDownStabilizationSeconds: 15}}\n{APP}"));
+        let behavior = hpa(&with).expect("hpa").spec.expect("spec").behavior.expect("behavior");
+        let down = behavior.scale_down.expect("scaleDown");
+        assert_eq!(down.stabilization_window_seconds, Some(15));
+        assert_eq!(behavior.scale_up, None);
+    }
+
+    #[test]
+    fn no_hpa_in_concurrency_mode() {
+        let with = csvc(&format!("  autoscaling: {{maxReplicas: 3, metric: concurrency}}\n{APP}"));
+        assert!(hpa(&with).is_none());
     }
 }
