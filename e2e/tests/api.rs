@@ -76,9 +76,9 @@ async fn kubectl_sees_short_name_columns_explain_and_scale() -> anyhow::Result<(
 
     let table = cluster.kubectl(&["get", "csvc", "-n", &ns])?;
     let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "READY", "WORKERS", "PORT", "MODE", "AGE"], "{table}");
+    assert_eq!(header, ["NAME", "READY", "WORKERS", "PORT", "MODE", "AGE", "OBSERVED"], "{table}");
     let wide = cluster.kubectl(&["get", "clusteredservices", "-n", &ns, "-o", "wide"])?;
-    for column in ["PORT", "AVAILABLE", "REASON"] {
+    for column in ["PORT", "DESIRED", "AVAILABLE", "REASON"] {
         assert!(wide.lines().next().unwrap_or_default().contains(column), "{wide}");
     }
 
