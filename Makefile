@@ -22,7 +22,7 @@ test: lint images
 
 lint:
 	cargo fmt --all --check
-	cargo clippy --workspace --all-targets --locked -- -D warnings
+	cargo clippy --workspace --all-targets --features clustered-e2e/bench --locked -- -D warnings
 
 build:
 	RUSTFLAGS="-C target-feature=+crt-static" \
@@ -39,3 +39,4 @@ down:
 
 bench: build
 	benches/run
+	benches/autoscale --if-cluster-up
