@@ -6,9 +6,13 @@
 //! the two modes are measured alternately in one run, each from one idle
 //! pod. The operator runs in this process, as in the e2e tests.
 //!
-//! Prints a Markdown report on stdout; progress and every run's raw figures
-//! go to stderr. Settings from the environment: `AUTOSCALE_REPEATS` (2),
-//! `AUTOSCALE_STEP_SECONDS` (150).
+//! Writes a Markdown report to `AUTOSCALE_REPORT` (default: stdout after
+//! the logs); progress and every run's raw figures go to stderr. Settings
+//! from the environment: `AUTOSCALE_REPEATS` (2), `AUTOSCALE_STEP_SECONDS`
+//! (150), `AUTOSCALE_IMAGE` (the demo app's image, by default
+//! `clustered.dev/demo-app:dev`; `benches/autoscale` gives it a tag of its
+//! own, so that other tests replacing that image meanwhile cannot stop new
+//! pods from starting: seen once, pods stuck in `ErrImageNeverPull`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -91,7 +95,7 @@ impl Mode {
 
 /// The demo app with `benches/cpu-clock.js` preloaded (from a ConfigMap),
 /// so a request costs a fixed amount of CPU, not of wall-clock time.
-fn demo(name: &str, autoscaling: Option<serde_json::Value>) -> anyhow::Result<ClusteredService> {
+fn demo(name: &str, image: &str, autoscaling: Option<serde_json::Value>) -> anyhow::Result<ClusteredService> {
     let cpu = format!("{POD_CPU_MILLIS}m");
     let mut spec = serde_json::json!({
         "replicas": 1,
@@ -103,7 +107,7 @@ fn demo(name: &str, autoscaling: Option<serde_json::Value>) -> anyhow::Result<Cl
             "volumes": [{ "name": "cpu-clock", "configMap": { "name": "cpu-clock" } }],
             "containers": [{
                 "name": "app",
-                "image": "clustered.dev/demo-app:dev",
+                "image": image,
                 "imagePullPolicy": "Never",
                 "command": ["node", "--require", "/bench/cpu-clock.js", "/app/server.js"],
                 "volumeMounts": [{ "name": "cpu-clock", "mountPath": "/bench", "readOnly": true }],
@@ -553,8 +557,8 @@ fn print_raw(run: &Run, step: Duration) {
 }
 
 /// Closed loop against one pod without autoscaling: its real capacity.
-async fn calibrate(cluster: &Cluster, apis: &Apis) -> anyhow::Result<f64> {
-    apis.csvcs.create(&PostParams::default(), &demo("calib", None)?).await?;
+async fn calibrate(apis: &Apis, image: &str) -> anyhow::Result<f64> {
+    apis.csvcs.create(&PostParams::default(), &demo("calib", image, None)?).await?;
     wait_for(POD_START, "the calibration pod ready", || async {
         Ok(pod_counts(&apis.csvcs, &apis.pods, "calib").await?.ready == 1)
     })
@@ -573,7 +577,6 @@ async fn calibrate(cluster: &Cluster, apis: &Apis) -> anyhow::Result<f64> {
     let capacity = report.ok as f64 / started.elapsed().as_secs_f64();
     eprintln!("calibration: one pod served {capacity:.1} req/s ({report:?})");
     apis.csvcs.delete("calib", &DeleteParams::default()).await?;
-    let _ = cluster;
     Ok(capacity)
 }
 
@@ -732,7 +735,12 @@ async fn main() -> anyhow::Result<()> {
     let began = Instant::now();
 
     let cluster = Cluster::get().await?;
-    cluster.require_images(&["clustered.dev/clusterd:dev", "clustered.dev/demo-app:dev"]).await?;
+    let image = std::env::var("AUTOSCALE_IMAGE").unwrap_or_else(|_| "clustered.dev/demo-app:dev".into());
+    // A tag just made takes the kubelet a few seconds to report.
+    wait_for(Duration::from_secs(60), "the images on the node", || async {
+        cluster.require_images(&["clustered.dev/clusterd:dev", &image]).await.map(|()| true)
+    })
+    .await?;
     let ns = cluster.namespace("bench-autoscale").await?;
     let operator = Operator::start(&cluster, &ns).await?;
     let apis = Apis {
@@ -741,18 +749,18 @@ async fn main() -> anyhow::Result<()> {
         hpas: Api::namespaced(cluster.client.clone(), &ns),
         services: Api::namespaced(cluster.client.clone(), &ns),
     };
-    let result = async {
+    let work = async {
         ensure_our_crd(&cluster).await?;
         let clock = std::fs::read_to_string(repo_root().join("benches/cpu-clock.js"))?;
         let config_map: ConfigMap = serde_json::from_value(serde_json::json!({
             "metadata": { "name": "cpu-clock" }, "data": { "cpu-clock.js": clock }
         }))?;
         Api::<ConfigMap>::namespaced(cluster.client.clone(), &ns).create(&PostParams::default(), &config_map).await?;
-        let calibrated = calibrate(&cluster, &apis).await?;
+        let calibrated = calibrate(&apis, &image).await?;
         // 4× what one pod really serves here (nominal: 4 × 10 req/s).
         let rate = (STEP_FACTOR * calibrated * 10.0).round() / 10.0;
         for mode in [Mode::Cpu, Mode::Concurrency] {
-            apis.csvcs.create(&PostParams::default(), &demo(mode.service(), Some(mode.autoscaling()))?).await?;
+            apis.csvcs.create(&PostParams::default(), &demo(mode.service(), &image, Some(mode.autoscaling()))?).await?;
         }
         let mut runs = Vec::new();
         for rep in 1..=repeats {
@@ -761,13 +769,22 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         anyhow::Ok(report(&runs, calibrated, rate, step, repeats, &started, &load_start))
-    }
-    .await;
+    };
+    // Interrupted: the namespace (pods, operator) is removed all the same.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result = tokio::select! {
+        result = work => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = term.recv() => Err(anyhow::anyhow!("terminated")),
+    };
     operator.stop().await;
     cluster.delete_namespace(&ns).await?;
     let report = result?;
     eprintln!("done in {:.1} min", began.elapsed().as_secs_f64() / 60.0);
-    print!("{report}");
+    match std::env::var("AUTOSCALE_REPORT") {
+        Ok(path) => std::fs::write(&path, report).with_context(|| format!("writing {path}"))?,
+        Err(_) => print!("{report}"),
+    }
     Ok(())
 }
 
