@@ -300,10 +300,11 @@ fn step_load(
     })
 }
 
-/// The kind of a failure, without the URL or the body.
+/// The kind of a failure: its first line, without the URL, the pool's name or the OS error number.
 fn short_error(e: &str) -> String {
     let e = e.split_once(": ").map_or(e, |(_, rest)| rest);
-    e.chars().take(80).collect()
+    let e = e.lines().next().unwrap_or_default();
+    e.split(" (").next().unwrap_or_default().trim().to_string()
 }
 
 /// Nearest-rank percentile of `values` (sorted here), in the same unit.
@@ -587,18 +588,28 @@ fn env_number(name: &str, default: u64) -> anyhow::Result<u64> {
     }
 }
 
+/// The median (the mean of the middle two for an even count); None if any
+/// repetition has no figure (e.g. the pods never answered within the step).
 fn median(values: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
-    let mut v: Vec<f64> = values.into_iter().flatten().collect();
-    percentile(&mut v, 50.0)
+    let mut v: Vec<f64> = values.into_iter().collect::<Option<_>>()?;
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len().is_multiple_of(2) { (v[mid - 1] + v[mid]) / 2.0 } else { v[mid] })
 }
 
 fn range(values: impl IntoIterator<Item = Option<f64>>, scale: f64, decimals: usize) -> String {
     let v: Vec<f64> = values.into_iter().map(|v| v.map_or(f64::NAN, |v| v * scale)).collect();
-    v.iter().map(|v| if v.is_nan() { "–".into() } else { format!("{v:.decimals$}") }).collect::<Vec<_>>().join(" / ")
+    v.iter()
+        .map(|v| if v.is_nan() { "never".into() } else { format!("{v:.decimals$}") })
+        .collect::<Vec<_>>()
+        .join(" / ")
 }
 
 fn seconds(v: Option<f64>) -> String {
-    v.map_or("never".into(), |v| format!("{v:.1}"))
+    v.map_or("–".into(), |v| format!("{v:.1}"))
 }
 
 fn millis(v: Option<f64>) -> String {
@@ -688,7 +699,7 @@ fn report(
     }
     let _ = writeln!(
         md,
-        "\nMedians over the repetitions, each repetition's figure in parentheses (in run order). Latencies are of the answered requests, from the moment each was due; failures are counted apart. *answers from {} pods*: the step needs {} pods, this is when the {}th distinct pod answered.\n",
+        "\nMedians over the repetitions (– when a repetition has no figure), each repetition's figure in parentheses (in run order; *never*: not within the step). Latencies are of the answered requests, from the moment each was due; failures are counted apart. *answers from {} pods*: the step needs {} pods, this is when the {}th distinct pod answered.\n",
         STEP_FACTOR.ceil(),
         STEP_FACTOR.ceil(),
         STEP_FACTOR.ceil()
@@ -830,6 +841,21 @@ mod tests {
         let mut run = Run::from_requests(Mode::Concurrency, 1, &[], &[], Duration::from_secs(60));
         run.timeline = vec![tick(0.0, 1, 1), tick(0.5, 1, 1), tick(4.2, 5, 1), tick(9.6, 5, 5), tick(70.0, 1, 1)];
         assert_eq!(run.timeline_text(60.0), "0 s 1/1 · 4 s 5/1 · 10 s 5/5");
+    }
+
+    #[test]
+    fn failures_are_grouped_by_kind() {
+        let busy = "http://10.96.0.7:8080/?ms=10: 503 Service Unavailable clusterd: every worker is busy and the queue is full (pool \"default\")\n";
+        assert_eq!(short_error(busy), "503 Service Unavailable clusterd: every worker is busy and the queue is full");
+        let refused = "client error (Connect): tcp connect error: Connection refused (os error 111)";
+        assert_eq!(short_error(refused), "tcp connect error: Connection refused");
+    }
+
+    #[test]
+    fn the_median_of_two_is_their_mean_and_a_missing_figure_has_none() {
+        assert_eq!(median([Some(26.0), Some(34.0)]), Some(30.0));
+        assert_eq!(median([Some(3.0), Some(1.0), Some(2.0)]), Some(2.0));
+        assert_eq!(median([Some(102.0), None]), None);
     }
 
     #[test]
