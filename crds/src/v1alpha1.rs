@@ -87,12 +87,6 @@ pub use crate::wire::WorkerState;
         "reason": "FieldValueInvalid"
     },
     {
-        "rule": "has(self.appContainer) ? self.template.spec.containers.all(c, c.name != self.appContainer || (has(c.command) && size(c.command) > 0)) : (has(self.template.spec.containers[0].command) && size(self.template.spec.containers[0].command) > 0)",
-        "message": "the app container (spec.appContainer, default the first container) must set command: clusterd runs it once per worker",
-        "fieldPath": ".template.spec.containers",
-        "reason": "FieldValueRequired"
-    },
-    {
         "rule": "!has(self.routes) || size(self.routes) == 0 || self.portMode == 'proxy'",
         "message": "spec.routes (route pools) need spec.portMode: proxy, because only the proxy routes requests by path; remove routes or set portMode: proxy",
         "fieldPath": ".routes"
@@ -146,7 +140,9 @@ pub struct ClusteredServiceSpec {
     pub replicas: i32,
 
     /// The pod template. One container is the app (see `appContainer`); its
-    /// `command` is what every worker runs, so it is required.
+    /// process is what every worker runs: its `command` and `args`, or, where
+    /// it sets no `command`, its image's ENTRYPOINT and CMD, which the
+    /// operator reads from the registry (with the pod's image pull secrets).
     #[schemars(schema_with = "pod_template_schema")]
     pub template: PodTemplateSpec,
 
@@ -750,7 +746,7 @@ fn pod_template_schema(_: &mut SchemaGenerator) -> Schema {
                                 "name": { "type": "string", "maxLength": 63 },
                                 "image": { "type": "string" },
                                 "command": {
-                                    "description": "The app's command; required on the app container (clusterd runs it once per worker).",
+                                    "description": "The app's command (clusterd runs it once per worker). Optional: without it, the image's ENTRYPOINT (and CMD, unless args are set) is read from the registry and the image pinned to its digest.",
                                     "type": "array",
                                     "maxItems": 256,
                                     "items": { "type": "string" }

@@ -18,6 +18,8 @@ use crate::resources::selector_string;
 pub const AVAILABLE: &str = "Available";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+/// Degraded reason: the image's ENTRYPOINT/CMD could not be read.
+pub const IMAGE_CONFIG_UNAVAILABLE: &str = "ImageConfigUnavailable";
 
 /// What one pod's clusterd said, or why it could not be asked.
 pub type Report = Result<ClusterdStatus, String>;
@@ -40,6 +42,9 @@ pub enum Problem {
     InvalidSpec(String),
     /// The API server refused a child object (the API's message).
     ReconcileError(String),
+    /// The app container sets no command and its image's config could not
+    /// be read from the registry (what failed and how to fix it).
+    ImageConfigUnavailable(String),
 }
 
 /// A container that ran and stopped this long ago still counts as
@@ -199,6 +204,7 @@ fn degraded(
     match &observed.problem {
         Some(Problem::InvalidSpec(why)) => return (DEGRADED, true, "InvalidSpec", why.clone()),
         Some(Problem::ReconcileError(why)) => return (DEGRADED, true, "ReconcileError", why.clone()),
+        Some(Problem::ImageConfigUnavailable(why)) => return (DEGRADED, true, IMAGE_CONFIG_UNAVAILABLE, why.clone()),
         None => {}
     }
     if let Some((reason, message)) = pod_trouble(observed.deployment, live, now) {
