@@ -10,7 +10,8 @@ use clap::Parser;
 use clusterd::config::{Config, HealthCheck, LogFormat, RouteMatch, RouteSpec};
 use clustered_api::clusterd::ClusterdArgs;
 use clustered_api::v1alpha1::{ClusteredService, HealthCheckKind, WorkerCount};
-use clustered_operator::resources::{CLUSTERD_BIN, Settings, clusterd_args, deployment};
+use clustered_operator::image::{ImageConfig, ResolvedImage};
+use clustered_operator::resources::{CLUSTERD_BIN, Settings, clusterd_args, deployment_for};
 
 fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
@@ -94,7 +95,19 @@ fn every_valid_spec_reaches_clusterd_as_asked() {
     for (file, csvc) in valid_specs() {
         let at = file.display();
         let spec = &csvc.spec;
-        let deployment = deployment(&csvc, &Settings::default()).unwrap_or_else(|e| panic!("{at}: {e}"));
+        // A template without command runs its image's ENTRYPOINT/CMD: here a
+        // config as the registry would give it (unused where command is set).
+        let image = ResolvedImage {
+            pinned: "example/app:1@sha256:0".into(),
+            digest: "sha256:0".into(),
+            config: ImageConfig {
+                entrypoint: vec!["/usr/bin/node".into()],
+                cmd: vec!["/app/server.js".into()],
+                working_dir: None,
+            },
+        };
+        let deployment =
+            deployment_for(&csvc, &Settings::default(), Some(&image)).unwrap_or_else(|e| panic!("{at}: {e}"));
         let pod = deployment.spec.and_then(|d| d.template.spec).expect("pod spec");
         let app_name = spec.app_container_name().expect("app container");
         let app = pod.containers.iter().find(|c| c.name == app_name).expect("app container in the Deployment");
@@ -106,7 +119,8 @@ fn every_valid_spec_reaches_clusterd_as_asked() {
         // What the spec asked for, field by field, independently of the
         // operator's own mapping.
         let asked_app = spec.template.spec.as_ref().and_then(|p| p.containers.iter().find(|c| c.name == app_name));
-        assert_eq!(Some(&c.command), asked_app.and_then(|a| a.command.as_ref()), "{at}: command");
+        let asked_command = asked_app.and_then(|a| a.command.as_ref()).filter(|c| !c.is_empty());
+        assert_eq!(&c.command, asked_command.unwrap_or(&image.config.entrypoint), "{at}: command");
         assert_eq!(c.workers, spec.workers.count, "{at}");
         // min/max bound `auto`; a fixed count is within them by the CRD's rules.
         let auto = spec.workers.count == WorkerCount::Auto;

@@ -87,12 +87,15 @@ impl Resolver {
         platform: &Platform,
     ) -> Result<ResolvedImage, ResolveError> {
         let reference = parse(image)?;
-        let client = Client::new(ClientConfig {
+        // try_from, not new: new falls back to a default client (HTTPS
+        // everywhere) with only a log line when the config cannot be built.
+        let client = Client::try_from(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(self.plain_http.clone()),
             connect_timeout: Some(self.timeout),
             read_timeout: Some(self.timeout),
             ..Default::default()
-        });
+        })
+        .map_err(|e| ResolveError::Registry(format!("cannot build the registry client: {e}")))?;
         let auth = match credentials {
             Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
             None => RegistryAuth::Anonymous,
