@@ -93,7 +93,15 @@ impl Harness {
         argv.extend(BASE);
         argv.extend(args);
         argv.extend(["--", "app"]);
-        let config = Arc::new(Config::try_parse_from(argv).expect("valid arguments"));
+        let mut config = Config::try_parse_from(argv).expect("valid arguments");
+        // "app" runs Node only where a test asks for node mode; `auto` is the proxy.
+        let node = if args.contains(&"node") {
+            crate::node::NodeCheck::Supported { version: "v22.0.0".into() }
+        } else {
+            crate::node::NodeCheck::NotNode
+        };
+        config.resolve_port_mode(|_| node).expect("a valid port mode");
+        let config = Arc::new(config);
         let t0 = Instant::now();
         let cpu = CpuLimit { cores: Some(2.0), source: "override".into() };
         Harness {
@@ -242,7 +250,12 @@ fn a_worker_that_stayed_up_resets_the_backoff() {
 
 #[test]
 fn a_worker_that_dies_before_it_is_ready_says_what_the_mode_needs() {
-    for (mode, hint) in [("inherit", Some("fd 3")), ("reuseport", Some("SO_REUSEPORT")), ("proxy", None)] {
+    for (mode, hint) in [
+        ("inherit", Some("fd 3")),
+        ("reuseport", Some("SO_REUSEPORT")),
+        ("node", Some("listen(PORT)")),
+        ("proxy", None),
+    ] {
         let mut h = Harness::new(&["--workers", "1", "--port-mode", mode]);
         h.start();
         h.exit(h.pid(0), h.at(10));
@@ -352,6 +365,24 @@ fn reuseport_workers_must_bind_the_port_or_are_killed_at_hung_after() {
     assert!(h.tick(h.at(4900)).is_empty(), "not looked at between checks");
     assert_eq!(signals(&h.tick(h.at(5000))), vec![(never, SIGKILL)]);
     assert!(h.tick(h.at(5200)).is_empty(), "killed once");
+}
+
+#[test]
+fn node_workers_are_ready_when_they_say_they_listen_and_killed_if_they_never_do() {
+    let mut h = Harness::new(&["--workers", "2", "--port-mode", "node"]);
+    h.start();
+    let (listens, never) = (h.pid(0), h.pid(1));
+    assert!(h.tick(h.at(50)).is_empty());
+    h.machine.listening(listens);
+    assert_eq!((h.state(0), h.state(1)), (WorkerState::Ready, WorkerState::Starting), "no grace period");
+    assert!(h.tick(h.at(2000)).is_empty(), "alive is not ready");
+    assert_eq!(h.state(1), WorkerState::Starting);
+    assert_eq!(signals(&h.tick(h.at(5000))), vec![(never, SIGKILL)]);
+    h.machine.listening(never);
+    assert_eq!(h.state(1), WorkerState::Starting, "a killed worker stays out");
+    assert!(h.machine.is_live(never), "until it is reaped");
+    h.exit(never, h.at(5010));
+    assert!(!h.machine.is_live(never));
 }
 
 // ---- recycling and drains -----------------------------------------------
