@@ -497,7 +497,7 @@ mod tests {
                 "--workers=auto",
                 "--rounding=floor",
                 "--port=8080",
-                "--port-mode=proxy",
+                "--port-mode=auto",
                 "--protocol=http",
                 "--admin-port=9901",
                 "--health-check=http",

@@ -30,6 +30,8 @@ fn demo(name: &str, autoscaling: serde_json::Value) -> ClusteredService {
         "kind": "ClusteredService",
         "metadata": { "name": name },
         "spec": {
+            // Written for the proxy (per-worker probes); node mode has its own test.
+            "portMode": "proxy",
             "replicas": 1,
             "workers": { "count": 1 },
             "healthCheck": { "path": "/healthz", "periodSeconds": 1, "timeoutSeconds": 1 },

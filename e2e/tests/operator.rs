@@ -24,6 +24,8 @@ fn demo(name: &str, replicas: i32, workers: u32) -> ClusteredService {
         "kind": "ClusteredService",
         "metadata": { "name": name },
         "spec": {
+            // Written for the proxy (per-worker probes); node mode has its own test.
+            "portMode": "proxy",
             "replicas": replicas,
             "workers": { "count": workers },
             "healthCheck": { "path": "/healthz", "periodSeconds": 1, "timeoutSeconds": 1 },

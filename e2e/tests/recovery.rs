@@ -33,6 +33,8 @@ fn service(name: &str) -> ClusteredService {
         "kind": "ClusteredService",
         "metadata": { "name": name },
         "spec": {
+            // Written for the proxy (per-worker probes); node mode has its own test.
+            "portMode": "proxy",
             "replicas": 0,
             "workers": { "count": 1 },
             "template": { "spec": { "containers": [{

@@ -24,6 +24,8 @@ fn csvc(name: &str, replicas: i32, edit: impl FnOnce(&mut serde_json::Value)) ->
         "kind": "ClusteredService",
         "metadata": { "name": name },
         "spec": {
+            // Written for the proxy (per-worker probes); node mode has its own test.
+            "portMode": "proxy",
             "replicas": replicas,
             "workers": { "count": 1 },
             "shutdown": { "drainTimeoutSeconds": 1 },

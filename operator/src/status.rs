@@ -90,12 +90,19 @@ pub fn compute(csvc: &ClusteredService, observed: &Observed<'_>, now: Timestamp)
             workers: format!("{}/{}", workers.ready, workers.desired),
         },
         workers,
-        instances,
         conditions,
         observed_at: Some(Time(now)),
+        port_mode: port_modes(&instances),
+        instances,
         // Filled in by the autoscaler (see `autoscale::reconcile`).
         autoscaling: None,
     }
+}
+
+/// The port modes the pods report, distinct and sorted.
+fn port_modes(instances: &[Instance]) -> Option<String> {
+    let modes: std::collections::BTreeSet<&str> = instances.iter().filter_map(|i| i.port_mode.as_deref()).collect();
+    (!modes.is_empty()).then(|| modes.into_iter().collect::<Vec<_>>().join(","))
 }
 
 fn instance(pod: &Pod, report: Option<&Report>) -> Instance {
@@ -108,6 +115,8 @@ fn instance(pod: &Pod, report: Option<&Report>) -> Instance {
         Some(Ok(status)) => {
             instance.cpu_limit = status.cpu.cores;
             instance.desired_workers = status.desired_workers as i32;
+            instance.port_mode = Some(status.port_mode.clone()).filter(|m| !m.is_empty());
+            instance.port_mode_reason = Some(status.port_mode_reason.clone()).filter(|r| !r.is_empty());
             instance.ready_workers = status.workers.iter().filter(|w| w.state.is_ready()).count() as i32;
             instance.workers = status
                 .workers
