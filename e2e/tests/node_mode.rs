@@ -8,35 +8,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clustered_api::v1alpha1::{ClusteredService, WorkerState};
-use clustered_e2e::{Cluster, Operator, load, wait_for};
+use clustered_e2e::{Cluster, Operator, app_container, demo_service, load, wait_for};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
 const POD_START: Duration = Duration::from_secs(180);
 
+/// The plain app, 2 pods × 2 workers, in the default port mode.
 fn plain_app(name: &str) -> ClusteredService {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "clustered.dev/v1alpha1",
-        "kind": "ClusteredService",
-        "metadata": { "name": name },
-        "spec": {
-            "replicas": 2,
-            "workers": { "count": 2 },
-            "shutdown": { "drainTimeoutSeconds": 5 },
-            "template": { "spec": {
-                "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": { "type": "RuntimeDefault" } },
-                "containers": [{
-                    "name": "app",
-                    "image": "clustered.dev/demo-app:dev",
-                    "imagePullPolicy": "Never",
-                    "command": ["node", "/app/plain.js"],
-                    "resources": { "requests": { "cpu": "50m", "memory": "32Mi" }, "limits": { "cpu": "2", "memory": "128Mi" } },
-                    "securityContext": { "allowPrivilegeEscalation": false, "capabilities": { "drop": ["ALL"] } }
-                }]
-            }}
-        }
-    }))
-    .expect("valid ClusteredService")
+    demo_service(name, |v| {
+        v["spec"].as_object_mut().expect("spec").remove("portMode");
+        v["spec"]["replicas"] = 2.into();
+        v["spec"]["workers"]["count"] = 2.into();
+        v["spec"]["shutdown"]["drainTimeoutSeconds"] = 5.into();
+        app_container(v)["command"] = serde_json::json!(["node", "/app/plain.js"]);
+        app_container(v)["resources"]["limits"]["cpu"] = "2".into();
+    })
 }
 
 #[tokio::test]
