@@ -66,6 +66,8 @@ pub trait Observe {
     fn in_flight(&self, pid: u32) -> u64;
     /// Requests the process has served.
     fn requests(&self, pid: u32) -> u64;
+    /// Requests that came back from the process (answered or failed).
+    fn finished(&self, pid: u32) -> u64;
     fn rss_mib(&self, pid: u32) -> Option<u64>;
     /// Whether the process listens on the shared port (reuseport mode).
     fn listens(&self, pid: u32, port: u16) -> bool;
@@ -332,8 +334,16 @@ impl Machine {
         self.all_procs().any(|p| p.pid == pid)
     }
 
-    pub fn probed(&mut self, pid: u32, healthy: bool, now: Instant) {
-        let threshold = self.config.health_failure_threshold;
+    /// A probe's result. A failed probe of a worker with requests in
+    /// flight that finished one lately (within the probes' own window,
+    /// `--health-period` × `--health-failure-threshold`) says it is busy,
+    /// not broken: a single-threaded worker behind a queue of requests
+    /// answers its probe late. It stays in rotation. One that finishes
+    /// nothing for that long counts its failures as before.
+    pub fn probed(&mut self, pid: u32, healthy: bool, world: &dyn Observe, now: Instant) {
+        let config = &self.config;
+        let threshold = config.health_failure_threshold;
+        let window = config.health_period * threshold;
         let Some(proc) = self
             .slots
             .iter_mut()
@@ -343,13 +353,26 @@ impl Machine {
             return;
         };
         proc.probing = false;
+        let finished = world.finished(pid);
+        if finished > proc.finished_at_probe {
+            proc.finished_at_probe = finished;
+            proc.last_progress = now;
+        }
         if healthy {
             proc.failures = 0;
             proc.failing_since = None;
             if matches!(proc.state, WorkerState::Starting | WorkerState::Unhealthy) {
                 tracing::info!(worker = proc.worker_id, pid, "worker ready");
                 proc.set_state(WorkerState::Ready);
+                proc.last_progress = now;
             }
+            return;
+        }
+        let busy = world.in_flight(pid) > 0 && now.duration_since(proc.last_progress) <= window;
+        if proc.state == WorkerState::Ready && busy {
+            tracing::debug!(worker = proc.worker_id, pid, "probe failed while requests come back: busy, not broken");
+            proc.failures = 0;
+            proc.failing_since = None;
             return;
         }
         proc.failures += 1;

@@ -175,7 +175,8 @@ impl Supervisor {
                 Vec::new()
             }
             Event::Probe { pid, healthy } => {
-                self.machine.probed(pid, healthy, now);
+                let world = World { backends: &self.backends };
+                self.machine.probed(pid, healthy, &world, now);
                 Vec::new()
             }
             Event::Signal(signal) => self.machine.signal(signal, now),
@@ -423,6 +424,10 @@ impl Observe for World<'_> {
 
     fn requests(&self, pid: u32) -> u64 {
         self.backends.get(&pid).map_or(0, |b| b.requests.load(Ordering::Relaxed))
+    }
+
+    fn finished(&self, pid: u32) -> u64 {
+        self.backends.get(&pid).map_or(0, |b| b.finished.load(Ordering::Relaxed))
     }
 
     fn rss_mib(&self, pid: u32) -> Option<u64> {
