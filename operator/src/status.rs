@@ -395,8 +395,26 @@ pub fn changed(old: Option<&ClusteredServiceStatus>, new: &ClusteredServiceStatu
     let Some(old) = old else { return true };
     let observed_long_ago =
         old.observed_at.as_ref().is_none_or(|t| now.as_second() - t.0.as_second() >= HEARTBEAT.as_secs() as i64);
-    let without_time = |s: &ClusteredServiceStatus| ClusteredServiceStatus { observed_at: None, ..s.clone() };
-    observed_long_ago || without_time(old) != without_time(new)
+    // Field by field, without copying the instances; a new field is a
+    // compile error here until it is compared.
+    let ClusteredServiceStatus {
+        observed_at: _,
+        observed_generation,
+        replicas,
+        ready_replicas,
+        selector,
+        workers,
+        summary,
+        instances,
+        conditions,
+        autoscaling,
+        port_mode,
+    } = new;
+    let same = (observed_generation, replicas, ready_replicas, selector, workers, summary)
+        == (&old.observed_generation, &old.replicas, &old.ready_replicas, &old.selector, &old.workers, &old.summary)
+        && (instances, conditions, autoscaling, port_mode)
+            == (&old.instances, &old.conditions, &old.autoscaling, &old.port_mode);
+    observed_long_ago || !same
 }
 
 #[cfg(test)]
@@ -589,6 +607,9 @@ mod tests {
         assert_eq!(condition(&flipped, AVAILABLE).status, "False");
         assert_eq!(condition(&flipped, AVAILABLE).last_transition_time, Time(t2));
         assert!(changed(cr.status.as_ref(), &flipped, t2));
+        let mut moved = again.clone();
+        moved.port_mode = Some("node".into());
+        assert!(changed(cr.status.as_ref(), &moved, t2), "any field but observedAt counts");
     }
 
     #[test]
