@@ -49,7 +49,7 @@ pub use crate::wire::WorkerState;
         json_path = ".status.summary.workers",
         description = "Ready workers / desired workers, over all pods"
     ),
-    printcolumn(name = "Port Mode", type_ = "string", json_path = ".spec.portMode"),
+    printcolumn(name = "Port Mode", type_ = "string", json_path = ".status.portMode"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     printcolumn(
         name = "Observed",
@@ -87,8 +87,8 @@ pub use crate::wire::WorkerState;
         "reason": "FieldValueInvalid"
     },
     {
-        "rule": "!has(self.routes) || size(self.routes) == 0 || self.portMode == 'proxy'",
-        "message": "spec.routes (route pools) need spec.portMode: proxy, because only the proxy routes requests by path; remove routes or set portMode: proxy",
+        "rule": "!has(self.routes) || size(self.routes) == 0 || self.portMode in ['proxy', 'auto']",
+        "message": "spec.routes (route pools) need spec.portMode: proxy, because only the proxy routes requests by path; remove routes or set portMode: proxy or auto",
         "fieldPath": ".routes"
     },
     {
@@ -107,27 +107,27 @@ pub use crate::wire::WorkerState;
         "fieldPath": ".adminPort"
     },
     {
-        "rule": "!has(self.autoscaling) || self.autoscaling.metric != 'concurrency' || self.portMode == 'proxy'",
-        "message": "spec.autoscaling.metric: concurrency needs spec.portMode: proxy, because only the proxy counts in-flight requests; set portMode: proxy or use metric: cpu",
+        "rule": "!has(self.autoscaling) || self.autoscaling.metric != 'concurrency' || self.portMode in ['proxy', 'auto']",
+        "message": "spec.autoscaling.metric: concurrency needs spec.portMode: proxy, because only the proxy counts in-flight requests; set portMode: proxy or auto or use metric: cpu",
         "fieldPath": ".autoscaling.metric"
     },
     {
-        "rule": "!has(self.restart) || !has(self.restart.maxRequests) || self.portMode == 'proxy'",
-        "message": "spec.restart.maxRequests needs spec.portMode: proxy, because only the proxy sees the requests it counts; use restart.maxMemoryMib or set portMode: proxy",
+        "rule": "!has(self.restart) || !has(self.restart.maxRequests) || self.portMode in ['proxy', 'auto']",
+        "message": "spec.restart.maxRequests needs spec.portMode: proxy, because only the proxy sees the requests it counts; use restart.maxMemoryMib or set portMode: proxy or auto",
         "fieldPath": ".restart.maxRequests"
     },
     {
-        "rule": "!has(self.workers) || !has(self.workers.maxConcurrency) || (self.portMode == 'proxy' && self.protocol == 'HTTP')",
+        "rule": "!has(self.workers) || !has(self.workers.maxConcurrency) || (self.portMode in ['proxy', 'auto'] && self.protocol == 'HTTP')",
         "message": "spec.workers.maxConcurrency needs spec.portMode: proxy and protocol: HTTP, because only the HTTP proxy sees each request; remove maxConcurrency or use the proxy",
         "fieldPath": ".workers.maxConcurrency"
     },
     {
-        "rule": "!has(self.sticky) || (self.portMode == 'proxy' && self.protocol == 'HTTP')",
+        "rule": "!has(self.sticky) || (self.portMode in ['proxy', 'auto'] && self.protocol == 'HTTP')",
         "message": "spec.sticky needs spec.portMode: proxy and protocol: HTTP, because only the HTTP proxy sees cookies and headers; remove sticky or use the proxy",
         "fieldPath": ".sticky"
     },
     {
-        "rule": "!has(self.upstreamProtocol) || self.upstreamProtocol == 'http1' || (self.portMode == 'proxy' && self.protocol == 'HTTP')",
+        "rule": "!has(self.upstreamProtocol) || self.upstreamProtocol == 'http1' || (self.portMode in ['proxy', 'auto'] && self.protocol == 'HTTP')",
         "message": "spec.upstreamProtocol needs spec.portMode: proxy and protocol: HTTP, because only the HTTP proxy speaks to the workers; remove upstreamProtocol or use the proxy",
         "fieldPath": ".upstreamProtocol"
     }
@@ -650,6 +650,11 @@ pub struct ClusteredServiceStatus {
     /// The autoscaler's view, when `spec.autoscaling` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingStatus>,
+    /// How the pods' workers share the port, as their clusterd reports it
+    /// (`auto` resolved: `node` or `proxy`); several, comma-separated,
+    /// while pods of different specs run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_mode: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -691,6 +696,12 @@ pub struct Instance {
     /// Why the pod's workers are unknown, e.g. clusterd not reachable yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The port mode clusterd runs in (`auto` resolved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_mode: Option<String>,
+    /// Why that mode: the spec's choice, or what `auto` saw in the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_mode_reason: Option<String>,
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
     pub workers: Vec<InstanceWorker>,

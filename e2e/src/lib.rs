@@ -366,3 +366,41 @@ where
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// A ClusteredService of the demo image, one `app` container that passes
+/// the test namespaces' `restricted` Pod Security: 1 replica of 1 worker,
+/// requests 50m/32Mi, limits 1 CPU/128Mi, a 2 s drain, in proxy mode (the
+/// tests were written for per-worker probes; node mode has its own test).
+/// `edit` changes its JSON before it is parsed; [`app_container`] reaches
+/// the container.
+pub fn demo_service(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> ClusteredService {
+    let mut value = serde_json::json!({
+        "apiVersion": "clustered.dev/v1alpha1",
+        "kind": "ClusteredService",
+        "metadata": { "name": name },
+        "spec": {
+            "portMode": "proxy",
+            "replicas": 1,
+            "workers": { "count": 1 },
+            "shutdown": { "drainTimeoutSeconds": 2 },
+            "template": { "spec": {
+                "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": { "type": "RuntimeDefault" } },
+                "containers": [{
+                    "name": "app",
+                    "image": "clustered.dev/demo-app:dev",
+                    "imagePullPolicy": "Never",
+                    "command": ["node", "/app/server.js"],
+                    "resources": { "requests": { "cpu": "50m", "memory": "32Mi" }, "limits": { "cpu": "1", "memory": "128Mi" } },
+                    "securityContext": { "allowPrivilegeEscalation": false, "capabilities": { "drop": ["ALL"] } }
+                }]
+            }}
+        }
+    });
+    edit(&mut value);
+    serde_json::from_value(value).expect("a valid ClusteredService")
+}
+
+/// The app container in [`demo_service`]'s JSON.
+pub fn app_container(value: &mut serde_json::Value) -> &mut serde_json::Value {
+    &mut value["spec"]["template"]["spec"]["containers"][0]
+}
