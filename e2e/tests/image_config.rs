@@ -23,6 +23,9 @@ fn from_image(name: &str, image: &str, replicas: i32, pull_secret: Option<&str>)
         "metadata": { "name": name },
         "spec": {
             "replicas": replicas,
+            // Explicit: these tests are about the image's command, not
+            // which port mode `auto` settles on.
+            "portMode": "proxy",
             "workers": { "count": 2 },
             "healthCheck": { "path": "/healthz", "periodSeconds": 1, "timeoutSeconds": 1 },
             "shutdown": { "drainTimeoutSeconds": 1 },
