@@ -117,11 +117,15 @@ flag_values!(Rounding { Floor => "floor", Ceil => "ceil", Round => "round" });
 #[cfg_attr(feature = "crd", derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema))]
 #[cfg_attr(feature = "crd", serde(rename_all = "lowercase"))]
 pub enum PortMode {
+    /// clusterd chooses: `node` for a Node command (Node 18 or later)
+    /// without route pools or other proxy-only settings, `proxy` for
+    /// everything else. `/status` says which and why.
+    #[default]
+    Auto,
     /// clusterd listens on the port and balances each request (or TCP
     /// connection) to the least busy worker; each worker listens on a
     /// private loopback port given in `PORT`. Needed for route pools and
     /// per-worker health checks.
-    #[default]
     Proxy,
     /// clusterd binds the port once and hands the listening socket to every
     /// worker as fd 3 (`LISTEN_FDS=1`, systemd style): Node's
@@ -130,8 +134,19 @@ pub enum PortMode {
     /// Every worker binds the port itself with SO_REUSEPORT and the kernel
     /// spreads connections.
     Reuseport,
+    /// Node apps, unmodified: clusterd speaks the primary's side of Node's
+    /// `cluster` protocol, so a worker's plain `listen(PORT)` gets clusterd's
+    /// listening socket (no hop, as under PM2), and its `listening` message
+    /// makes it Ready.
+    Node,
 }
-flag_values!(PortMode { Proxy => "proxy", Inherit => "inherit", Reuseport => "reuseport" });
+flag_values!(PortMode {
+    Auto => "auto",
+    Proxy => "proxy",
+    Inherit => "inherit",
+    Reuseport => "reuseport",
+    Node => "node",
+});
 
 /// Protocol on the shared port.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -482,7 +497,7 @@ mod tests {
                 "--workers=auto",
                 "--rounding=floor",
                 "--port=8080",
-                "--port-mode=proxy",
+                "--port-mode=auto",
                 "--protocol=http",
                 "--admin-port=9901",
                 "--health-check=http",

@@ -49,7 +49,7 @@ pub use crate::wire::WorkerState;
         json_path = ".status.summary.workers",
         description = "Ready workers / desired workers, over all pods"
     ),
-    printcolumn(name = "Port Mode", type_ = "string", json_path = ".spec.portMode"),
+    printcolumn(name = "Port Mode", type_ = "string", json_path = ".status.portMode"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     printcolumn(
         name = "Observed",
@@ -87,14 +87,8 @@ pub use crate::wire::WorkerState;
         "reason": "FieldValueInvalid"
     },
     {
-        "rule": "has(self.appContainer) ? self.template.spec.containers.all(c, c.name != self.appContainer || (has(c.command) && size(c.command) > 0)) : (has(self.template.spec.containers[0].command) && size(self.template.spec.containers[0].command) > 0)",
-        "message": "the app container (spec.appContainer, default the first container) must set command: clusterd runs it once per worker",
-        "fieldPath": ".template.spec.containers",
-        "reason": "FieldValueRequired"
-    },
-    {
-        "rule": "!has(self.routes) || size(self.routes) == 0 || self.portMode == 'proxy'",
-        "message": "spec.routes (route pools) need spec.portMode: proxy, because only the proxy routes requests by path; remove routes or set portMode: proxy",
+        "rule": "!has(self.routes) || size(self.routes) == 0 || self.portMode in ['proxy', 'auto']",
+        "message": "spec.routes (route pools) need spec.portMode: proxy, because only the proxy routes requests by path; remove routes or set portMode: proxy or auto",
         "fieldPath": ".routes"
     },
     {
@@ -113,27 +107,27 @@ pub use crate::wire::WorkerState;
         "fieldPath": ".adminPort"
     },
     {
-        "rule": "!has(self.autoscaling) || self.autoscaling.metric != 'concurrency' || self.portMode == 'proxy'",
-        "message": "spec.autoscaling.metric: concurrency needs spec.portMode: proxy, because only the proxy counts in-flight requests; set portMode: proxy or use metric: cpu",
+        "rule": "!has(self.autoscaling) || self.autoscaling.metric != 'concurrency' || self.portMode in ['proxy', 'auto']",
+        "message": "spec.autoscaling.metric: concurrency needs spec.portMode: proxy, because only the proxy counts in-flight requests; set portMode: proxy or auto or use metric: cpu",
         "fieldPath": ".autoscaling.metric"
     },
     {
-        "rule": "!has(self.restart) || !has(self.restart.maxRequests) || self.portMode == 'proxy'",
-        "message": "spec.restart.maxRequests needs spec.portMode: proxy, because only the proxy sees the requests it counts; use restart.maxMemoryMib or set portMode: proxy",
+        "rule": "!has(self.restart) || !has(self.restart.maxRequests) || self.portMode in ['proxy', 'auto']",
+        "message": "spec.restart.maxRequests needs spec.portMode: proxy, because only the proxy sees the requests it counts; use restart.maxMemoryMib or set portMode: proxy or auto",
         "fieldPath": ".restart.maxRequests"
     },
     {
-        "rule": "!has(self.workers) || !has(self.workers.maxConcurrency) || (self.portMode == 'proxy' && self.protocol == 'HTTP')",
+        "rule": "!has(self.workers) || !has(self.workers.maxConcurrency) || (self.portMode in ['proxy', 'auto'] && self.protocol == 'HTTP')",
         "message": "spec.workers.maxConcurrency needs spec.portMode: proxy and protocol: HTTP, because only the HTTP proxy sees each request; remove maxConcurrency or use the proxy",
         "fieldPath": ".workers.maxConcurrency"
     },
     {
-        "rule": "!has(self.sticky) || (self.portMode == 'proxy' && self.protocol == 'HTTP')",
+        "rule": "!has(self.sticky) || (self.portMode in ['proxy', 'auto'] && self.protocol == 'HTTP')",
         "message": "spec.sticky needs spec.portMode: proxy and protocol: HTTP, because only the HTTP proxy sees cookies and headers; remove sticky or use the proxy",
         "fieldPath": ".sticky"
     },
     {
-        "rule": "!has(self.upstreamProtocol) || self.upstreamProtocol == 'http1' || (self.portMode == 'proxy' && self.protocol == 'HTTP')",
+        "rule": "!has(self.upstreamProtocol) || self.upstreamProtocol == 'http1' || (self.portMode in ['proxy', 'auto'] && self.protocol == 'HTTP')",
         "message": "spec.upstreamProtocol needs spec.portMode: proxy and protocol: HTTP, because only the HTTP proxy speaks to the workers; remove upstreamProtocol or use the proxy",
         "fieldPath": ".upstreamProtocol"
     }
@@ -146,7 +140,9 @@ pub struct ClusteredServiceSpec {
     pub replicas: i32,
 
     /// The pod template. One container is the app (see `appContainer`); its
-    /// `command` is what every worker runs, so it is required.
+    /// process is what every worker runs: its `command` and `args`, or, where
+    /// it sets no `command`, its image's ENTRYPOINT and CMD, which the
+    /// operator reads from the registry (with the pod's image pull secrets).
     #[schemars(schema_with = "pod_template_schema")]
     pub template: PodTemplateSpec,
 
@@ -654,6 +650,11 @@ pub struct ClusteredServiceStatus {
     /// The autoscaler's view, when `spec.autoscaling` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingStatus>,
+    /// How the pods' workers share the port, as their clusterd reports it
+    /// (`auto` resolved: `node` or `proxy`); several, comma-separated,
+    /// while pods of different specs run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_mode: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -695,6 +696,12 @@ pub struct Instance {
     /// Why the pod's workers are unknown, e.g. clusterd not reachable yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The port mode clusterd runs in (`auto` resolved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_mode: Option<String>,
+    /// Why that mode: the spec's choice, or what `auto` saw in the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_mode_reason: Option<String>,
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
     pub workers: Vec<InstanceWorker>,
@@ -750,7 +757,7 @@ fn pod_template_schema(_: &mut SchemaGenerator) -> Schema {
                                 "name": { "type": "string", "maxLength": 63 },
                                 "image": { "type": "string" },
                                 "command": {
-                                    "description": "The app's command; required on the app container (clusterd runs it once per worker).",
+                                    "description": "The app's command (clusterd runs it once per worker). Optional: without it, the image's ENTRYPOINT (and CMD, unless args are set) is read from the registry and the image pinned to its digest.",
                                     "type": "array",
                                     "maxItems": 256,
                                     "items": { "type": "string" }

@@ -24,8 +24,10 @@ pub struct ClusterdStatus {
     pub desired_workers: u32,
     /// Workers currently ready to serve.
     pub ready_workers: u32,
-    /// `proxy`, `inherit` or `reuseport`.
+    /// `proxy`, `inherit`, `reuseport` or `node` (`auto` resolved).
     pub port_mode: String,
+    /// Why that mode: the flag given, or what `auto` saw.
+    pub port_mode_reason: String,
     /// The shared port.
     pub port: u16,
     /// When clusterd started (RFC 3339).

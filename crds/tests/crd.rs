@@ -94,7 +94,7 @@ fn valid_fixtures_and_the_example_parse_with_defaults() {
     assert_eq!(minimal.spec.replicas, 1);
     assert_eq!(minimal.spec.port, 8080);
     assert_eq!(minimal.spec.admin_port, 9901);
-    assert_eq!(minimal.spec.port_mode, PortMode::Proxy);
+    assert_eq!(minimal.spec.port_mode, PortMode::Auto);
     assert_eq!(minimal.spec.workers.count, WorkerCount::Auto);
     assert_eq!(minimal.spec.app_container_name(), Some("app"));
 }

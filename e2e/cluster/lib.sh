@@ -24,6 +24,14 @@ ETCD_CLIENT_PORT=12379
 ETCD_PEER_PORT=12380
 CHAIN=CLUSTERED                  # prefix of our own iptables chains
 METRICS_PORT=4443                # metrics-server, on NODE_IP
+# Image registries (CNCF distribution), plain HTTP on NODE_IP only: one
+# anonymous, one behind htpasswd basic auth (distribution's auth is
+# registry-wide, hence a second instance) for the pull-secret path.
+REGISTRY_PORT=5000
+REGISTRY_AUTH_PORT=5001
+REGISTRY="$NODE_IP:$REGISTRY_PORT"
+REGISTRY_AUTH="$NODE_IP:$REGISTRY_AUTH_PORT"
+REGISTRY_AUTH_CREDENTIALS="$STATE/registry-auth/credentials"   # "user:password"
 
 KUBECONFIG_PATH="$STATE/admin.kubeconfig"
 CONTAINERD_SOCK="$RUN/containerd/containerd.sock"
@@ -31,7 +39,7 @@ LOGS="$STATE/logs"
 PIDS="$STATE/pids"
 
 # Components in start order.
-COMPONENTS=(etcd kube-apiserver containerd kube-controller-manager kube-scheduler kubelet kube-proxy metrics-server)
+COMPONENTS=(etcd kube-apiserver registry registry-auth containerd kube-controller-manager kube-scheduler kubelet kube-proxy metrics-server)
 
 log() { printf '[%s %s] %s\n' "${0##*/}" "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }

@@ -278,6 +278,10 @@ impl Operator {
             metrics: metrics.clone(),
             status_interval: Duration::from_secs(2),
             watches: health.clone(),
+            images: std::sync::Arc::new(clustered_operator::image::registry::Resolver::new(
+                registries(),
+                clustered_operator::image::registry::RESOLVE_TIMEOUT,
+            )),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -302,6 +306,22 @@ impl Operator {
     pub fn kill(self) {
         self.task.abort();
     }
+}
+
+/// The local cluster's registries (`host:port`): the anonymous one, then the
+/// one behind basic auth. Both plain HTTP; see `e2e/cluster/lib.sh`.
+pub fn registries() -> Vec<String> {
+    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
+    vec![var("CLUSTERED_REGISTRY", "10.201.0.1:5000"), var("CLUSTERED_AUTH_REGISTRY", "10.201.0.1:5001")]
+}
+
+/// The user:password of the registry behind basic auth (written by `up`).
+pub fn auth_registry_credentials() -> anyhow::Result<(String, String)> {
+    let path = std::env::var("CLUSTERED_AUTH_REGISTRY_CREDENTIALS")
+        .unwrap_or_else(|_| "/var/lib/clustered/registry-auth/credentials".into());
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}: is the cluster up?"))?;
+    let (user, password) = text.trim().split_once(':').with_context(|| format!("{path}: want user:password"))?;
+    Ok((user.to_string(), password.to_string()))
 }
 
 /// Runs a cluster script (its log goes to stderr) and returns the last line
@@ -345,4 +365,42 @@ where
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// A ClusteredService of the demo image, one `app` container that passes
+/// the test namespaces' `restricted` Pod Security: 1 replica of 1 worker,
+/// requests 50m/32Mi, limits 1 CPU/128Mi, a 2 s drain, in proxy mode (the
+/// tests were written for per-worker probes; node mode has its own test).
+/// `edit` changes its JSON before it is parsed; [`app_container`] reaches
+/// the container.
+pub fn demo_service(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> ClusteredService {
+    let mut value = serde_json::json!({
+        "apiVersion": "clustered.dev/v1alpha1",
+        "kind": "ClusteredService",
+        "metadata": { "name": name },
+        "spec": {
+            "portMode": "proxy",
+            "replicas": 1,
+            "workers": { "count": 1 },
+            "shutdown": { "drainTimeoutSeconds": 2 },
+            "template": { "spec": {
+                "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": { "type": "RuntimeDefault" } },
+                "containers": [{
+                    "name": "app",
+                    "image": "clustered.dev/demo-app:dev",
+                    "imagePullPolicy": "Never",
+                    "command": ["node", "/app/server.js"],
+                    "resources": { "requests": { "cpu": "50m", "memory": "32Mi" }, "limits": { "cpu": "1", "memory": "128Mi" } },
+                    "securityContext": { "allowPrivilegeEscalation": false, "capabilities": { "drop": ["ALL"] } }
+                }]
+            }}
+        }
+    });
+    edit(&mut value);
+    serde_json::from_value(value).expect("a valid ClusteredService")
+}
+
+/// The app container in [`demo_service`]'s JSON.
+pub fn app_container(value: &mut serde_json::Value) -> &mut serde_json::Value {
+    &mut value["spec"]["template"]["spec"]["containers"][0]
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clustered_api::v1alpha1::{AutoscalingMetric, ClusteredService};
-use clustered_e2e::{Cluster, Operator, load, wait_for};
+use clustered_e2e::{Cluster, Operator, app_container, demo_service, load, wait_for};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::events::v1::Event;
@@ -25,30 +25,11 @@ const POD_START: Duration = Duration::from_secs(180);
 
 /// The demo app, one worker per pod, scaled by `autoscaling`.
 fn demo(name: &str, autoscaling: serde_json::Value) -> ClusteredService {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "clustered.dev/v1alpha1",
-        "kind": "ClusteredService",
-        "metadata": { "name": name },
-        "spec": {
-            "replicas": 1,
-            "workers": { "count": 1 },
-            "healthCheck": { "path": "/healthz", "periodSeconds": 1, "timeoutSeconds": 1 },
-            "shutdown": { "drainTimeoutSeconds": 2 },
-            "autoscaling": autoscaling,
-            "template": { "spec": {
-                "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": { "type": "RuntimeDefault" } },
-                "containers": [{
-                    "name": "app",
-                    "image": "clustered.dev/demo-app:dev",
-                    "imagePullPolicy": "Never",
-                    "command": ["node", "/app/server.js"],
-                    "resources": { "requests": { "cpu": "100m", "memory": "32Mi" }, "limits": { "cpu": "1", "memory": "128Mi" } },
-                    "securityContext": { "allowPrivilegeEscalation": false, "capabilities": { "drop": ["ALL"] } }
-                }]
-            }}
-        }
-    }))
-    .expect("valid ClusteredService")
+    demo_service(name, |v| {
+        v["spec"]["healthCheck"] = serde_json::json!({ "path": "/healthz", "periodSeconds": 1, "timeoutSeconds": 1 });
+        v["spec"]["autoscaling"] = autoscaling;
+        app_container(v)["resources"]["requests"]["cpu"] = "100m".into();
+    })
 }
 
 /// Re-installs this build's CRD if the served one lacks the autoscaling

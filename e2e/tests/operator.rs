@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use clustered_api::v1alpha1::{ClusteredService, WorkerState};
-use clustered_e2e::{Cluster, Operator, wait_for};
+use clustered_e2e::{Cluster, Operator, demo_service, wait_for};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -19,29 +19,11 @@ const POD_START: Duration = Duration::from_secs(180);
 
 /// A ClusteredService of the demo app with a fixed number of workers.
 fn demo(name: &str, replicas: i32, workers: u32) -> ClusteredService {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "clustered.dev/v1alpha1",
-        "kind": "ClusteredService",
-        "metadata": { "name": name },
-        "spec": {
-            "replicas": replicas,
-            "workers": { "count": workers },
-            "healthCheck": { "path": "/healthz", "periodSeconds": 1, "timeoutSeconds": 1 },
-            "shutdown": { "drainTimeoutSeconds": 2 },
-            "template": { "spec": {
-                "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": { "type": "RuntimeDefault" } },
-                "containers": [{
-                    "name": "app",
-                    "image": "clustered.dev/demo-app:dev",
-                    "imagePullPolicy": "Never",
-                    "command": ["node", "/app/server.js"],
-                    "resources": { "requests": { "cpu": "50m", "memory": "32Mi" }, "limits": { "cpu": "1", "memory": "128Mi" } },
-                    "securityContext": { "allowPrivilegeEscalation": false, "capabilities": { "drop": ["ALL"] } }
-                }]
-            }}
-        }
-    }))
-    .expect("valid ClusteredService")
+    demo_service(name, |v| {
+        v["spec"]["replicas"] = replicas.into();
+        v["spec"]["workers"]["count"] = workers.into();
+        v["spec"]["healthCheck"] = serde_json::json!({ "path": "/healthz", "periodSeconds": 1, "timeoutSeconds": 1 });
+    })
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use clustered_api::v1alpha1::ClusteredService;
-use clustered_e2e::{Cluster, Operator, wait_for};
+use clustered_e2e::{Cluster, Operator, demo_service, wait_for};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
@@ -28,21 +28,7 @@ const DOWN_FOR: Duration = Duration::from_secs(10);
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn service(name: &str) -> ClusteredService {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "clustered.dev/v1alpha1",
-        "kind": "ClusteredService",
-        "metadata": { "name": name },
-        "spec": {
-            "replicas": 0,
-            "workers": { "count": 1 },
-            "template": { "spec": { "containers": [{
-                "name": "app",
-                "image": "clustered.dev/demo-app:dev",
-                "command": ["node", "/app/server.js"],
-            }]}}
-        }
-    }))
-    .expect("valid ClusteredService")
+    demo_service(name, |v| v["spec"]["replicas"] = 0.into())
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use clustered_api::v1alpha1::ClusteredService;
-use clustered_e2e::{Cluster, Operator, wait_for};
+use clustered_e2e::{Cluster, Operator, app_container, demo_service, wait_for};
 use futures::future::try_join_all;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
@@ -19,29 +19,12 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 /// A ClusteredService of the demo app meeting the `restricted` Pod Security
 /// Standard, with `edit` applied to its JSON first.
 fn csvc(name: &str, replicas: i32, edit: impl FnOnce(&mut serde_json::Value)) -> ClusteredService {
-    let mut value = serde_json::json!({
-        "apiVersion": "clustered.dev/v1alpha1",
-        "kind": "ClusteredService",
-        "metadata": { "name": name },
-        "spec": {
-            "replicas": replicas,
-            "workers": { "count": 1 },
-            "shutdown": { "drainTimeoutSeconds": 1 },
-            "template": { "spec": {
-                "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": { "type": "RuntimeDefault" } },
-                "containers": [{
-                    "name": "app",
-                    "image": "clustered.dev/demo-app:dev",
-                    "imagePullPolicy": "Never",
-                    "command": ["node", "/app/server.js"],
-                    "resources": { "requests": { "cpu": "20m", "memory": "32Mi" }, "limits": { "cpu": "1", "memory": "128Mi" } },
-                    "securityContext": { "allowPrivilegeEscalation": false, "capabilities": { "drop": ["ALL"] } }
-                }]
-            }}
-        }
-    });
-    edit(&mut value);
-    serde_json::from_value(value).expect("valid ClusteredService")
+    demo_service(name, |v| {
+        v["spec"]["replicas"] = replicas.into();
+        v["spec"]["shutdown"]["drainTimeoutSeconds"] = 1.into();
+        app_container(v)["resources"]["requests"]["cpu"] = "20m".into();
+        edit(v);
+    })
 }
 
 fn degraded(csvc: &ClusteredService) -> Option<&Condition> {

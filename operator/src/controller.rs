@@ -13,7 +13,7 @@ use clustered_api::v1alpha1::{ClusteredService, ClusteredServiceStatus, WorkerSt
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -29,6 +29,7 @@ use thiserror::Error;
 use tracing::{debug, info, warn};
 
 use crate::autoscale;
+use crate::image::{self, Platform, ResolvedImage, credentials, registry::Resolver};
 use crate::metrics::{ErrorLabel, Metrics, ResultLabel};
 use crate::probe::Prober;
 use crate::resources::{self, MANAGER, SERVICE_LABEL, Settings};
@@ -63,6 +64,8 @@ pub enum Error {
     Encode(#[source] serde_json::Error),
     #[error("the reconcile took longer than {0:?} (an API request hung); retrying")]
     Timeout(Duration),
+    #[error("{0}")]
+    ImageConfig(String),
 }
 
 impl Error {
@@ -72,6 +75,7 @@ impl Error {
             Error::NoNamespace => "no_namespace",
             Error::Encode(_) => "encode",
             Error::Timeout(_) => "timeout",
+            Error::ImageConfig(_) => "image_config",
         }
     }
 }
@@ -85,6 +89,10 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// How often clusterd is asked again when nothing else happens.
     pub status_interval: Duration,
+    /// Reads the config of app images that set no command.
+    pub images: Arc<Resolver>,
+    /// The platform whose image is chosen from a multi-platform index.
+    pub platform: Platform,
     stores: Stores,
     memory: Arc<Bookkeeping>,
 }
@@ -126,6 +134,9 @@ struct Memory {
     verified: HashMap<String, (String, String)>,
     /// The concurrency autoscaler's samples and recommendations.
     autoscaler: crate::autoscale::Autoscaler,
+    /// The app image resolved for a generation of the spec: reused until
+    /// the spec changes, so a moved tag never changes the pods by itself.
+    image: Option<(Option<i64>, String, ResolvedImage)>,
 }
 
 /// The `Memory` of every ClusteredService seen, forgotten when it is deleted.
@@ -160,11 +171,13 @@ pub struct Config {
     pub status_interval: Duration,
     /// Where the watches report failures (read by the liveness probe).
     pub watches: Arc<WatchHealth>,
+    /// Reads the config of app images that set no command.
+    pub images: Arc<Resolver>,
 }
 
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let Config { namespace, settings, prober, recorder, metrics, status_interval, watches } = config;
+    let Config { namespace, settings, prober, recorder, metrics, status_interval, watches, images } = config;
     let ours = watcher::Config::default().labels(SERVICE_LABEL);
 
     // Status writes do not change the generation, so they do not trigger
@@ -201,6 +214,8 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
         recorder,
         metrics,
         status_interval,
+        images,
+        platform: image::own_platform(),
         stores: Stores { pods, deployments, services, pdbs, hpas },
         memory,
     });
@@ -293,7 +308,18 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
 
     let mut problem = None;
     let mut results = Vec::new();
-    match resources::deployment(csvc, &ctx.settings) {
+    // An app container without command runs its image's ENTRYPOINT/CMD; if
+    // they cannot be read, the Deployment stays as it is.
+    let (image, image_failure) = match resolve_app_image(csvc, &ns, ctx).await {
+        Ok(image) => (image, None),
+        Err(why) => {
+            warn!(%ns, %name, %why, "image config unavailable");
+            problem = Some(Problem::ImageConfigUnavailable(why.clone()));
+            (None, Some(why))
+        }
+    };
+    match resources::deployment_for(csvc, &ctx.settings, image.as_ref()) {
+        _ if image_failure.is_some() => {}
         Ok(deployment) => {
             let previous = stores.deployments.get(&ObjectRef::new(&name).within(&ns));
             let result = ensure(ctx, csvc, &stores.deployments, &ns, &name, Some(deployment)).await;
@@ -349,6 +375,9 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
     if let Some((_, e)) = refused {
         return Err(e);
     }
+    if let Some(why) = image_failure {
+        return Err(Error::ImageConfig(why));
+    }
     if stale {
         return Ok(Action::requeue(STALE_RETRY));
     }
@@ -362,6 +391,89 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
     // The concurrency autoscaler samples clusterd at its own pace.
     let next = if autoscale::scales_on_concurrency(csvc) { next.min(autoscale::SAMPLE_INTERVAL) } else { next };
     Ok(Action::requeue(next))
+}
+
+/// The app image's digest and config when the app container sets no
+/// command (`None` when it does). Resolved once per generation of the spec:
+/// the same spec keeps its digest (across operator restarts too, read back
+/// from the Deployment), a changed spec looks the tag up again. The error
+/// is the Degraded message.
+async fn resolve_app_image(csvc: &ClusteredService, ns: &str, ctx: &Context) -> Result<Option<ResolvedImage>, String> {
+    let Some(app) = resources::app_container(csvc) else { return Ok(None) };
+    if app.command.as_ref().is_some_and(|c| !c.is_empty()) {
+        return Ok(None);
+    }
+    let Some(image) = app.image.as_deref().filter(|i| !i.is_empty()) else {
+        return Err(format!("the app container {:?} sets neither image nor command: set its image", app.name));
+    };
+    let generation = csvc.metadata.generation;
+    let remembered = ctx.memory.remember(csvc, |m| m.image.clone());
+    if let Some((g, i, resolved)) = remembered
+        && g == generation
+        && i == image
+    {
+        return Ok(Some(resolved));
+    }
+    // After a restart: the digest the live Deployment is pinned to, if it
+    // was resolved for this very spec (the status says which spec it saw).
+    let same_spec = csvc.status.as_ref().and_then(|s| s.observed_generation) == generation;
+    let live = ctx.stores.deployments.get(&ObjectRef::new(&csvc.name_any()).within(ns));
+    let live_image = live.as_ref().and_then(|d| {
+        d.spec.as_ref()?.template.spec.as_ref()?.containers.iter().find(|c| c.name == app.name)?.image.clone()
+    });
+    let known = live_image.as_deref().filter(|_| same_spec).and_then(|live| image::pinned_digest(image, live));
+
+    let registry = Resolver::registry_of(image)
+        .map_err(|e| image::unavailable_message(&app.name, image, "its registry", &e, &[]))?;
+    let pod = csvc.spec.template.spec.as_ref();
+    let (secrets, names) = pull_secrets(ctx, ns, pod).await?;
+    let credentials = credentials::for_registry(&secrets, &registry);
+    let platform = image::platform_for(pod.and_then(|p| p.node_selector.as_ref()), &ctx.platform);
+    match ctx.images.resolve(image, known, credentials, &platform).await {
+        Ok(resolved) => {
+            if known.is_none() {
+                info!(%ns, name = %csvc.name_any(), image, digest = %resolved.digest, %platform, "resolved the app image");
+            }
+            ctx.memory.remember(csvc, |m| m.image = Some((generation, image.to_string(), resolved.clone())));
+            Ok(Some(resolved))
+        }
+        Err(e) => Err(image::unavailable_message(&app.name, image, &registry, &e, &names)),
+    }
+}
+
+/// The registry credentials of the pod's image pull secrets, then those of
+/// its service account, as the kubelet uses them, with the secrets' names.
+/// A secret that does not exist is skipped, as the kubelet does; one that
+/// cannot be read or parsed is an error saying which.
+async fn pull_secrets(
+    ctx: &Context,
+    ns: &str,
+    pod: Option<&k8s_openapi::api::core::v1::PodSpec>,
+) -> Result<(Vec<std::collections::BTreeMap<String, credentials::Credentials>>, Vec<String>), String> {
+    let mut names: Vec<String> =
+        pod.and_then(|p| p.image_pull_secrets.as_ref()).into_iter().flatten().map(|r| r.name.clone()).collect();
+    let account = pod
+        .and_then(|p| p.service_account_name.clone().or_else(|| p.service_account.clone()))
+        .unwrap_or_else(|| "default".into());
+    let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
+    match accounts.get_opt(&account).await {
+        Ok(sa) => names.extend(sa.and_then(|sa| sa.image_pull_secrets).into_iter().flatten().map(|r| r.name)),
+        Err(e) => return Err(format!("cannot read the service account {account:?} for its image pull secrets: {e}")),
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let mut secrets = Vec::new();
+    for name in &names {
+        let secret = match api.get_opt(name).await {
+            Ok(Some(secret)) => secret,
+            Ok(None) => continue,
+            Err(e) => return Err(format!("cannot read the image pull secret {name:?}: {e}")),
+        };
+        let data = secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+        let entries = credentials::from_secret(secret.type_.as_deref(), &data)
+            .map_err(|why| format!("the image pull secret {name:?} cannot be used: {why}"))?;
+        secrets.push(entries);
+    }
+    Ok((secrets, names))
 }
 
 /// Writes `new` unless it equals the stored status. Returns how long to

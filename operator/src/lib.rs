@@ -4,6 +4,8 @@
 //! * [`resources`]: desired children, pure functions of the CR.
 //! * [`status`]: observed state, a pure function of pods and clusterd reports.
 //! * [`probe`]: asks each pod's clusterd for its `/status`.
+//! * [`image`]: an app container without `command` runs its image's
+//!   ENTRYPOINT/CMD, read from the registry.
 //! * [`autoscale`]: `spec.autoscaling` in concurrency mode, and its status.
 //! * [`controller`]: the kube-runtime Controller that ties them together.
 //! * [`watches`]: the API client and watches that survive API server restarts.
@@ -11,6 +13,7 @@
 
 pub mod autoscale;
 pub mod controller;
+pub mod image;
 pub mod leader;
 pub mod metrics;
 pub mod probe;

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use clustered_operator::{
     controller,
+    image::registry::Resolver,
     leader::{self, Elector},
     metrics::Metrics,
     probe::Prober,
@@ -54,6 +55,13 @@ struct Args {
     /// This replica's identity in the Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Registry (`host:port`) read over plain HTTP instead of HTTPS when an
+    /// app container's image config is looked up (repeat, or comma-separate).
+    #[arg(long, env = "PLAIN_HTTP_REGISTRIES", value_delimiter = ',')]
+    plain_http_registry: Vec<String>,
+    /// Seconds one image config lookup may take, all registry requests included.
+    #[arg(long, default_value_t = 10)]
+    registry_timeout_seconds: u64,
     /// `text` or `json`.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -114,7 +122,9 @@ async fn main() -> anyhow::Result<()> {
         info!("shutting down");
     };
     let status_interval = Duration::from_secs(args.status_interval_seconds);
+    let images = Arc::new(Resolver::new(args.plain_http_registry, Duration::from_secs(args.registry_timeout_seconds)));
     let config = controller::Config {
+        images,
         namespace: args.namespace,
         settings,
         prober,

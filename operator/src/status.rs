@@ -18,6 +18,8 @@ use crate::resources::selector_string;
 pub const AVAILABLE: &str = "Available";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+/// Degraded reason: the image's ENTRYPOINT/CMD could not be read.
+pub const IMAGE_CONFIG_UNAVAILABLE: &str = "ImageConfigUnavailable";
 
 /// What one pod's clusterd said, or why it could not be asked.
 pub type Report = Result<ClusterdStatus, String>;
@@ -40,6 +42,9 @@ pub enum Problem {
     InvalidSpec(String),
     /// The API server refused a child object (the API's message).
     ReconcileError(String),
+    /// The app container sets no command and its image's config could not
+    /// be read from the registry (what failed and how to fix it).
+    ImageConfigUnavailable(String),
 }
 
 /// A container that ran and stopped this long ago still counts as
@@ -90,12 +95,19 @@ pub fn compute(csvc: &ClusteredService, observed: &Observed<'_>, now: Timestamp)
             workers: format!("{}/{}", workers.ready, workers.desired),
         },
         workers,
-        instances,
         conditions,
         observed_at: Some(Time(now)),
+        port_mode: port_modes(&instances),
+        instances,
         // Filled in by the autoscaler (see `autoscale::reconcile`).
         autoscaling: None,
     }
+}
+
+/// The port modes the pods report, distinct and sorted.
+fn port_modes(instances: &[Instance]) -> Option<String> {
+    let modes: std::collections::BTreeSet<&str> = instances.iter().filter_map(|i| i.port_mode.as_deref()).collect();
+    (!modes.is_empty()).then(|| modes.into_iter().collect::<Vec<_>>().join(","))
 }
 
 fn instance(pod: &Pod, report: Option<&Report>) -> Instance {
@@ -108,6 +120,8 @@ fn instance(pod: &Pod, report: Option<&Report>) -> Instance {
         Some(Ok(status)) => {
             instance.cpu_limit = status.cpu.cores;
             instance.desired_workers = status.desired_workers as i32;
+            instance.port_mode = Some(status.port_mode.clone()).filter(|m| !m.is_empty());
+            instance.port_mode_reason = Some(status.port_mode_reason.clone()).filter(|r| !r.is_empty());
             instance.ready_workers = status.workers.iter().filter(|w| w.state.is_ready()).count() as i32;
             instance.workers = status
                 .workers
@@ -199,6 +213,7 @@ fn degraded(
     match &observed.problem {
         Some(Problem::InvalidSpec(why)) => return (DEGRADED, true, "InvalidSpec", why.clone()),
         Some(Problem::ReconcileError(why)) => return (DEGRADED, true, "ReconcileError", why.clone()),
+        Some(Problem::ImageConfigUnavailable(why)) => return (DEGRADED, true, IMAGE_CONFIG_UNAVAILABLE, why.clone()),
         None => {}
     }
     if let Some((reason, message)) = pod_trouble(observed.deployment, live, now) {
@@ -386,8 +401,26 @@ pub fn changed(old: Option<&ClusteredServiceStatus>, new: &ClusteredServiceStatu
     let Some(old) = old else { return true };
     let observed_long_ago =
         old.observed_at.as_ref().is_none_or(|t| now.as_second() - t.0.as_second() >= HEARTBEAT.as_secs() as i64);
-    let without_time = |s: &ClusteredServiceStatus| ClusteredServiceStatus { observed_at: None, ..s.clone() };
-    observed_long_ago || without_time(old) != without_time(new)
+    // Field by field, without copying the instances; a new field is a
+    // compile error here until it is compared.
+    let ClusteredServiceStatus {
+        observed_at: _,
+        observed_generation,
+        replicas,
+        ready_replicas,
+        selector,
+        workers,
+        summary,
+        instances,
+        conditions,
+        autoscaling,
+        port_mode,
+    } = new;
+    let same = (observed_generation, replicas, ready_replicas, selector, workers, summary)
+        == (&old.observed_generation, &old.replicas, &old.ready_replicas, &old.selector, &old.workers, &old.summary)
+        && (instances, conditions, autoscaling, port_mode)
+            == (&old.instances, &old.conditions, &old.autoscaling, &old.port_mode);
+    observed_long_ago || !same
 }
 
 #[cfg(test)]
@@ -580,6 +613,9 @@ mod tests {
         assert_eq!(condition(&flipped, AVAILABLE).status, "False");
         assert_eq!(condition(&flipped, AVAILABLE).last_transition_time, Time(t2));
         assert!(changed(cr.status.as_ref(), &flipped, t2));
+        let mut moved = again.clone();
+        moved.port_mode = Some("node".into());
+        assert!(changed(cr.status.as_ref(), &moved, t2), "any field but observedAt counts");
     }
 
     #[test]

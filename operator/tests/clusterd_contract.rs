@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use clusterd::config::{Config, HealthCheck, LogFormat, RouteMatch, RouteSpec};
+use clusterd::config::{Config, HealthCheck, LogFormat, NodeCheck, RouteMatch, RouteSpec};
 use clustered_api::clusterd::ClusterdArgs;
-use clustered_api::v1alpha1::{ClusteredService, HealthCheckKind, WorkerCount};
-use clustered_operator::resources::{CLUSTERD_BIN, Settings, clusterd_args, deployment};
+use clustered_api::v1alpha1::{AutoscalingMetric, ClusteredService, HealthCheckKind, PortMode, WorkerCount};
+use clustered_operator::image::{ImageConfig, ResolvedImage};
+use clustered_operator::resources::{CLUSTERD_BIN, Settings, clusterd_args, deployment_for};
 
 fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
@@ -34,9 +35,14 @@ fn valid_specs() -> Vec<(PathBuf, ClusteredService)> {
         .collect()
 }
 
+/// clusterd's parsing and checks. `port_mode` is left as the flag says:
+/// clusterd settles `auto` at start-up from the command it runs.
 fn parse(command: &[String]) -> Result<Config, String> {
-    let config = Config::try_parse_from(command).map_err(|e| e.to_string())?;
+    let mut config = Config::try_parse_from(command).map_err(|e| e.to_string())?;
+    let flag = config.port_mode;
+    config.resolve_port_mode(|_| NodeCheck::Supported { version: "v22.0.0".into() })?;
     config.validate()?;
+    config.port_mode = flag;
     Ok(config)
 }
 
@@ -94,7 +100,19 @@ fn every_valid_spec_reaches_clusterd_as_asked() {
     for (file, csvc) in valid_specs() {
         let at = file.display();
         let spec = &csvc.spec;
-        let deployment = deployment(&csvc, &Settings::default()).unwrap_or_else(|e| panic!("{at}: {e}"));
+        // A template without command runs its image's ENTRYPOINT/CMD: here a
+        // config as the registry would give it (unused where command is set).
+        let image = ResolvedImage {
+            pinned: "example/app:1@sha256:0".into(),
+            digest: "sha256:0".into(),
+            config: ImageConfig {
+                entrypoint: vec!["/usr/bin/node".into()],
+                cmd: vec!["/app/server.js".into()],
+                working_dir: None,
+            },
+        };
+        let deployment =
+            deployment_for(&csvc, &Settings::default(), Some(&image)).unwrap_or_else(|e| panic!("{at}: {e}"));
         let pod = deployment.spec.and_then(|d| d.template.spec).expect("pod spec");
         let app_name = spec.app_container_name().expect("app container");
         let app = pod.containers.iter().find(|c| c.name == app_name).expect("app container in the Deployment");
@@ -106,7 +124,8 @@ fn every_valid_spec_reaches_clusterd_as_asked() {
         // What the spec asked for, field by field, independently of the
         // operator's own mapping.
         let asked_app = spec.template.spec.as_ref().and_then(|p| p.containers.iter().find(|c| c.name == app_name));
-        assert_eq!(Some(&c.command), asked_app.and_then(|a| a.command.as_ref()), "{at}: command");
+        let asked_command = asked_app.and_then(|a| a.command.as_ref()).filter(|c| !c.is_empty());
+        assert_eq!(&c.command, asked_command.unwrap_or(&image.config.entrypoint), "{at}: command");
         assert_eq!(c.workers, spec.workers.count, "{at}");
         // min/max bound `auto`; a fixed count is within them by the CRD's rules.
         let auto = spec.workers.count == WorkerCount::Auto;
@@ -115,7 +134,10 @@ fn every_valid_spec_reaches_clusterd_as_asked() {
         assert_eq!(c.max_workers, bound(spec.workers.max), "{at}");
         assert_eq!(c.rounding, spec.workers.rounding, "{at}");
         assert_eq!(i32::from(c.port), spec.port, "{at}");
-        assert_eq!(c.port_mode, spec.port_mode, "{at}");
+        // Concurrency autoscaling needs the proxy's figures: `auto` is pinned.
+        let concurrency = spec.autoscaling.as_ref().is_some_and(|a| a.metric == AutoscalingMetric::Concurrency);
+        let asked_mode = if concurrency && spec.port_mode == PortMode::Auto { PortMode::Proxy } else { spec.port_mode };
+        assert_eq!(c.port_mode, asked_mode, "{at}");
         assert_eq!(c.protocol, spec.protocol, "{at}");
         assert_eq!(i32::from(c.admin_port), spec.admin_port, "{at}");
 
@@ -185,7 +207,7 @@ fn the_fixtures_reach_every_value_the_crd_offers() {
         values.dedup();
         values
     };
-    assert_eq!(seen(&|a| a.port_mode.as_str().into()), ["inherit", "proxy", "reuseport"]);
+    assert_eq!(seen(&|a| a.port_mode.as_str().into()), ["auto", "inherit", "node", "proxy", "reuseport"]);
     assert_eq!(seen(&|a| a.protocol.as_str().into()), ["http", "tcp"]);
     assert_eq!(seen(&|a| a.health_check.as_str().into()), ["http", "tcp"]);
     assert_eq!(seen(&|a| a.rounding.as_str().into()), ["ceil", "floor", "round"]);

@@ -11,6 +11,7 @@ pub use clustered_api::clusterd::{
     HealthCheck, LogFormat, PortMode, Protocol, Rounding, RouteMatch, RouteSpec, Sticky, UpstreamProtocol, WorkerCount,
 };
 
+pub use crate::node::NodeCheck;
 use crate::policy::{WorkerPolicy, slot_layout};
 
 /// Default of --worker-cap.
@@ -49,9 +50,13 @@ pub struct Config {
     /// Address of the shared port.
     #[arg(long, default_value = "0.0.0.0")]
     pub bind: IpAddr,
-    /// How workers share the port.
+    /// How workers share the port (`auto`: `node` for a Node command
+    /// without proxy-only settings, else `proxy`).
     #[arg(long, value_enum, default_value_t = PortMode::default())]
     pub port_mode: PortMode,
+    /// Why `port_mode` is what it is, once `auto` is resolved.
+    #[arg(skip)]
+    pub port_mode_reason: String,
     /// Proxy mode only: `http` balances requests, `tcp` balances connections.
     #[arg(long, value_enum, default_value_t = Protocol::default())]
     pub protocol: Protocol,
@@ -174,13 +179,72 @@ fn human(d: Duration) -> String {
 }
 
 impl Config {
-    /// Parses the command line; exits with status 2 and a message on bad arguments.
+    /// Parses the command line and settles `--port-mode auto`; exits with
+    /// status 2 and a message on bad arguments.
     pub fn from_args() -> Config {
-        let config = Config::parse();
-        if let Err(msg) = config.validate() {
+        let mut config = Config::parse();
+        let checked = if config.install_to.is_some() {
+            Ok(())
+        } else {
+            config.resolve_port_mode(crate::node::inspect).and_then(|()| config.validate())
+        };
+        if let Err(msg) = checked {
             Config::command().error(ErrorKind::ArgumentConflict, msg).exit();
         }
         config
+    }
+
+    /// Replaces `--port-mode auto` by the mode it stands for and records why
+    /// in `port_mode_reason`. `inspect` tells whether the command runs Node
+    /// (only asked when the answer matters).
+    pub fn resolve_port_mode(&mut self, inspect: impl FnOnce(&[String]) -> NodeCheck) -> Result<(), String> {
+        let (mode, reason) = match self.port_mode {
+            PortMode::Auto => match self.proxy_only_setting() {
+                Some(setting) => (PortMode::Proxy, format!("{setting} needs the proxy")),
+                None => match inspect(&self.command) {
+                    NodeCheck::Supported { version } => (
+                        PortMode::Node,
+                        format!(
+                            "a Node {version} command: the workers share the port through Node's cluster protocol, no hop"
+                        ),
+                    ),
+                    NodeCheck::Unsupported(why) => {
+                        (PortMode::Proxy, format!("{why}; the proxy needs nothing from the app"))
+                    }
+                    NodeCheck::NotNode => {
+                        (PortMode::Proxy, "not a Node command: the proxy needs nothing from the app".to_string())
+                    }
+                },
+            },
+            PortMode::Node => match inspect(&self.command) {
+                NodeCheck::Supported { version } => (PortMode::Node, format!("--port-mode node (Node {version})")),
+                NodeCheck::Unsupported(why) => return Err(format!("--port-mode node: {why}; use --port-mode proxy")),
+                NodeCheck::NotNode => {
+                    return Err("--port-mode node needs a Node command (`node …`, `nodejs …`, or a script whose #! \
+                                line runs node); use --port-mode proxy for anything else"
+                        .into());
+                }
+            },
+            mode => (mode, format!("--port-mode {}", mode.as_str())),
+        };
+        self.port_mode = mode;
+        self.port_mode_reason = reason;
+        Ok(())
+    }
+
+    /// The first setting given that only the proxy can carry out.
+    fn proxy_only_setting(&self) -> Option<&'static str> {
+        let http = self.protocol == Protocol::Http;
+        [
+            (!self.pools().is_empty(), "--route (route pools)"),
+            (!http, "--protocol tcp"),
+            (self.max_requests.is_some(), "--max-requests"),
+            (self.max_concurrency.is_some(), "--max-concurrency"),
+            (self.sticky.is_some(), "--sticky"),
+            (self.upstream_protocol != UpstreamProtocol::Http1, "--upstream-protocol"),
+        ]
+        .into_iter()
+        .find_map(|(given, setting)| given.then_some(setting))
     }
 
     /// Checks that clap cannot express.
@@ -215,7 +279,10 @@ impl Config {
         if self.cpu_poll_interval.is_zero() || self.health_period.is_zero() {
             return Err("--cpu-poll-interval and --health-period must be greater than 0".into());
         }
-        if self.port_mode == PortMode::Proxy && self.port == 0 {
+        if self.port_mode == PortMode::Auto {
+            return Err("--port-mode auto must be resolved before validation".into());
+        }
+        if self.port_mode != PortMode::Reuseport && self.port == 0 {
             return Err("--port must not be 0".into());
         }
         if self.hung_after.is_zero() {
@@ -340,7 +407,8 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, String> {
-        let c = Config::try_parse_from(args).map_err(|e| e.to_string())?;
+        let mut c = Config::try_parse_from(args).map_err(|e| e.to_string())?;
+        c.resolve_port_mode(|_| NodeCheck::NotNode)?;
         c.validate()?;
         Ok(c)
     }
@@ -385,6 +453,68 @@ mod tests {
         assert!(parse(&["clusterd", "--max-concurrency", "1", "--port-mode", "inherit", "--", "x"]).is_err());
         assert!(parse(&["clusterd", "--max-concurrency", "1", "--queue-timeout", "0s", "--", "x"]).is_err());
         assert!(parse(&["clusterd", "--max-concurrency", "1", "--max-queue", "0", "--", "x"]).is_ok());
+    }
+
+    fn resolved(args: &[&str], node: NodeCheck) -> Result<Config, String> {
+        let mut c = Config::try_parse_from(args).map_err(|e| e.to_string())?;
+        c.resolve_port_mode(|_| node)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn node(version: &str) -> NodeCheck {
+        NodeCheck::Supported { version: version.into() }
+    }
+
+    #[test]
+    fn auto_chooses_node_for_a_node_command_without_proxy_only_settings() {
+        let c = resolved(&["clusterd", "--", "node", "app.js"], node("v22.1.0")).expect("valid");
+        assert_eq!(c.port_mode, PortMode::Node);
+        assert!(c.port_mode_reason.contains("Node v22.1.0"), "{}", c.port_mode_reason);
+
+        for extra in [
+            &["--route", "/report=1"][..],
+            &["--protocol", "tcp"],
+            &["--max-requests", "100"],
+            &["--max-concurrency", "1"],
+            &["--sticky", "cookie"],
+            &["--upstream-protocol", "h2c"],
+        ] {
+            let args: Vec<&str> =
+                ["clusterd"].into_iter().chain(extra.iter().copied()).chain(["--", "node", "a.js"]).collect();
+            let c = resolved(&args, node("v22.1.0")).expect("valid");
+            assert_eq!(c.port_mode, PortMode::Proxy, "{extra:?}");
+            assert!(c.port_mode_reason.contains(extra[0]), "{extra:?}: {}", c.port_mode_reason);
+        }
+    }
+
+    #[test]
+    fn auto_falls_back_to_the_proxy_and_says_why() {
+        let c = resolved(&["clusterd", "--", "python3", "app.py"], NodeCheck::NotNode).expect("valid");
+        assert_eq!(
+            (c.port_mode, c.port_mode_reason.as_str()),
+            (PortMode::Proxy, "not a Node command: the proxy needs nothing from the app")
+        );
+        let old = NodeCheck::Unsupported("Node v16.20.2 is older than 18".into());
+        let c = resolved(&["clusterd", "--", "node", "a.js"], old).expect("valid");
+        assert_eq!(c.port_mode, PortMode::Proxy);
+        assert!(c.port_mode_reason.starts_with("Node v16.20.2 is older than 18"), "{}", c.port_mode_reason);
+        let c =
+            resolved(&["clusterd", "--port-mode", "inherit", "--", "node", "a.js"], node("v22.1.0")).expect("valid");
+        assert_eq!(c.port_mode, PortMode::Inherit, "an explicit mode is kept");
+    }
+
+    #[test]
+    fn node_mode_refuses_what_it_cannot_run() {
+        let err =
+            resolved(&["clusterd", "--port-mode", "node", "--", "python3"], NodeCheck::NotNode).expect_err("not node");
+        assert!(err.contains("--port-mode node needs a Node command"), "{err}");
+        let old = NodeCheck::Unsupported("Node v16.20.2 is older than 18".into());
+        let err = resolved(&["clusterd", "--port-mode", "node", "--", "node", "a.js"], old).expect_err("too old");
+        assert!(err.contains("v16.20.2") && err.contains("--port-mode proxy"), "{err}");
+        let err = resolved(&["clusterd", "--port-mode", "node", "--route", "/a=1", "--", "node"], node("v22.1.0"))
+            .expect_err("routes need the proxy");
+        assert!(err.contains("--route"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod lifeline;
 pub mod logging;
 pub mod metrics;
+pub mod node;
 pub mod policy;
 pub mod proxy;
 pub mod signals;
@@ -155,7 +156,7 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 /// The shared port, listening with `backlog` or the system's maximum
 /// (net.core.somaxconn; tokio's default is 1024 and std's 128, and
 /// connections beyond the backlog wait for a client retransmit, ~1 s).
-fn listen_shared(addr: SocketAddr, backlog: Option<i32>) -> io::Result<std::net::TcpListener> {
+pub(crate) fn listen_shared(addr: SocketAddr, backlog: Option<i32>) -> io::Result<std::net::TcpListener> {
     use nix::sys::socket::{Backlog, listen};
     let listener = std::net::TcpListener::bind(addr)?;
     let backlog = backlog.map_or(Ok(Backlog::MAXALLOWABLE), Backlog::new)?;
@@ -209,6 +210,15 @@ pub async fn run(config: Config) -> Result<u8, StartupError> {
             (PortSetup::Inherit(Some(listener)), None)
         }
         PortMode::Reuseport => (PortSetup::Reuseport, None),
+        PortMode::Node => {
+            let sockets = listen_shared(shared_addr, config.backlog)
+                .and_then(|l| node::channel::Sockets::new(l, config.port, config.backlog))
+                .map_err(|source| StartupError::Bind { what: "shared", addr: shared_addr, source })?;
+            (PortSetup::Node(Arc::new(sockets)), None)
+        }
+        PortMode::Auto => {
+            return Err(io::Error::other("--port-mode auto was not resolved (Config::resolve_port_mode)").into());
+        }
     };
 
     let mut supervisor = Supervisor::new(
@@ -224,6 +234,7 @@ pub async fn run(config: Config) -> Result<u8, StartupError> {
     tracing::info!(
         port = config.port,
         mode = config.port_mode.as_str(),
+        why = %config.port_mode_reason,
         admin = config.admin_port,
         pid = std::process::id(),
         "clusterd running"

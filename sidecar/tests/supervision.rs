@@ -146,6 +146,41 @@ fn hung_worker_is_taken_out_of_rotation_killed_and_restarted() {
     let _ = hang.join();
 }
 
+/// Busy is not hung: a single-threaded worker on back-to-back long requests
+/// cannot answer its probes in time, but it keeps finishing requests, so
+/// it stays in rotation (before: Unhealthy after 2 probes, then `503 no
+/// worker available` for the requests behind).
+#[test]
+fn a_worker_busy_on_long_requests_stays_in_rotation() {
+    let _serial = serial();
+    let clusterd = Launch::node(&[
+        "--workers",
+        "1",
+        "--health-path",
+        "/healthz",
+        "--health-period",
+        "200ms",
+        "--health-timeout",
+        "150ms",
+        "--health-failure-threshold",
+        "3",
+        "--hung-after",
+        "3s",
+    ])
+    .start();
+    clusterd.wait_ready(1);
+    let load = Load::start(clusterd.port, "/?ms=400", 2, Duration::from_secs(6), 50);
+    let seen_unhealthy = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        clusterd.status().is_some_and(|s| s.workers[0].state != WorkerState::Ready)
+    });
+    let outcomes = load.finish_when_done();
+    assert!(outcomes.len() >= 6, "{} requests", outcomes.len());
+    assert_none_failed(&outcomes);
+    assert!(!seen_unhealthy, "the busy worker left the rotation:\n{}", clusterd.logs());
+    assert_eq!(clusterd.status().expect("status").workers[0].restarts, 0, "not killed as hung");
+}
+
 #[test]
 fn crashing_command_backs_off_into_crash_loop() {
     let _serial = serial();

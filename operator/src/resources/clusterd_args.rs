@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clustered_api::clusterd::{ClusterdArgs, LogFormat, RouteMatch, RouteSpec, defaults};
-use clustered_api::v1alpha1::{ClusteredServiceSpec, RoutePool, WorkerCount};
+use clustered_api::v1alpha1::{AutoscalingMetric, ClusteredServiceSpec, PortMode, RoutePool, WorkerCount};
 
 /// clusterd's settings for `spec`; `.to_args()` gives the flags, without
 /// the `-- command` part.
@@ -26,7 +26,7 @@ pub fn clusterd_args(spec: &ClusteredServiceSpec) -> ClusterdArgs {
         max_workers: bounds(workers.max),
         rounding: workers.rounding,
         port: port(spec.port, defaults::PORT),
-        port_mode: spec.port_mode,
+        port_mode: port_mode(spec),
         protocol: spec.protocol,
         admin_port: port(spec.admin_port, defaults::ADMIN_PORT),
         routes: spec.routes.iter().map(route).collect(),
@@ -51,6 +51,16 @@ pub fn clusterd_args(spec: &ClusteredServiceSpec) -> ClusterdArgs {
         drain_timeout: seconds(spec.shutdown.drain_timeout_seconds),
         // The kubelet keeps the logs; JSON lines are what log shippers read.
         log_format: LogFormat::Json,
+    }
+}
+
+/// The spec's port mode, except that concurrency autoscaling needs the
+/// proxy's in-flight figures, which `auto` alone would not guarantee.
+fn port_mode(spec: &ClusteredServiceSpec) -> PortMode {
+    let concurrency = spec.autoscaling.as_ref().is_some_and(|a| a.metric == AutoscalingMetric::Concurrency);
+    match spec.port_mode {
+        PortMode::Auto if concurrency => PortMode::Proxy,
+        mode => mode,
     }
 }
 
@@ -85,6 +95,19 @@ mod tests {
     use super::*;
     use crate::resources::test_support::{APP, csvc};
 
+    #[test]
+    fn concurrency_autoscaling_pins_auto_to_the_proxy() {
+        let mut csvc = csvc(APP);
+        csvc.spec.autoscaling =
+            Some(serde_json::from_value(serde_json::json!({"metric": "concurrency", "maxReplicas": 3})).expect("spec"));
+        assert_eq!(clusterd_args(&csvc.spec).port_mode, PortMode::Proxy);
+        csvc.spec.port_mode = PortMode::Inherit;
+        assert_eq!(clusterd_args(&csvc.spec).port_mode, PortMode::Inherit, "admission refuses it; not changed here");
+        csvc.spec.autoscaling = None;
+        csvc.spec.port_mode = PortMode::Auto;
+        assert_eq!(clusterd_args(&csvc.spec).port_mode, PortMode::Auto);
+    }
+
     /// The exact flags and their order are part of the pod template: a
     /// change here rolls every pod of every ClusteredService.
     #[test]
@@ -96,7 +119,7 @@ mod tests {
                 "--workers=auto",
                 "--rounding=floor",
                 "--port=8080",
-                "--port-mode=proxy",
+                "--port-mode=auto",
                 "--protocol=http",
                 "--admin-port=9901",
                 "--health-check=http",

@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use thiserror::Error;
 
 use super::{Settings, child_meta, clusterd_args, selector_labels};
+use crate::image::{self, ResolvedImage};
 
 /// Where the init container puts clusterd, inside the app container.
 pub const CLUSTERD_BIN: &str = "/clustered/bin/clusterd";
@@ -31,10 +32,25 @@ pub enum TemplateError {
     UnknownAppContainer(String),
     #[error("the app container {0:?} has no command for clusterd to run")]
     MissingCommand(String),
+    #[error(
+        "the app container {0:?} sets no command, and its image {1} has neither ENTRYPOINT nor CMD: set command on the container"
+    )]
+    NothingToRun(String, String),
 }
 
-/// The Deployment running `csvc`.
+/// The Deployment running `csvc`, for a template whose app container sets
+/// its `command`.
 pub fn deployment(csvc: &ClusteredService, settings: &Settings) -> Result<Deployment, TemplateError> {
+    deployment_for(csvc, settings, None)
+}
+
+/// The Deployment running `csvc`. An app container without `command` runs
+/// what `image` (its image, resolved) says, and is pinned to its digest.
+pub fn deployment_for(
+    csvc: &ClusteredService,
+    settings: &Settings,
+    image: Option<&ResolvedImage>,
+) -> Result<Deployment, TemplateError> {
     let spec = &csvc.spec;
     let mut template: PodTemplateSpec = spec.template.clone();
     let pod = template.spec.as_mut().ok_or(TemplateError::MissingPodSpec)?;
@@ -44,7 +60,7 @@ pub fn deployment(csvc: &ClusteredService, settings: &Settings) -> Result<Deploy
         .iter_mut()
         .find(|c| c.name == app_name)
         .ok_or_else(|| TemplateError::UnknownAppContainer(app_name.clone()))?;
-    wrap_app_container(app, csvc)?;
+    wrap_app_container(app, csvc, image)?;
     inject_clusterd(pod, settings, spec.shutdown.drain_timeout_seconds);
 
     let meta = template.metadata.get_or_insert_with(Default::default);
@@ -63,11 +79,26 @@ pub fn deployment(csvc: &ClusteredService, settings: &Settings) -> Result<Deploy
 }
 
 /// The app's command becomes `clusterd <flags> -- <command>`; its ports and
-/// probes are clusterd's.
-fn wrap_app_container(app: &mut Container, csvc: &ClusteredService) -> Result<(), TemplateError> {
+/// probes are clusterd's. Without a `command`, the image's ENTRYPOINT is
+/// the command and its CMD the `args` (unless the template sets them), and
+/// the image is pinned to the digest they were read from.
+fn wrap_app_container(
+    app: &mut Container,
+    csvc: &ClusteredService,
+    image: Option<&ResolvedImage>,
+) -> Result<(), TemplateError> {
     let spec = &csvc.spec;
-    let command =
-        app.command.take().filter(|c| !c.is_empty()).ok_or_else(|| TemplateError::MissingCommand(app.name.clone()))?;
+    let command = match (app.command.take().filter(|c| !c.is_empty()), image) {
+        (Some(command), _) => command,
+        (None, None) => return Err(TemplateError::MissingCommand(app.name.clone())),
+        (None, Some(resolved)) => {
+            let process = image::process(None, app.args.as_deref(), &resolved.config)
+                .map_err(|_| TemplateError::NothingToRun(app.name.clone(), resolved.pinned.clone()))?;
+            app.image = Some(resolved.pinned.clone());
+            app.args = Some(process.args).filter(|a| !a.is_empty());
+            process.command
+        }
+    };
     let mut wrapped = vec![CLUSTERD_BIN.to_string()];
     wrapped.extend(clusterd_args(spec).to_args());
     wrapped.push("--".into());
@@ -184,6 +215,44 @@ mod tests {
 
     fn pod_spec(d: &Deployment) -> &PodSpec {
         d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec")
+    }
+
+    #[test]
+    fn without_command_the_image_s_entrypoint_and_cmd_run_under_clusterd_pinned() {
+        let cr =
+            csvc("  template:\n    spec:\n      containers:\n        - name: app\n          image: reg:5000/app:1\n");
+        let resolved = ResolvedImage {
+            pinned: crate::image::pinned("reg:5000/app:1", "sha256:abc"),
+            digest: "sha256:abc".into(),
+            config: crate::image::ImageConfig {
+                entrypoint: vec!["/docker-entrypoint.sh".into()],
+                cmd: vec!["node".into(), "server.js".into()],
+                working_dir: None,
+            },
+        };
+        let d = deployment_for(&cr, &Settings::default(), Some(&resolved)).expect("deployment");
+        let app = &d.spec.expect("spec").template.spec.expect("pod").containers[0];
+        assert_eq!(app.image.as_deref(), Some("reg:5000/app:1@sha256:abc"));
+        let command = app.command.as_ref().expect("command");
+        let sep = command.iter().position(|a| a == "--").expect("-- separator");
+        assert_eq!(
+            (command[0].as_str(), &command[sep + 1..]),
+            (CLUSTERD_BIN, &["/docker-entrypoint.sh".to_string()][..])
+        );
+        assert_eq!(app.args.as_deref(), Some(&["node".to_string(), "server.js".to_string()][..]));
+
+        // The template's args replace CMD; an image with nothing to run is refused.
+        let with_args = csvc(
+            "  template:\n    spec:\n      containers:\n        - name: app\n          image: reg:5000/app:1\n          args: [npm, start]\n",
+        );
+        let d = deployment_for(&with_args, &Settings::default(), Some(&resolved)).expect("deployment");
+        let app = &d.spec.expect("spec").template.spec.expect("pod").containers[0];
+        assert_eq!(app.args.as_deref(), Some(&["npm".to_string(), "start".to_string()][..]));
+        let empty = ResolvedImage { config: Default::default(), ..resolved };
+        assert!(matches!(
+            deployment_for(&cr, &Settings::default(), Some(&empty)).err(),
+            Some(TemplateError::NothingToRun(..))
+        ));
     }
 
     #[test]

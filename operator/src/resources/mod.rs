@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::{Resource, ResourceExt};
 
 pub use clusterd_args::clusterd_args;
-pub use deployment::{ADMIN_PORT_NAME, APP_PORT_NAME, CLUSTERD_BIN, deployment};
+pub use deployment::{ADMIN_PORT_NAME, APP_PORT_NAME, CLUSTERD_BIN, deployment, deployment_for};
 pub use extras::{hpa, pod_disruption_budget, service};
 
 /// Label that ties every child object and pod to its ClusteredService.
@@ -36,6 +36,12 @@ impl Default for Settings {
     fn default() -> Self {
         Self { clusterd_image: "clustered.dev/clusterd:dev".into(), pre_stop_delay_seconds: 3 }
     }
+}
+
+/// The app container of `csvc`'s template, if the template has it.
+pub fn app_container(csvc: &ClusteredService) -> Option<&k8s_openapi::api::core::v1::Container> {
+    let name = csvc.spec.app_container_name()?;
+    csvc.spec.template.spec.as_ref()?.containers.iter().find(|c| c.name == name)
 }
 
 /// Labels selecting the pods of `csvc`.

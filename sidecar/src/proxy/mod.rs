@@ -53,6 +53,9 @@ pub struct Backend {
     pub connections: AtomicU64,
     /// Requests served by this process (recycling counts these).
     pub requests: AtomicU64,
+    /// Requests that came back from it (answered or failed): its progress,
+    /// which tells a busy worker from a hung one.
+    pub finished: AtomicU64,
     /// The slot's `clusterd_requests{pool, worker}` counter, looked up once
     /// rather than per request.
     requests_metric: Counter,
@@ -78,6 +81,7 @@ impl Backend {
             in_flight: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
         }
     }
 
@@ -134,6 +138,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.backend.finished.fetch_add(1, Ordering::Relaxed);
         self.metrics.in_flight.dec();
         if let Some(pool) = &self.admitted_in {
             // The first waiter (if any) takes the freed place.

@@ -66,6 +66,8 @@ pub trait Observe {
     fn in_flight(&self, pid: u32) -> u64;
     /// Requests the process has served.
     fn requests(&self, pid: u32) -> u64;
+    /// Requests that came back from the process (answered or failed).
+    fn finished(&self, pid: u32) -> u64;
     fn rss_mib(&self, pid: u32) -> Option<u64>;
     /// Whether the process listens on the shared port (reuseport mode).
     fn listens(&self, pid: u32, port: u16) -> bool;
@@ -314,8 +316,34 @@ impl Machine {
         tracing::debug!(pid, %exit, "reaped an orphaned process");
     }
 
-    pub fn probed(&mut self, pid: u32, healthy: bool, now: Instant) {
-        let threshold = self.config.health_failure_threshold;
+    /// Node mode: the worker listens on the shared socket, so it is Ready.
+    pub fn listening(&mut self, pid: u32) {
+        let proc = self
+            .slots
+            .iter_mut()
+            .flat_map(|s| s.current.iter_mut().chain(s.replacement.iter_mut()))
+            .find(|p| p.pid == pid && p.state == WorkerState::Starting && !p.killed);
+        if let Some(proc) = proc {
+            tracing::info!(worker = proc.worker_id, pid, "worker ready: listening on the shared socket");
+            proc.set_state(WorkerState::Ready);
+        }
+    }
+
+    /// Whether `pid` is a worker process that has not exited.
+    pub fn is_live(&self, pid: u32) -> bool {
+        self.all_procs().any(|p| p.pid == pid)
+    }
+
+    /// A probe's result. A failed probe of a worker with requests in
+    /// flight that finished one lately (within the probes' own window,
+    /// `--health-period` × `--health-failure-threshold`) says it is busy,
+    /// not broken: a single-threaded worker behind a queue of requests
+    /// answers its probe late. It stays in rotation. One that finishes
+    /// nothing for that long counts its failures as before.
+    pub fn probed(&mut self, pid: u32, healthy: bool, world: &dyn Observe, now: Instant) {
+        let config = &self.config;
+        let threshold = config.health_failure_threshold;
+        let window = config.health_period * threshold;
         let Some(proc) = self
             .slots
             .iter_mut()
@@ -325,13 +353,26 @@ impl Machine {
             return;
         };
         proc.probing = false;
+        let finished = world.finished(pid);
+        if finished > proc.finished_at_probe {
+            proc.finished_at_probe = finished;
+            proc.last_progress = now;
+        }
         if healthy {
             proc.failures = 0;
             proc.failing_since = None;
             if matches!(proc.state, WorkerState::Starting | WorkerState::Unhealthy) {
                 tracing::info!(worker = proc.worker_id, pid, "worker ready");
                 proc.set_state(WorkerState::Ready);
+                proc.last_progress = now;
             }
+            return;
+        }
+        let busy = world.in_flight(pid) > 0 && now.duration_since(proc.last_progress) <= window;
+        if proc.state == WorkerState::Ready && busy {
+            tracing::debug!(worker = proc.worker_id, pid, "probe failed while requests come back: busy, not broken");
+            proc.failures = 0;
+            proc.failing_since = None;
             return;
         }
         proc.failures += 1;
@@ -538,14 +579,13 @@ impl Machine {
     fn check_procs(&mut self, now: Instant, world: &dyn Observe) -> Vec<Action> {
         let config = Arc::clone(&self.config);
         let proxy = self.is_proxy();
-        let reuseport = config.port_mode == PortMode::Reuseport;
         let mut actions = Vec::new();
         for slot in &mut self.slots {
             for proc in slot.current.iter_mut().chain(slot.replacement.iter_mut()) {
                 let action = if proxy {
                     check_proxied(proc, &config, now)
                 } else {
-                    check_shared_port(proc, &config, reuseport, now, world)
+                    check_shared_port(proc, &config, now, world)
                 };
                 actions.extend(action);
             }
@@ -690,7 +730,11 @@ fn stop_orphans(step: OrphanStop, now: Instant, world: &dyn Observe) -> (OrphanS
 /// where the app must take part in sharing the port.
 fn not_ready_hint(mode: PortMode) -> Option<&'static str> {
     match mode {
-        PortMode::Proxy => None,
+        PortMode::Proxy | PortMode::Auto => None,
+        PortMode::Node => Some(
+            "node mode shares the port through Node's cluster module: the worker must be Node itself (not a \
+             wrapper like npm that starts node as a child) and call listen(PORT); proxy mode needs nothing from the app",
+        ),
         PortMode::Inherit => Some(
             "inherit mode passes the shared socket as fd 3 (LISTEN_FDS=1) and the app must listen on it \
              (an app that listens on PORT itself gets EADDRINUSE); proxy mode needs nothing from the app",
@@ -728,30 +772,27 @@ fn check_proxied(proc: &mut Proc, config: &Config, now: Instant) -> Option<Actio
     Some(Action::Probe { pid: proc.pid, starting, interval })
 }
 
-/// inherit/reuseport modes: workers share one port, so they cannot be
-/// probed one by one. A live worker counts as Ready after the startup grace;
-/// in reuseport mode it must also have bound the port itself by then.
-fn check_shared_port(
-    proc: &mut Proc,
-    config: &Config,
-    reuseport: bool,
-    now: Instant,
-    world: &dyn Observe,
-) -> Option<Action> {
+/// inherit/reuseport/node modes: workers share one port, so they cannot be
+/// probed one by one. In inherit mode a live worker counts as Ready after
+/// the startup grace; in reuseport mode it must also have bound the port
+/// itself by then; in node mode it says when it listens (see
+/// [`Machine::listening`]). One that never does is killed at `hung_after`.
+fn check_shared_port(proc: &mut Proc, config: &Config, now: Instant, world: &dyn Observe) -> Option<Action> {
     if proc.state != WorkerState::Starting || proc.killed {
         return None;
     }
     let age = now.duration_since(proc.started);
-    if age < config.startup_grace || now < proc.next_check {
+    let mode = config.port_mode;
+    if mode != PortMode::Node && (age < config.startup_grace || now < proc.next_check) {
         return None;
     }
     proc.next_check = now + STARTING_PROBE_INTERVAL;
-    if !reuseport || world.listens(proc.pid, config.port) {
+    if mode == PortMode::Inherit || (mode == PortMode::Reuseport && world.listens(proc.pid, config.port)) {
         tracing::info!(worker = proc.worker_id, pid = proc.pid, "worker ready");
         proc.set_state(WorkerState::Ready);
         None
     } else if age >= config.hung_after {
-        tracing::warn!(worker = proc.worker_id, pid = proc.pid, "worker never bound the shared port; killing it");
+        tracing::warn!(worker = proc.worker_id, pid = proc.pid, "worker never listened on the shared port; killing it");
         proc.killed = true;
         Some(Action::Signal { pid: proc.pid, signal: Signal::SIGKILL })
     } else {

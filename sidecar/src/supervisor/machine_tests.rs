@@ -14,6 +14,7 @@ const SIGKILL: Signal = Signal::SIGKILL;
 struct FakeWorld {
     in_flight: HashMap<u32, u64>,
     requests: HashMap<u32, u64>,
+    finished: HashMap<u32, u64>,
     rss: HashMap<u32, u64>,
     listening: Vec<u32>,
     orphans: Vec<u32>,
@@ -25,6 +26,9 @@ impl Observe for FakeWorld {
     }
     fn requests(&self, pid: u32) -> u64 {
         self.requests.get(&pid).copied().unwrap_or(0)
+    }
+    fn finished(&self, pid: u32) -> u64 {
+        self.finished.get(&pid).copied().unwrap_or(0)
     }
     fn rss_mib(&self, pid: u32) -> Option<u64> {
         self.rss.get(&pid).copied()
@@ -93,7 +97,15 @@ impl Harness {
         argv.extend(BASE);
         argv.extend(args);
         argv.extend(["--", "app"]);
-        let config = Arc::new(Config::try_parse_from(argv).expect("valid arguments"));
+        let mut config = Config::try_parse_from(argv).expect("valid arguments");
+        // "app" runs Node only where a test asks for node mode; `auto` is the proxy.
+        let node = if args.contains(&"node") {
+            crate::node::NodeCheck::Supported { version: "v22.0.0".into() }
+        } else {
+            crate::node::NodeCheck::NotNode
+        };
+        config.resolve_port_mode(|_| node).expect("a valid port mode");
+        let config = Arc::new(config);
         let t0 = Instant::now();
         let cpu = CpuLimit { cores: Some(2.0), source: "override".into() };
         Harness {
@@ -173,7 +185,7 @@ impl Harness {
     fn all_healthy(&mut self, now: Instant) {
         let pids: Vec<u32> = self.machine.slots.iter().flat_map(Slot::procs).map(|p| p.pid).collect();
         for pid in pids {
-            self.machine.probed(pid, true, now);
+            self.machine.probed(pid, true, &self.world, now);
         }
     }
 
@@ -242,7 +254,12 @@ fn a_worker_that_stayed_up_resets_the_backoff() {
 
 #[test]
 fn a_worker_that_dies_before_it_is_ready_says_what_the_mode_needs() {
-    for (mode, hint) in [("inherit", Some("fd 3")), ("reuseport", Some("SO_REUSEPORT")), ("proxy", None)] {
+    for (mode, hint) in [
+        ("inherit", Some("fd 3")),
+        ("reuseport", Some("SO_REUSEPORT")),
+        ("node", Some("listen(PORT)")),
+        ("proxy", None),
+    ] {
         let mut h = Harness::new(&["--workers", "1", "--port-mode", mode]);
         h.start();
         h.exit(h.pid(0), h.at(10));
@@ -265,10 +282,10 @@ fn a_starting_worker_is_probed_often_and_joins_the_rotation_when_healthy() {
     assert_eq!(h.tick(h.at(0)), vec![Action::Probe { pid, starting: true, interval: STARTING_PROBE_INTERVAL }]);
     // One probe at a time.
     assert!(h.tick(h.at(300)).is_empty());
-    h.machine.probed(pid, false, h.at(300));
+    h.machine.probed(pid, false, &h.world, h.at(300));
     assert_eq!(h.state(0), WorkerState::Starting, "a starting worker's failed probes are not failures yet");
     assert_eq!(h.tick(h.at(300)), vec![Action::Probe { pid, starting: true, interval: STARTING_PROBE_INTERVAL }]);
-    h.machine.probed(pid, true, h.at(400));
+    h.machine.probed(pid, true, &h.world, h.at(400));
     assert_eq!(h.state(0), WorkerState::Ready);
     assert_eq!(h.machine.in_rotation().count(), 1);
     // Ready: probed once per --health-period.
@@ -282,14 +299,54 @@ fn failed_probes_take_a_worker_out_of_rotation_until_it_recovers() {
     h.start();
     let pid = h.pid(0);
     h.all_healthy(h.at(0));
-    h.machine.probed(pid, false, h.at(1000));
+    h.machine.probed(pid, false, &h.world, h.at(1000));
     assert_eq!(h.state(0), WorkerState::Ready, "one failure is below the threshold (2)");
-    h.machine.probed(pid, false, h.at(2000));
+    h.machine.probed(pid, false, &h.world, h.at(2000));
     assert_eq!(h.state(0), WorkerState::Unhealthy);
     assert_eq!(h.machine.in_rotation().count(), 0);
-    h.machine.probed(pid, true, h.at(3000));
+    h.machine.probed(pid, true, &h.world, h.at(3000));
     assert_eq!(h.state(0), WorkerState::Ready);
     assert_eq!(h.machine.in_rotation().count(), 1);
+}
+
+#[test]
+fn a_busy_worker_stays_in_rotation_while_requests_come_back() {
+    let mut h = Harness::new(&["--workers", "1"]);
+    h.start();
+    let pid = h.pid(0);
+    h.all_healthy(h.at(0));
+    // Requests queued at the worker: every probe times out, yet one comes
+    // back at least every 2 s, within the probes' window (1 s × 2).
+    h.world.in_flight.insert(pid, 3);
+    let finished = [1, 1, 2, 3, 3, 4, 5];
+    for (at, finished) in [1000, 2000, 3000, 4000, 5000, 6000, 7000].into_iter().zip(finished) {
+        h.world.finished.insert(pid, finished);
+        h.machine.probed(pid, false, &h.world, h.at(at));
+        assert_eq!(h.state(0), WorkerState::Ready, "busy, not unhealthy, at {at} ms");
+    }
+    assert!(signals(&h.tick(h.at(7100))).is_empty(), "busy past --hung-after (5 s), not hung");
+    // Nothing comes back any more (last at 7 s): out of rotation after the
+    // window, killed at --hung-after.
+    h.machine.probed(pid, false, &h.world, h.at(8000));
+    h.machine.probed(pid, false, &h.world, h.at(9000));
+    assert_eq!(h.state(0), WorkerState::Ready, "9 s is within 2 s of the last answer");
+    h.machine.probed(pid, false, &h.world, h.at(10_000));
+    h.machine.probed(pid, false, &h.world, h.at(11_000));
+    assert_eq!(h.state(0), WorkerState::Unhealthy);
+    assert!(signals(&h.tick(h.at(14_900))).is_empty());
+    assert_eq!(signals(&h.tick(h.at(15_000))), vec![(pid, SIGKILL)], "failing since 10 s");
+}
+
+#[test]
+fn an_idle_worker_failing_probes_leaves_the_rotation() {
+    let mut h = Harness::new(&["--workers", "1"]);
+    h.start();
+    let pid = h.pid(0);
+    h.all_healthy(h.at(0));
+    h.world.finished.insert(pid, 10);
+    h.machine.probed(pid, false, &h.world, h.at(1000));
+    h.machine.probed(pid, false, &h.world, h.at(2000));
+    assert_eq!(h.state(0), WorkerState::Unhealthy, "nothing in flight: the failures count");
 }
 
 #[test]
@@ -298,7 +355,7 @@ fn a_worker_that_never_gets_ready_is_killed_once_at_hung_after() {
     h.start();
     let pid = h.pid(0);
     h.tick(h.at(0));
-    h.machine.probed(pid, false, h.at(200));
+    h.machine.probed(pid, false, &h.world, h.at(200));
     assert!(signals(&h.tick(h.at(4999))).is_empty());
     assert_eq!(signals(&h.tick(h.at(5000))), vec![(pid, SIGKILL)]);
     assert!(h.tick(h.at(6000)).is_empty(), "killed once, not probed any more");
@@ -313,9 +370,9 @@ fn a_worker_failing_probes_for_hung_after_is_killed() {
     h.start();
     let pid = h.pid(0);
     h.all_healthy(h.at(0));
-    h.machine.probed(pid, false, h.at(1000));
-    h.machine.probed(pid, true, h.at(2000));
-    h.machine.probed(pid, false, h.at(3000));
+    h.machine.probed(pid, false, &h.world, h.at(1000));
+    h.machine.probed(pid, true, &h.world, h.at(2000));
+    h.machine.probed(pid, false, &h.world, h.at(3000));
     // Failing since 3 s (the recovery at 2 s reset the run).
     assert!(signals(&h.tick(h.at(7999))).is_empty());
     assert_eq!(signals(&h.tick(h.at(8000))), vec![(pid, SIGKILL)]);
@@ -354,6 +411,24 @@ fn reuseport_workers_must_bind_the_port_or_are_killed_at_hung_after() {
     assert!(h.tick(h.at(5200)).is_empty(), "killed once");
 }
 
+#[test]
+fn node_workers_are_ready_when_they_say_they_listen_and_killed_if_they_never_do() {
+    let mut h = Harness::new(&["--workers", "2", "--port-mode", "node"]);
+    h.start();
+    let (listens, never) = (h.pid(0), h.pid(1));
+    assert!(h.tick(h.at(50)).is_empty());
+    h.machine.listening(listens);
+    assert_eq!((h.state(0), h.state(1)), (WorkerState::Ready, WorkerState::Starting), "no grace period");
+    assert!(h.tick(h.at(2000)).is_empty(), "alive is not ready");
+    assert_eq!(h.state(1), WorkerState::Starting);
+    assert_eq!(signals(&h.tick(h.at(5000))), vec![(never, SIGKILL)]);
+    h.machine.listening(never);
+    assert_eq!(h.state(1), WorkerState::Starting, "a killed worker stays out");
+    assert!(h.machine.is_live(never), "until it is reaped");
+    h.exit(never, h.at(5010));
+    assert!(!h.machine.is_live(never));
+}
+
 // ---- recycling and drains -----------------------------------------------
 
 /// Proxy mode, one worker, Ready at 0 and probed: the harness for recycles.
@@ -375,7 +450,7 @@ fn recycled_and_draining() -> (Harness, u32, u32) {
     h.world.requests.insert(old, 1);
     h.tick(h.at(0));
     let new = h.replacement(0).expect("a replacement");
-    h.machine.probed(new, true, h.at(0));
+    h.machine.probed(new, true, &h.world, h.at(0));
     h.tick(h.at(0));
     (h, old, new)
 }
@@ -392,7 +467,7 @@ fn max_requests_recycles_through_a_replacement_then_drains_the_old_worker() {
     // Only one replacement at a time; the old worker serves meanwhile.
     assert!(spawns(&h.tick(h.at(300))).is_empty());
     assert_eq!(h.pid(0), old);
-    h.machine.probed(new, true, h.at(400));
+    h.machine.probed(new, true, &h.world, h.at(400));
     h.tick(h.at(400));
     assert_eq!(h.pid(0), new);
     assert_eq!(h.retired(), vec![(old, WorkerState::Draining)]);

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::logging::Stream;
 use crate::metrics::Metrics;
+use crate::node;
 use crate::proxy::{Backend, Router};
 use machine::{Action, Machine, Observe, SpawnKind};
 use reaper::ExitInfo;
@@ -51,6 +52,11 @@ pub enum Event {
     Status(oneshot::Sender<ClusterdStatus>),
     /// The proxy closed its listener and every client connection.
     ProxyDrained,
+    /// Node mode: what a worker's IPC channel says.
+    Node {
+        pid: u32,
+        report: node::channel::Report,
+    },
 }
 
 /// What the admin server reads without asking the supervisor.
@@ -69,6 +75,8 @@ pub enum PortSetup {
     /// clusterd's listening socket, handed to each worker as fd 3.
     Inherit(Option<StdTcpListener>),
     Reuseport,
+    /// The sockets Node workers get through their IPC channels.
+    Node(Arc<node::channel::Sockets>),
 }
 
 pub struct Supervisor {
@@ -78,6 +86,10 @@ pub struct Supervisor {
     port: PortSetup,
     /// Proxy mode only: each live worker process's place in the rotation.
     backends: HashMap<u32, Arc<Backend>>,
+    /// Node mode only: each live worker process's IPC channel.
+    channels: HashMap<u32, node::channel::Channel>,
+    /// Node mode: `NODE_UNIQUE_ID` of the last worker started.
+    node_ids: u32,
     events: UnboundedSender<Event>,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
@@ -106,6 +118,8 @@ impl Supervisor {
             spec,
             port,
             backends: HashMap::new(),
+            channels: HashMap::new(),
+            node_ids: 0,
             events,
             shared,
             metrics,
@@ -145,10 +159,24 @@ impl Supervisor {
             Event::Exited(pid, exit) => {
                 self.machine.exited(pid, exit, now);
                 self.backends.remove(&pid);
+                self.channels.remove(&pid);
+                Vec::new()
+            }
+            Event::Node { pid, report: node::channel::Report::Listening } => {
+                self.machine.listening(pid);
+                Vec::new()
+            }
+            Event::Node { pid, report: node::channel::Report::Disconnected } => {
+                // The worker finished its connections (or ran out of time):
+                // now the SIGTERM it was due, unless it is gone already.
+                if self.machine.is_live(pid) {
+                    signal_group(pid, Signal::SIGTERM);
+                }
                 Vec::new()
             }
             Event::Probe { pid, healthy } => {
-                self.machine.probed(pid, healthy, now);
+                let world = World { backends: &self.backends };
+                self.machine.probed(pid, healthy, &world, now);
                 Vec::new()
             }
             Event::Signal(signal) => self.machine.signal(signal, now),
@@ -193,7 +221,14 @@ impl Supervisor {
                     }
                     queue.extend(self.machine.spawned(slot, kind, result.as_ref().copied(), now));
                 }
-                Action::Signal { pid, signal } => signal_group(pid, signal),
+                Action::Signal { pid, signal } => match self.channels.get(&pid) {
+                    // A Node worker is first asked to disconnect, as Node's
+                    // primary does: it stops accepting on the shared socket
+                    // (which clusterd cannot close for it) and finishes its
+                    // connections; SIGTERM follows (Event::Node).
+                    Some(channel) if signal == Signal::SIGTERM => channel.disconnect(),
+                    _ => signal_group(pid, signal),
+                },
                 Action::SignalOrphans { pids, signal } => orphans::signal(&pids, signal),
                 Action::Probe { pid, starting, interval } => self.probe(pid, starting, interval),
                 Action::StopAccepting => self.stop_accepting(),
@@ -238,8 +273,33 @@ impl Supervisor {
                 setup.env.push(("CLUSTERD_REUSEPORT".into(), "1".into()));
                 None
             }
+            PortSetup::Node(_) => None,
+        };
+        // Node mode: the worker's end of its channel, as Node's
+        // child_process.fork() passes it (NODE_CHANNEL_FD).
+        let node_channel = match &self.port {
+            PortSetup::Node(sockets) => {
+                let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+                self.node_ids += 1;
+                setup.node_channel_fd = Some(theirs.as_raw_fd());
+                setup.env.push(("NODE_UNIQUE_ID".into(), self.node_ids.to_string()));
+                setup.env.push(("NODE_CHANNEL_FD".into(), "3".into()));
+                setup.env.push(("PORT".into(), self.config.port.to_string()));
+                Some((ours, theirs, Arc::clone(sockets)))
+            }
+            _ => None,
         };
         let spawned = spawn::spawn(&self.spec, &setup)?;
+        if let Some((ours, theirs, sockets)) = node_channel {
+            // The child has its copy; ours must go so that its exit closes the channel.
+            drop(theirs);
+            let (events, pid) = (self.events.clone(), spawned.pid);
+            let report = move |report| {
+                let _ = events.send(Event::Node { pid, report });
+            };
+            let channel = node::channel::start(ours, id, sockets, self.config.drain_timeout / 2, report)?;
+            self.channels.insert(spawned.pid, channel);
+        }
         tracing::info!(worker = id, pid = spawned.pid, pool = %pool, "worker started");
         if let Some(stdout) = spawned.stdout {
             output::forward(stdout, id, Stream::Stdout, self.config.log_format);
@@ -280,6 +340,7 @@ impl Supervisor {
             // Close clusterd's copy so the port stops accepting once the
             // workers close theirs.
             PortSetup::Inherit(listener) => drop(listener.take()),
+            PortSetup::Node(sockets) => sockets.close_shared(),
             PortSetup::Reuseport => {}
         }
     }
@@ -336,6 +397,7 @@ impl Supervisor {
             desired_workers: workers.len() as u32,
             ready_workers: workers.iter().filter(|w| w.state.is_ready()).count() as u32,
             port_mode: self.config.port_mode.as_str().to_string(),
+            port_mode_reason: self.config.port_mode_reason.clone(),
             port: self.config.port,
             started_at: self.started_at.to_string(),
             draining: self.machine.draining(),
@@ -362,6 +424,10 @@ impl Observe for World<'_> {
 
     fn requests(&self, pid: u32) -> u64 {
         self.backends.get(&pid).map_or(0, |b| b.requests.load(Ordering::Relaxed))
+    }
+
+    fn finished(&self, pid: u32) -> u64 {
+        self.backends.get(&pid).map_or(0, |b| b.finished.load(Ordering::Relaxed))
     }
 
     fn rss_mib(&self, pid: u32) -> Option<u64> {

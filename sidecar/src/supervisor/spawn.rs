@@ -22,7 +22,17 @@ use nix::libc;
 const LISTEN_PID_BUF: usize = 32;
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 /// Variables clusterd sets itself; inherited values are dropped.
-const OWN_VARS: &[&str] = &["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "CLUSTERD_REUSEPORT"];
+const OWN_VARS: &[&str] = &[
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "CLUSTERD_REUSEPORT",
+    // A clusterd run under PM2 or Node's cluster module must not hand its
+    // own primary's channel to its workers.
+    "NODE_UNIQUE_ID",
+    "NODE_CHANNEL_FD",
+    "NODE_CHANNEL_SERIALIZATION_MODE",
+];
 
 /// The user's command, resolved once at startup.
 #[derive(Debug, Clone)]
@@ -66,6 +76,8 @@ pub struct WorkerSetup {
     pub env: Vec<(String, String)>,
     /// Socket to hand over as fd 3 with `LISTEN_FDS=1` (inherit mode).
     pub listen_fd: Option<RawFd>,
+    /// The worker's end of its Node IPC channel, as fd 3 (node mode).
+    pub node_channel_fd: Option<RawFd>,
 }
 
 pub struct Spawned {
@@ -82,7 +94,8 @@ struct ExecImage {
     listen_pid: Option<Box<[u8; LISTEN_PID_BUF]>>,
     argv_ptrs: Vec<*const libc::c_char>,
     envp_ptrs: Vec<*const libc::c_char>,
-    listen_fd: Option<RawFd>,
+    /// Becomes the child's fd 3.
+    fd3: Option<RawFd>,
     parent: libc::pid_t,
 }
 
@@ -118,7 +131,7 @@ impl ExecImage {
             listen_pid,
             argv_ptrs,
             envp_ptrs,
-            listen_fd: setup.listen_fd,
+            fd3: setup.listen_fd.or(setup.node_channel_fd),
             parent: nix::unistd::getpid().as_raw(),
         })
     }
@@ -137,7 +150,7 @@ impl ExecImage {
             if libc::getppid() != self.parent {
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
-            if let Some(fd) = self.listen_fd {
+            if let Some(fd) = self.fd3 {
                 let ok = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) == 0 } else { libc::dup2(fd, 3) == 3 };
                 if !ok {
                     return Err(io::Error::last_os_error());

@@ -24,6 +24,10 @@ pub struct Proc {
     pub failures: u32,
     /// Start of the current run of failed probes.
     pub failing_since: Option<Instant>,
+    /// Requests it had finished at its last probe, and when that count
+    /// last grew (see `Machine::probed`).
+    pub finished_at_probe: u64,
+    pub last_progress: Instant,
     pub drain: Option<Drain>,
     pub killed: bool,
 }
@@ -40,6 +44,8 @@ impl Proc {
             probing: false,
             failures: 0,
             failing_since: None,
+            finished_at_probe: 0,
+            last_progress: now,
             drain: None,
             killed: false,
         }

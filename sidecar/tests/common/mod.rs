@@ -111,6 +111,10 @@ impl Launch {
         argv.push(bin());
         argv.extend(["--port".into(), port.to_string(), "--admin-port".into(), admin.to_string()]);
         argv.extend(["--bind".into(), "127.0.0.1".into(), "--admin-bind".into(), "127.0.0.1".into()]);
+        // Tests written before `auto` became the default mean the proxy.
+        if !self.args.iter().any(|a| a.starts_with("--port-mode")) {
+            argv.extend(["--port-mode".into(), "proxy".into()]);
+        }
         argv.extend(self.args.iter().cloned());
         argv.push("--".into());
         argv.extend(self.command.iter().cloned());
