@@ -99,6 +99,8 @@ fn demo(name: &str, image: &str, autoscaling: Option<serde_json::Value>) -> anyh
     let cpu = format!("{POD_CPU_MILLIS}m");
     let mut spec = serde_json::json!({
         "replicas": 1,
+        // Explicit: the proxy counts in-flight requests and admits them (auto may pick node mode).
+        "portMode": "proxy",
         "workers": { "count": 1, "maxConcurrency": MAX_CONCURRENCY },
         "healthCheck": { "path": "/healthz", "periodSeconds": 2, "timeoutSeconds": 2 },
         "shutdown": { "drainTimeoutSeconds": 2 },
