@@ -70,10 +70,9 @@ async fn an_unmodified_node_app_runs_without_a_hop_through_a_rolling_update() ->
     let generator = tokio::spawn(async move { load::run(&load_url, 4, 200_000, Duration::from_secs(300), flag).await });
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before: Vec<String> = status.instances.iter().map(|i| i.pod.clone()).collect();
-    let env = serde_json::json!({ "spec": { "template": { "spec": { "containers": [{
-        "name": "app", "image": "clustered.dev/demo-app:dev", "command": ["node", "/app/plain.js"],
-        "env": [{ "name": "APP_VERSION", "value": "v2" }] }] } } } });
-    csvcs.patch("plain", &PatchParams::default(), &Patch::Merge(&env)).await?;
+    let env = serde_json::json!([{ "op": "add", "path": "/spec/template/spec/containers/0/env",
+        "value": [{ "name": "APP_VERSION", "value": "v2" }] }]);
+    csvcs.patch("plain", &PatchParams::default(), &Patch::<()>::Json(serde_json::from_value(env)?)).await?;
     wait_for(POD_START, "every pod replaced and ready", || async {
         let status = csvcs.get("plain").await?.status;
         Ok(status.as_ref().is_some_and(|s| all_ready(s) && s.instances.iter().all(|i| !before.contains(&i.pod))))
