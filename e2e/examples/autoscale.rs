@@ -25,8 +25,6 @@ use clustered_api::v1alpha1::ClusteredService;
 use clustered_e2e::{Cluster, Operator, load, repo_root, wait_for};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 
 /// The pod: one worker, CPU request = limit (its capacity is exactly this).
@@ -129,16 +127,11 @@ fn demo(name: &str, image: &str, autoscaling: Option<serde_json::Value>) -> anyh
     }))?)
 }
 
-/// Re-installs this build's CRD if another test installed one without the
-/// autoscaling fields (which the API server would then prune).
+/// The autoscaling fields this build's CRD serves.
+const AUTOSCALING_FIELDS: &[&str] = &["scaleDownStabilizationSeconds", "observedConcurrencyPerWorker"];
+
 async fn ensure_our_crd(cluster: &Cluster) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client.clone());
-    let served = serde_json::to_string(&crds.get(ClusteredService::crd_name()).await?.spec)?;
-    if !served.contains("scaleDownStabilizationSeconds") || !served.contains("observedConcurrencyPerWorker") {
-        eprintln!("the served CRD lacks the autoscaling fields: re-installing this build's");
-        cluster.install_crd().await?;
-    }
-    Ok(())
+    cluster.ensure_crd_serves(AUTOSCALING_FIELDS).await
 }
 
 /// The pods of one service as the poller sees them.

@@ -145,6 +145,19 @@ impl Cluster {
         .await
     }
 
+    /// Re-installs this build's CRD if the served one lacks any of `fields`
+    /// (another test binary installed an older CRD, whose schema would
+    /// prune them).
+    pub async fn ensure_crd_serves(&self, fields: &[&str]) -> anyhow::Result<()> {
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let served = serde_json::to_string(&crds.get(ClusteredService::crd_name()).await?.spec)?;
+        if let Some(missing) = fields.iter().find(|f| !served.contains(*f)) {
+            eprintln!("the served CRD lacks {missing}: re-installing this build's");
+            self.install_crd().await?;
+        }
+        Ok(())
+    }
+
     /// Fails unless every one of `images` is on the node: tests that run
     /// pods say up front that `make images` is missing, rather than time out.
     pub async fn require_images(&self, images: &[&str]) -> anyhow::Result<()> {

@@ -17,8 +17,6 @@ use clustered_e2e::{Cluster, Operator, app_container, demo_service, load, wait_f
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
 use kube::api::{Api, ListParams, PostParams};
 
 const POD_START: Duration = Duration::from_secs(180);
@@ -32,16 +30,11 @@ fn demo(name: &str, autoscaling: serde_json::Value) -> ClusteredService {
     })
 }
 
-/// Re-installs this build's CRD if the served one lacks the autoscaling
-/// fields (another test installed an older one).
+/// The autoscaling fields this build's CRD serves.
+const AUTOSCALING_FIELDS: &[&str] = &["scaleDownStabilizationSeconds", "observedConcurrencyPerWorker"];
+
 async fn ensure_our_crd(cluster: &Cluster) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client.clone());
-    let served = serde_json::to_string(&crds.get(ClusteredService::crd_name()).await?.spec)?;
-    if !served.contains("scaleDownStabilizationSeconds") || !served.contains("observedConcurrencyPerWorker") {
-        eprintln!("the served CRD lacks the autoscaling fields: re-installing this build's");
-        cluster.install_crd().await?;
-    }
-    Ok(())
+    cluster.ensure_crd_serves(AUTOSCALING_FIELDS).await
 }
 
 /// What a scaling run saw.
