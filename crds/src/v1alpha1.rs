@@ -130,13 +130,23 @@ pub use crate::wire::WorkerState;
         "rule": "!has(self.upstreamProtocol) || self.upstreamProtocol == 'http1' || (self.portMode in ['proxy', 'auto'] && self.protocol == 'HTTP')",
         "message": "spec.upstreamProtocol needs spec.portMode: proxy and protocol: HTTP, because only the HTTP proxy speaks to the workers; remove upstreamProtocol or use the proxy",
         "fieldPath": ".upstreamProtocol"
+    },
+    {
+        "rule": "!has(self.autoscaling) || self.replicas <= self.autoscaling.maxReplicas",
+        "message": "spec.replicas is above spec.autoscaling.maxReplicas, which the autoscaler would never allow: lower replicas or raise maxReplicas",
+        "fieldPath": ".replicas"
+    },
+    {
+        "rule": "self.portMode != 'node' || !self.template.spec.containers.exists(c, c.name == (has(self.appContainer) ? self.appContainer : self.template.spec.containers[0].name) && has(c.command) && size(c.command) > 0 && c.command[0].matches('(^|/)(python[0-9.]*|ruby[0-9.]*|java|php[0-9.]*|perl|gunicorn|uvicorn|hypercorn|bundle|rails|puma|unicorn|dotnet|deno|bun)$'))",
+        "message": "spec.portMode: node speaks Node.js's cluster protocol, and the app container's command runs another runtime: set portMode: proxy (or auto, which chooses by the command)",
+        "fieldPath": ".portMode"
     }
 ]))]
 pub struct ClusteredServiceSpec {
     /// Number of pods. Scaled by `kubectl scale`, and by the HPA (metric
     /// `cpu`) or the operator (metric `concurrency`) when `autoscaling` is set.
     #[serde(default = "default_replicas")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 10000))]
     pub replicas: i32,
 
     /// The pod template. One container is the app (see `appContainer`); its
@@ -236,6 +246,11 @@ pub struct ClusteredServiceSpec {
         "fieldPath": ".count"
     },
     {
+        "rule": "type(self.count) == string || int(self.count) <= 256",
+        "message": "spec.workers.count must be at most 256 workers per pod (each is a process of the app, sharing the pod's CPU limit): for more capacity raise replicas, or use count: auto with a larger CPU limit",
+        "fieldPath": ".count"
+    },
+    {
         "rule": "type(self.count) == string || ((!has(self.min) || int(self.count) >= self.min) && (!has(self.max) || int(self.count) <= self.max))",
         "message": "spec.workers.count is outside spec.workers.min..spec.workers.max; change the count or the bounds",
         "fieldPath": ".count"
@@ -257,7 +272,7 @@ pub struct WorkerPolicy {
     pub min: Option<i32>,
     /// Never more workers than this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 1024))]
+    #[schemars(range(min = 1, max = 256))]
     pub max: Option<i32>,
     /// How a fractional CPU limit becomes a worker count under `auto`
     /// (always at least 1).
@@ -589,7 +604,10 @@ pub struct AutoscalingStatus {
     pub metric: AutoscalingMetric,
     /// Pods `spec.replicas` asks for now.
     pub current_replicas: i32,
-    /// Pods the autoscaler wants.
+    /// Pods the load asks for (within minReplicas..maxReplicas). A lower
+    /// count than `currentReplicas` is applied once the scale-down
+    /// stabilisation window agrees and no pod is starting; `reason` says
+    /// what holds it.
     pub desired_replicas: i32,
     /// `concurrency`: average in-flight requests per ready worker over the
     /// stable window (60 s).

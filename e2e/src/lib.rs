@@ -58,8 +58,43 @@ impl Cluster {
             .try_init();
         let kubeconfig = PathBuf::from(last_line_of("e2e/cluster/up").await?);
         let bin_dir = PathBuf::from(last_line_of("e2e/cluster/build").await?);
-        Self::connect(kubeconfig.clone(), bin_dir.clone()).await?.install_crd().await?;
+        let cluster = Self::connect(kubeconfig.clone(), bin_dir.clone()).await?;
+        cluster.install_crd().await?;
+        cluster.pause_installed_operators().await?;
         Ok((kubeconfig, bin_dir))
+    }
+
+    /// `make demo` leaves its operator installed, watching every namespace:
+    /// beside each test's own operator it would be a second writer of the
+    /// tests' objects. The tests pause it (scale it to 0 and wait until its
+    /// pods are gone); `make demo` (its `helm upgrade --install`) or
+    /// `kubectl scale` brings it back.
+    async fn pause_installed_operators(&self) -> anyhow::Result<()> {
+        use k8s_openapi::api::apps::v1::Deployment;
+        use k8s_openapi::api::core::v1::Pod;
+        use kube::api::ListParams;
+        const OPERATOR: &str = "app.kubernetes.io/name=clustered-operator";
+        let installed = Api::<Deployment>::all(self.client.clone()).list(&ListParams::default().labels(OPERATOR)).await?;
+        for deployment in installed.items {
+            let ns = deployment.namespace().unwrap_or_default();
+            if deployment.spec.as_ref().and_then(|s| s.replicas) == Some(0) {
+                continue;
+            }
+            eprintln!(
+                "e2e: pausing the installed operator {ns}/{} for the tests (kubectl -n {ns} scale deployment/{} --replicas=1 restores it)",
+                deployment.name_any(),
+                deployment.name_any()
+            );
+            let api: Api<Deployment> = Api::namespaced(self.client.clone(), &ns);
+            let patch = serde_json::json!({ "spec": { "replicas": 0 } });
+            api.patch_scale(&deployment.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+            wait_for(Duration::from_secs(60), "the installed operator's pods gone", || async {
+                Ok(pods.list(&ListParams::default().labels(OPERATOR)).await?.items.is_empty())
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     async fn connect(kubeconfig: PathBuf, bin_dir: PathBuf) -> anyhow::Result<Cluster> {
@@ -268,6 +303,8 @@ pub struct Operator {
     pub metrics: std::sync::Arc<clustered_operator::metrics::Metrics>,
     /// Which of its watches are failing.
     pub watches: std::sync::Arc<clustered_operator::watches::WatchHealth>,
+    /// Its readiness: set once its caches are listed and it reconciles.
+    pub ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -279,6 +316,7 @@ impl Operator {
 
         let metrics = std::sync::Arc::new(Metrics::new(&mut prometheus_client::registry::Registry::default()));
         let health = std::sync::Arc::new(watches::WatchHealth::default());
+        let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         // Its own client, built as the operator's main builds it: no
         // connection or retry policy shared with the test's client.
         let client = watches::client(cluster.config().await?)?;
@@ -295,6 +333,7 @@ impl Operator {
                 registries(),
                 clustered_operator::image::registry::RESOLVE_TIMEOUT,
             )),
+            ready: ready.clone(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -303,7 +342,7 @@ impl Operator {
             })
             .await;
         });
-        Ok(Operator { metrics, watches: health, stop: Some(stop), task })
+        Ok(Operator { metrics, watches: health, ready, stop: Some(stop), task })
     }
 
     /// Stops gracefully, letting running reconciles finish.

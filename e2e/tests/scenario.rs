@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clustered_api::v1alpha1::{ClusteredService, ClusteredServiceStatus, WorkerState};
 use clustered_e2e::{Cluster, load, repo_root, wait_for};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, ListParams};
@@ -182,6 +182,47 @@ async fn seed_scenario_end_to_end() -> anyhow::Result<()> {
     .await?;
     assert_eq!(report.failed, 0, "failed requests during the rolling update: {:?}", report.errors);
     assert!(report.ok > 0);
+
+    step("helm upgrade to the default single operator with a new clusterd image: one rollout, never two writers");
+    // The previous chart ran one replica without leader election and a
+    // RollingUpdate: the new operator started beside the old one, and the
+    // two rewrote every Deployment back and forth (generation 1 → 14).
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), &ns);
+    let replica_sets: Api<ReplicaSet> = Api::namespaced(cluster.client.clone(), &ns);
+    let generation = |d: Deployment| d.metadata.generation.unwrap_or_default();
+    let before = generation(deployments.get("demo").await?);
+    let sets_before = replica_sets.list(&ListParams::default()).await?.items.len();
+    let clusterd = format!("{}/clustered/clusterd:dev", clustered_e2e::registries()[0]);
+    cluster.helm(&[
+        "upgrade",
+        "clustered",
+        chart,
+        "--namespace",
+        RELEASE_NS,
+        "--reuse-values",
+        "--set",
+        "replicas=1",
+        "--set",
+        &format!("clusterdImage={clusterd}"),
+        "--wait",
+        "--timeout",
+        "4m",
+    ])?;
+    wait_for(SLOW, "the demo rolled onto the new clusterd image", || async {
+        let d = deployments.get("demo").await?;
+        let init = d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).and_then(|p| p.init_containers.clone());
+        let st = d.status.clone().unwrap_or_default();
+        Ok(init.unwrap_or_default().iter().any(|c| c.image.as_deref() == Some(clusterd.as_str()))
+            && st.updated_replicas == Some(3)
+            && st.ready_replicas == Some(3)
+            && st.replicas == Some(3))
+    })
+    .await?;
+    // Settled: a second writer would keep changing it.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = generation(deployments.get("demo").await?);
+    let sets_after = replica_sets.list(&ListParams::default()).await?.items.len();
+    assert_eq!((after - before, sets_after - sets_before), (1, 1), "Deployment generations and ReplicaSets added");
 
     step("an invalid ClusteredService is rejected with its message");
     let invalid = repo_root().join("crds/tests/fixtures/invalid/routes-without-proxy.yaml");

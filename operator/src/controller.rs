@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,7 @@ use crate::metrics::{ErrorLabel, Metrics, ResultLabel};
 use crate::probe::Prober;
 use crate::resources::{self, MANAGER, SERVICE_LABEL, Settings};
 use crate::status::{self, DEGRADED, NO_CPU_LIMIT, Observed, Problem};
-use crate::watches::{self, WatchHealth};
+use crate::watches::{self, Synced, WatchHealth};
 
 /// Annotation older operators kept their applied state in; dropped from
 /// children as they are rewritten (the live object is compared instead).
@@ -94,10 +95,13 @@ pub struct Context {
     /// The platform whose image is chosen from a multi-platform index.
     pub platform: Platform,
     stores: Stores,
+    /// Open once every store has been listed.
+    synced: Synced,
     memory: Arc<Bookkeeping>,
 }
 
 /// Reflector caches of the children, filled by the controller's watches.
+#[derive(Clone)]
 struct Stores {
     pods: Store<Pod>,
     deployments: Store<Deployment>,
@@ -111,7 +115,8 @@ impl Stores {
     /// polling the watches meanwhile; it already holds reconciles until the
     /// ClusteredService store is listed, but not until the children's are.
     /// False only when a watch was dropped first (the controller stops).
-    async fn synced(&self) -> bool {
+    /// Awaited once, by [`Synced`]: each store wakes a single waiter.
+    async fn listed(self) -> bool {
         futures::try_join!(
             self.pods.wait_until_ready(),
             self.deployments.wait_until_ready(),
@@ -173,11 +178,14 @@ pub struct Config {
     pub watches: Arc<WatchHealth>,
     /// Reads the config of app images that set no command.
     pub images: Arc<Resolver>,
+    /// Set once the stores are listed and reconciles run (the readiness
+    /// of the leader).
+    pub ready: Arc<AtomicBool>,
 }
 
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let Config { namespace, settings, prober, recorder, metrics, status_interval, watches, images } = config;
+    let Config { namespace, settings, prober, recorder, metrics, status_interval, watches, images, ready } = config;
     let ours = watcher::Config::default().labels(SERVICE_LABEL);
 
     // Status writes do not change the generation, so they do not trigger
@@ -207,6 +215,11 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
         reflect(&watches, scoped::<PodDisruptionBudget>(&client, namespace.as_deref()), ours.clone());
     let (hpas, hpa_events) = reflect(&watches, scoped::<HorizontalPodAutoscaler>(&client, namespace.as_deref()), ours);
 
+    let stores = Stores { pods, deployments, services, pdbs, hpas };
+    let synced = Synced::after(stores.clone().listed(), move || {
+        info!("caches listed: reconciling");
+        ready.store(true, Ordering::Relaxed);
+    });
     let ctx = Arc::new(Context {
         client,
         settings,
@@ -216,7 +229,8 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
         status_interval,
         images,
         platform: image::own_platform(),
-        stores: Stores { pods, deployments, services, pdbs, hpas },
+        stores,
+        synced,
         memory,
     });
 
@@ -295,7 +309,7 @@ async fn reconcile(csvc: Arc<ClusteredService>, ctx: Arc<Context>) -> Result<Act
 async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Action, Error> {
     // The status is computed from every store: one that has not been
     // listed yet would show pods or the Deployment as missing.
-    if !ctx.stores.synced().await {
+    if !ctx.synced.wait().await {
         return Ok(Action::await_change());
     }
     if csvc.metadata.deletion_timestamp.is_some() {

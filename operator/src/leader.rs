@@ -18,7 +18,7 @@ pub enum LeadershipLost {
     #[error("another replica took the lease")]
     TakenOver,
     #[error("could not renew the lease: {0}")]
-    RenewFailed(#[source] kube::Error),
+    RenewFailed(String),
 }
 
 /// Runs `work` while this replica holds the lease (acquired before):
@@ -39,6 +39,11 @@ pub struct Elector {
     name: String,
     identity: String,
     lease_duration: Duration,
+    /// A leader that has not renewed for this long stops leading, well
+    /// before the lease expires and a standby may take it (client-go's
+    /// renew deadline): two leaders never overlap, even when a renewal
+    /// hangs.
+    renew_deadline: Duration,
     retry_every: Duration,
 }
 
@@ -49,36 +54,59 @@ impl Elector {
             name: name.into(),
             identity: identity.into(),
             lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
             retry_every: Duration::from_secs(2),
         }
     }
 
-    /// Waits until this replica holds the lease.
+    /// Waits until this replica holds the lease. Says once, and again when
+    /// the holder changes, which operator it waits for: a second operator
+    /// standing by is what keeps two from writing the same objects.
     pub async fn acquire(&self) {
+        let mut waiting_for = None;
         loop {
             match self.try_acquire_or_renew().await {
-                Ok(true) => {
+                Ok(Holder::Us) => {
                     info!(lease = %self.name, identity = %self.identity, "became leader");
                     return;
                 }
-                Ok(false) => debug!(lease = %self.name, "another replica leads"),
+                Ok(Holder::Other(holder)) => {
+                    if waiting_for.as_ref() != Some(&holder) {
+                        info!(lease = %self.name, %holder, "another operator holds the lease; standing by");
+                        waiting_for = Some(holder);
+                    }
+                }
                 Err(e) => debug!(error = %e, "lease not taken"),
             }
             tokio::time::sleep(self.retry_every).await;
         }
     }
 
-    /// Renews the lease until a renewal fails or finds another holder;
+    /// Renews the lease until another replica holds it or no renewal
+    /// succeeded within the renew deadline (failed attempts are retried
+    /// meanwhile, so a short API server restart does not cost the lease);
     /// returns then, and the caller must stop leading.
     pub async fn hold(&self) -> LeadershipLost {
         let renew_every = self.lease_duration / 3;
+        let mut renewed = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(renew_every).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => {}
-                Ok(false) => return LeadershipLost::TakenOver,
-                Err(e) => return LeadershipLost::RenewFailed(e),
+            loop {
+                let left = self.renew_deadline.saturating_sub(renewed.elapsed());
+                match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                    Ok(Ok(Holder::Us)) => break,
+                    Ok(Ok(Holder::Other(_))) => return LeadershipLost::TakenOver,
+                    Ok(Err(e)) if renewed.elapsed() + self.retry_every >= self.renew_deadline => {
+                        return LeadershipLost::RenewFailed(e.to_string());
+                    }
+                    Ok(Err(e)) => {
+                        warn!(lease = %self.name, error = %e, "could not renew the lease; retrying");
+                        tokio::time::sleep(self.retry_every).await;
+                    }
+                    Err(_) => return LeadershipLost::RenewFailed(format!("no answer within {:?}", self.renew_deadline)),
+                }
             }
+            renewed = tokio::time::Instant::now();
         }
     }
 
@@ -102,10 +130,10 @@ impl Elector {
         }
     }
 
-    /// True when this replica holds the lease after the call. Writes go
-    /// through `replace` with the read resourceVersion, so two replicas
-    /// racing for an expired lease cannot both win.
-    async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
+    /// Who holds the lease after the call. Writes go through `replace`
+    /// with the read resourceVersion, so two replicas racing for an
+    /// expired lease cannot both win.
+    async fn try_acquire_or_renew(&self) -> Result<Holder, kube::Error> {
         let now = Timestamp::now();
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
             let lease = Lease {
@@ -113,18 +141,18 @@ impl Elector {
                 spec: Some(self.spec(now, None, 0)),
             };
             self.api.create(&PostParams::default(), &lease).await?;
-            return Ok(true);
+            return Ok(Holder::Us);
         };
         let spec = lease.spec.clone().unwrap_or_default();
         let mine = spec.holder_identity.as_deref() == Some(&self.identity);
         if !mine && !expired(&spec, now) {
-            return Ok(false);
+            return Ok(Holder::Other(spec.holder_identity.unwrap_or_default()));
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
         let acquired = if mine { spec.acquire_time } else { None };
         lease.spec = Some(self.spec(now, acquired, transitions));
         self.api.replace(&lease.name_any(), &PostParams::default(), &lease).await?;
-        Ok(true)
+        Ok(Holder::Us)
     }
 
     fn spec(&self, now: Timestamp, acquired: Option<MicroTime>, transitions: i32) -> LeaseSpec {
@@ -137,6 +165,12 @@ impl Elector {
             ..Default::default()
         }
     }
+}
+
+/// Who holds the lease.
+enum Holder {
+    Us,
+    Other(String),
 }
 
 fn holder(lease: &Lease) -> Option<&String> {

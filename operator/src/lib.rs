@@ -3,6 +3,7 @@
 //!
 //! * [`resources`]: desired children, pure functions of the CR.
 //! * [`status`]: observed state, a pure function of pods and clusterd reports.
+//! * [`endpoints`]: which pods the Service routes to (its EndpointSlices).
 //! * [`probe`]: asks each pod's clusterd for its `/status`.
 //! * [`image`]: an app container without `command` runs its image's
 //!   ENTRYPOINT/CMD, read from the registry.
@@ -13,6 +14,7 @@
 
 pub mod autoscale;
 pub mod controller;
+pub mod endpoints;
 pub mod image;
 pub mod leader;
 pub mod metrics;

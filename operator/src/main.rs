@@ -44,8 +44,11 @@ struct Args {
     /// Seconds a stopping pod waits for endpoints to drop it before clusterd drains.
     #[arg(long, default_value_t = 3)]
     pre_stop_delay_seconds: i64,
-    /// Elect a leader on a Lease, so several replicas can run.
-    #[arg(long)]
+    /// Elect a leader on a Lease: of all operators sharing the Lease (every
+    /// replica, and an old and a new pod during an upgrade) only one
+    /// reconciles. `--leader-elect=false` only for a lone operator run by
+    /// hand, never beside another.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     leader_elect: bool,
     /// Namespace of the Lease (the operator's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "clustered-system")]
@@ -78,7 +81,8 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(&mut registry));
     let watch_health = Arc::new(watches::WatchHealth::default());
     let live = Arc::new(AtomicBool::new(true));
-    let health = Arc::new(server::Health { ready: false.into(), live: live.clone() });
+    let ready = Arc::new(AtomicBool::new(false));
+    let health = Arc::new(server::Health { ready: ready.clone(), live: live.clone() });
     let server = tokio::spawn(server::serve(args.listen, Arc::new(registry), health.clone()));
     let watchdog = tokio::spawn(watches::watchdog(watch_health.clone(), kube_config, live));
 
@@ -100,12 +104,15 @@ async fn main() -> anyhow::Result<()> {
     let elector =
         args.leader_elect.then(|| Elector::new(client.clone(), &args.lease_namespace, &args.lease_name, &identity));
     if let Some(elector) = &elector {
-        health.ready.store(true, Ordering::Relaxed);
+        // A standby is fit for a rollout's traffic (of several replicas,
+        // only one ever leads); the leader is ready once it reconciles.
+        ready.store(true, Ordering::Relaxed);
         tokio::select! {
             biased;
             () = stopped() => return Ok(()),
             () = elector.acquire() => {}
         }
+        ready.store(false, Ordering::Relaxed);
         metrics.leader.set(1);
     }
 
@@ -114,7 +121,6 @@ async fn main() -> anyhow::Result<()> {
     let settings =
         Settings { clusterd_image: args.clusterd_image, pre_stop_delay_seconds: args.pre_stop_delay_seconds };
     let prober = Prober::new(args.probe_concurrency, Duration::from_millis(args.probe_timeout_ms));
-    health.ready.store(true, Ordering::Relaxed);
     info!(namespace = ?args.namespace, "starting controller");
 
     let shutdown = async move {
@@ -132,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
         metrics,
         status_interval,
         watches: watch_health,
+        ready,
     };
     let run = controller::run(client, config, shutdown);
     match &elector {

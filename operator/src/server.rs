@@ -16,9 +16,10 @@ use tokio::net::TcpListener;
 use tracing::{debug, info};
 
 pub struct Health {
-    /// Set once the replica is either leading with its caches started or
-    /// waiting as a standby: both are fit to receive a rollout's traffic.
-    pub ready: AtomicBool,
+    /// Set while the replica either leads with its caches listed (it
+    /// reconciles) or waits as a standby: both are fit for a rollout.
+    /// Clear while a new leader lists its caches.
+    pub ready: Arc<AtomicBool>,
     /// Cleared while a watch does not recover although the API server
     /// answers (see [`crate::watches::watchdog`]): Kubernetes then
     /// restarts the operator.

@@ -48,6 +48,38 @@ pub fn client(mut config: kube::Config) -> Result<Client, kube::Error> {
     Client::try_from(config)
 }
 
+/// Opens once the stores the reconciles read have all been listed, for
+/// any number of waiters.
+///
+/// kube-runtime's `Store::wait_until_ready` keeps a single waker: when
+/// many reconciles await it at once, as at every start with several
+/// ClusteredServices, the store's first list wakes only the last one that
+/// polled it, and the others sleep until their reconcile timeout (30 s).
+/// So one task awaits the stores, and this gate wakes every waiter.
+#[derive(Clone)]
+pub struct Synced(tokio::sync::watch::Receiver<bool>);
+
+impl Synced {
+    /// A gate opened when `listed` resolves to true; `then` runs as it opens
+    /// (the operator's readiness).
+    pub fn after(listed: impl Future<Output = bool> + Send + 'static, then: impl FnOnce() + Send + 'static) -> Synced {
+        let (open, gate) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            if listed.await {
+                then();
+                let _ = open.send(true);
+            }
+        });
+        Synced(gate)
+    }
+
+    /// Waits until the gate is open; false if it never will (a watch was
+    /// dropped before its store was listed: the controller is stopping).
+    pub async fn wait(&self) -> bool {
+        self.0.clone().wait_for(|open| *open).await.is_ok()
+    }
+}
+
 /// The pause between two attempts of a failing watch: from 250 ms,
 /// doubling, to 3 s (plus jitter); reset by the first success.
 pub fn backoff() -> impl Backoff {
@@ -204,6 +236,52 @@ async fn api_answers(config: &kube::Config) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cause of the 30 s stall at start: of many reconciles waiting for
+    /// a store, kube's `wait_until_ready` wakes one. The gate wakes all.
+    #[tokio::test]
+    async fn every_waiter_is_woken_when_the_stores_are_listed() {
+        use k8s_openapi::api::core::v1::Pod;
+        use kube::runtime::reflector;
+        use kube::runtime::watcher::Event;
+
+        // Two stores: the gate must be its store's only waiter.
+        let (gated, mut gated_writer) = reflector::store::<Pod>();
+        let (store, mut writer) = reflector::store::<Pod>();
+        let waiters = |wait: &dyn Fn() -> futures::future::BoxFuture<'static, bool>| {
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..8 {
+                set.spawn(wait());
+            }
+            set
+        };
+        let listed = async move { gated.wait_until_ready().await.is_ok() };
+        let gate = Synced::after(listed, || {});
+        let mut through_gate = waiters(&|| {
+            let gate = gate.clone();
+            Box::pin(async move { gate.wait().await })
+        });
+        let mut through_store = waiters(&|| {
+            let store = store.clone();
+            Box::pin(async move { store.wait_until_ready().await.is_ok() })
+        });
+        tokio::task::yield_now().await;
+        for writer in [&mut gated_writer, &mut writer] {
+            writer.apply_watcher_event(&Event::Init);
+            writer.apply_watcher_event(&Event::InitDone);
+        }
+
+        let all = |set: &mut tokio::task::JoinSet<bool>| {
+            let set = std::mem::take(set);
+            async move { set.join_all().await.into_iter().filter(|&woken| woken).count() }
+        };
+        let woken = tokio::time::timeout(Duration::from_secs(2), all(&mut through_gate)).await;
+        assert_eq!(woken, Ok(8), "every reconcile waiting at the gate goes on");
+        // Documents why the gate exists: if kube-runtime ever wakes every
+        // waiter of a store, this fails and the gate can go.
+        let woken_directly = tokio::time::timeout(Duration::from_millis(500), all(&mut through_store)).await;
+        assert!(woken_directly.is_err(), "kube-runtime's store now wakes all its waiters");
+    }
 
     fn at(start: Instant, secs: u64) -> Instant {
         start + Duration::from_secs(secs)

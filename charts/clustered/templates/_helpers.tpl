@@ -12,7 +12,3 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 app.kubernetes.io/name: {{ include "clustered.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
-
-{{- define "clustered.leaderElect" -}}
-{{- or .Values.leaderElection.enabled (gt (int .Values.replicas) 1) -}}
-{{- end -}}

@@ -9,7 +9,10 @@
 //!   never removes a pod, until a stable window has passed without a burst;
 //! - a lower count only after it has been recommended for the whole
 //!   scale-down stabilisation window (the highest recommendation wins);
-//! - no pod is removed while pods are still starting;
+//! - no pod is removed while pods are still starting, for at most
+//!   [`STARTING_GRACE`]: a pod that never becomes ready (an image that
+//!   cannot be pulled, a crash loop, no room on any node) does not hold
+//!   the count up for good;
 //! - min and max always win.
 
 use std::collections::VecDeque;
@@ -22,6 +25,9 @@ pub const STABLE_WINDOW: Duration = Duration::from_secs(60);
 pub const PANIC_WINDOW: Duration = Duration::from_secs(6);
 /// Panic when the panic window wants this many times the ready pods.
 pub const PANIC_THRESHOLD: f64 = 2.0;
+/// The longest a scale-down waits for starting pods to become ready: a
+/// slow image pull and start fit in it; a pod that needs longer is stuck.
+pub const STARTING_GRACE: Duration = Duration::from_secs(120);
 
 /// What the pods' clusterds reported at one instant.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -66,7 +72,8 @@ pub enum Reason {
     Panic,
     /// A lower count was recommended, but not for the whole stabilisation window.
     StabilizingScaleDown,
-    /// A lower count is due, but pods are still starting.
+    /// A lower count is due, but pods are still starting (for at most
+    /// [`STARTING_GRACE`]).
     PodsStarting,
     /// Raised to `minReplicas`.
     Minimum,
@@ -82,7 +89,11 @@ impl fmt::Display for Reason {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
+    /// The pod count to set now.
     pub desired: i32,
+    /// What the load asks for, within min and max, before a scale-down is
+    /// held back (stabilisation, starting pods): `status.autoscaling.desiredReplicas`.
+    pub recommended: i32,
     pub reason: Reason,
     pub panic: bool,
     /// Average in-flight requests per worker over the stable window.
@@ -98,6 +109,8 @@ pub struct Autoscaler {
     recommendations: VecDeque<(Instant, i32)>,
     /// The last time the panic window was over the threshold, while panicking.
     panic_since: Option<Instant>,
+    /// Since when a scale-down has been held for starting pods.
+    held_for_starting_since: Option<Instant>,
 }
 
 impl Autoscaler {
@@ -113,12 +126,13 @@ impl Autoscaler {
 
         let Some(latest) = self.samples.back().copied() else {
             self.panic_since = None;
+            self.held_for_starting_since = None;
             let desired = clamp(pods.current);
             let (reason, message) = match bounded(pods.current, desired) {
                 Some(bound) => bound,
                 None => (Reason::NoMetrics, "no pod reported its workers in the last 60 s: pod count kept".into()),
             };
-            return Decision { desired, reason, panic: false, per_worker: None, message };
+            return Decision { desired, recommended: desired, reason, panic: false, per_worker: None, message };
         };
 
         // Capacity of one pod, from the pods' current worker counts.
@@ -152,11 +166,15 @@ impl Autoscaler {
 
         let target = policy.target_per_worker;
         let (raw, mut reason, mut message) = if panic {
+            let load = panic_load / (per_pod / target);
+            let why = if over_threshold {
+                format!("at least twice the {} ready", pods.ready)
+            } else {
+                format!("{} ready; the last burst was within 60 s", pods.ready)
+            };
             let message = format!(
-                "panic: {:.2} in flight per worker over the last 6 s (target {target}) wants {panic_pods} pods, \
-                 at least twice the {} ready; no pod is removed while panicking",
-                panic_load / (per_pod / target),
-                pods.ready
+                "panic: {load:.2} in flight per worker over the last 6 s (target {target}) wants {panic_pods} pods, \
+                 {why}; no pod is removed while panicking"
             );
             (panic_pods.max(pods.current), Reason::Panic, message)
         } else {
@@ -184,15 +202,26 @@ impl Autoscaler {
             }
         }
         if desired < pods.current && pods.starting > 0 {
-            desired = pods.current;
-            reason = Reason::PodsStarting;
-            message = format!("{message}; not scaling down while {} pods are starting", pods.starting);
+            let since = *self.held_for_starting_since.get_or_insert(now);
+            if within(since, STARTING_GRACE) {
+                desired = pods.current;
+                reason = Reason::PodsStarting;
+                message = format!("{message}; not scaling down while {} pods are starting", pods.starting);
+            } else {
+                message = format!(
+                    "{message}; scaling down although {} pods are not ready: they have not become ready in {} s",
+                    pods.starting,
+                    STARTING_GRACE.as_secs()
+                );
+            }
+        } else {
+            self.held_for_starting_since = None;
         }
         let clamped = clamp(desired);
         if let Some(bound) = bounded(desired, clamped) {
             (reason, message) = (bound.0, format!("{message}; {}", bound.1));
         }
-        Decision { desired: clamped, reason, panic, per_worker: Some(per_worker), message }
+        Decision { desired: clamped, recommended, reason, panic, per_worker: Some(per_worker), message }
     }
 }
 
@@ -409,6 +438,43 @@ mod tests {
         feed.load(60, 120, 10, 2, 1);
         let d = feed.decide(&policy, Pods { current: 3, ready: 2, starting: 1 }, 120);
         assert!(d.desired > 3, "{d:?}");
+    }
+
+    #[test]
+    fn a_pod_that_never_becomes_ready_holds_a_scale_down_only_for_the_grace() {
+        let mut feed = Feed::new();
+        let policy = Policy { scale_down_stabilization: Duration::ZERO, ..POLICY };
+        let stuck = Pods { current: 3, ready: 2, starting: 1 };
+        feed.load(0, 60, 0, 2, 1);
+        let d = feed.decide(&policy, stuck, 60);
+        assert_eq!((d.desired, d.recommended, d.reason), (3, 1, Reason::PodsStarting), "held, but the recommendation shows");
+        feed.load(60, 178, 0, 2, 1);
+        assert_eq!(feed.decide(&policy, stuck, 178).desired, 3, "still within the grace");
+        feed.load(178, 182, 0, 2, 1);
+        let d = feed.decide(&policy, stuck, 182);
+        assert_eq!(d.desired, 1, "{d:?}");
+        assert!(d.message.contains("have not become ready in 120 s"), "{}", d.message);
+        // Once no pod is starting the grace starts over for the next one.
+        feed.load(182, 190, 0, 1, 1);
+        feed.decide(&policy, pods(1), 190);
+        feed.load(190, 200, 0, 2, 1);
+        assert_eq!(feed.decide(&policy, stuck, 200).reason, Reason::PodsStarting);
+    }
+
+    #[test]
+    fn a_panic_that_outlives_its_burst_does_not_claim_twice_the_ready_pods() {
+        let mut feed = Feed::new();
+        feed.load(0, 54, 0, 2, 1);
+        feed.load(54, 60, 4, 2, 1);
+        let d = feed.decide(&POLICY, pods(2), 60);
+        assert!(d.panic && d.message.contains("at least twice the 2 ready"), "{}", d.message);
+        // The burst eases to 3 pods' worth (1.5× the ready pods): still
+        // panicking, but not because of twice the ready pods.
+        feed.load(60, 70, 3, 2, 1);
+        let d = feed.decide(&POLICY, pods(2), 70);
+        assert!(d.panic, "{d:?}");
+        assert!(!d.message.contains("twice"), "{}", d.message);
+        assert!(d.message.contains("the last burst was within 60 s"), "{}", d.message);
     }
 
     #[test]

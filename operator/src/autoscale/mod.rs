@@ -116,7 +116,7 @@ fn concurrency_status(
     AutoscalingStatus {
         metric: AutoscalingMetric::Concurrency,
         current_replicas,
-        desired_replicas: decision.desired,
+        desired_replicas: decision.recommended,
         // Two decimals: the status is not rewritten for noise.
         observed_concurrency_per_worker: decision.per_worker.map(|c| (c * 100.0).round() / 100.0),
         panic: decision.panic,

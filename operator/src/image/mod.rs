@@ -99,6 +99,9 @@ pub fn unavailable_message(
         E::NotFound(_) => "check the image name and tag, or ".into(),
         E::NoPlatform(p) => format!("use an image built for {p}, or "),
         E::BadReference(..) => "fix the image reference, or ".into(),
+        E::PlainHttp => format!(
+            "if {registry} is meant to be plain HTTP, add it to the operator's plain-HTTP registries (chart value plainHttpRegistries, flag --plain-http-registry), or "
+        ),
         E::Timeout(_) | E::Registry(_) => "the operator retries with backoff; or ".into(),
     };
     format!(
@@ -277,6 +280,8 @@ mod tests {
         assert!(m.contains("fix the credentials for r:1 in the pull secret (pull)"), "{m}");
         let m = unavailable_message("app", "r:1/nope:2", "r:1", &E::NotFound("manifest unknown".into()), &[]);
         assert!(m.contains("no such image") && m.contains("check the image name and tag"), "{m}");
+        let m = unavailable_message("app", "r:1/app:2", "r:1", &E::PlainHttp, &[]);
+        assert!(m.contains("answered in plain HTTP") && m.contains("plainHttpRegistries"), "{m}");
         let m = unavailable_message("app", "r:1/app:2", "r:1", &E::Timeout(std::time::Duration::from_secs(10)), &[]);
         assert!(m.contains("did not answer within 10s") && m.contains("retries"), "{m}");
     }

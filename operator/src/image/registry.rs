@@ -38,6 +38,9 @@ pub enum ResolveError {
     NoPlatform(Platform),
     #[error("the registry did not answer within {0:?}")]
     Timeout(Duration),
+    /// A TLS handshake got a plain-HTTP answer.
+    #[error("the registry answered in plain HTTP, and the operator speaks HTTPS to every registry not listed as plain HTTP")]
+    PlainHttp,
     #[error("{0}")]
     Registry(String),
 }
@@ -227,9 +230,32 @@ fn classify(e: OciDistributionError, anonymous: bool) -> ResolveError {
                 ResolveError::Registry(format!("{}", E::RegistryError { envelope, url }))
             }
         }
+        E::RequestError(e) if plain_http_answer(&e) => ResolveError::PlainHttp,
         E::RequestError(e) => ResolveError::Registry(format!("request failed: {}", error_chain(&e))),
         e => ResolveError::Registry(e.to_string()),
     }
+}
+
+/// True when a TLS handshake failed because the peer answered something
+/// that is not TLS at all: rustls reads the first bytes of an HTTP
+/// response as a record of an invalid content type.
+fn plain_http_answer(e: &(dyn std::error::Error + 'static)) -> bool {
+    let not_tls = |e: &(dyn std::error::Error + 'static)| {
+        matches!(
+            e.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType))
+        )
+    };
+    let mut next = Some(e);
+    while let Some(e) = next {
+        // io::Error's source() skips the error it wraps: look inside.
+        let wrapped = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+        if not_tls(e) || wrapped.is_some_and(|w| not_tls(w) || plain_http_answer(w)) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// An error with its sources ("connection refused" is in a source).
@@ -271,6 +297,28 @@ mod tests {
                 .expect("envelope");
         let unknown = OciDistributionError::RegistryError { envelope, url: "u".into() };
         assert!(matches!(classify(unknown, false), ResolveError::NotFound(m) if m.contains("manifest unknown")));
+    }
+
+    /// A registry served over plain HTTP that the operator was not told
+    /// about: the message must say so, not "corrupt message".
+    #[tokio::test]
+    async fn a_plain_http_registry_spoken_to_over_https_is_named_as_such() {
+        use hyper::server::conn::http1;
+        use hyper_util::rt::TokioIo;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let registry = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let answer = hyper::service::service_fn(|_| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(String::from("{}")))
+                });
+                tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), answer));
+            }
+        });
+        let platform = super::super::own_platform();
+        let resolver = Resolver::new(Vec::new(), Duration::from_secs(5));
+        let refused = resolver.resolve(&format!("{registry}/app:1"), None, None, &platform).await;
+        assert_eq!(refused, Err(ResolveError::PlainHttp));
     }
 
     #[test]
