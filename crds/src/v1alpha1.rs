@@ -137,7 +137,7 @@ pub use crate::wire::WorkerState;
         "fieldPath": ".replicas"
     },
     {
-        "rule": "self.portMode != 'node' || !self.template.spec.containers.exists(c, c.name == (has(self.appContainer) ? self.appContainer : self.template.spec.containers[0].name) && has(c.command) && size(c.command) > 0 && c.command[0].matches('(^|/)(python[0-9.]*|ruby[0-9.]*|java|php[0-9.]*|perl|gunicorn|uvicorn|hypercorn|bundle|rails|puma|unicorn|dotnet|deno|bun)$'))",
+        "rule": "self.portMode != 'node' || !self.template.spec.containers.exists(c, c.name == (has(self.appContainer) ? self.appContainer : self.template.spec.containers[0].name) && has(c.command) && size(c.command) > 0 && ['python', 'python3', 'python3.9', 'python3.10', 'python3.11', 'python3.12', 'python3.13', 'python3.14', 'ruby', 'java', 'php', 'perl', 'gunicorn', 'uvicorn', 'hypercorn', 'bundle', 'rails', 'puma', 'unicorn', 'dotnet', 'deno', 'bun'].exists(runtime, c.command[0] == runtime || c.command[0].endsWith('/' + runtime)))",
         "message": "spec.portMode: node speaks Node.js's cluster protocol, and the app container's command runs another runtime: set portMode: proxy (or auto, which chooses by the command)",
         "fieldPath": ".portMode"
     }

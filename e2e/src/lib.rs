@@ -74,7 +74,8 @@ impl Cluster {
         use k8s_openapi::api::core::v1::Pod;
         use kube::api::ListParams;
         const OPERATOR: &str = "app.kubernetes.io/name=clustered-operator";
-        let installed = Api::<Deployment>::all(self.client.clone()).list(&ListParams::default().labels(OPERATOR)).await?;
+        let installed =
+            Api::<Deployment>::all(self.client.clone()).list(&ListParams::default().labels(OPERATOR)).await?;
         for deployment in installed.items {
             let ns = deployment.namespace().unwrap_or_default();
             if deployment.spec.as_ref().and_then(|s| s.replicas) == Some(0) {

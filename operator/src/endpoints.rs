@@ -34,7 +34,11 @@ mod tests {
         Endpoint {
             addresses: vec!["10.88.0.9".into()],
             conditions: Some(EndpointConditions { ready, ..Default::default() }),
-            target_ref: Some(ObjectReference { kind: Some("Pod".into()), name: Some(pod.into()), ..Default::default() }),
+            target_ref: Some(ObjectReference {
+                kind: Some("Pod".into()),
+                name: Some(pod.into()),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }

@@ -103,7 +103,9 @@ impl Elector {
                         warn!(lease = %self.name, error = %e, "could not renew the lease; retrying");
                         tokio::time::sleep(self.retry_every).await;
                     }
-                    Err(_) => return LeadershipLost::RenewFailed(format!("no answer within {:?}", self.renew_deadline)),
+                    Err(_) => {
+                        return LeadershipLost::RenewFailed(format!("no answer within {:?}", self.renew_deadline));
+                    }
                 }
             }
             renewed = tokio::time::Instant::now();

@@ -447,7 +447,11 @@ mod tests {
         let stuck = Pods { current: 3, ready: 2, starting: 1 };
         feed.load(0, 60, 0, 2, 1);
         let d = feed.decide(&policy, stuck, 60);
-        assert_eq!((d.desired, d.recommended, d.reason), (3, 1, Reason::PodsStarting), "held, but the recommendation shows");
+        assert_eq!(
+            (d.desired, d.recommended, d.reason),
+            (3, 1, Reason::PodsStarting),
+            "held, but the recommendation shows"
+        );
         feed.load(60, 178, 0, 2, 1);
         assert_eq!(feed.decide(&policy, stuck, 178).desired, 3, "still within the grace");
         feed.load(178, 182, 0, 2, 1);

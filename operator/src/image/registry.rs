@@ -39,7 +39,9 @@ pub enum ResolveError {
     #[error("the registry did not answer within {0:?}")]
     Timeout(Duration),
     /// A TLS handshake got a plain-HTTP answer.
-    #[error("the registry answered in plain HTTP, and the operator speaks HTTPS to every registry not listed as plain HTTP")]
+    #[error(
+        "the registry answered in plain HTTP, and the operator speaks HTTPS to every registry not listed as plain HTTP"
+    )]
     PlainHttp,
     #[error("{0}")]
     Registry(String),
