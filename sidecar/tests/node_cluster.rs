@@ -276,6 +276,18 @@ fn a_shell_entrypoint_gets_the_proxy_and_serves() {
         assert_eq!(status.port_mode, "proxy", "{command:?}: {}", status.port_mode_reason);
         assert!(status.port_mode_reason.contains("not a Node command"), "{}", status.port_mode_reason);
         assert_eq!(answer(clusterd.port, "/")["node"].as_str(), Some("v22.23.3"), "{command:?}");
+        drop(clusterd);
+
+        let output = std::process::Command::new(bin())
+            .args(["--port-mode", "node", "--port", &free_port().to_string(), "--"])
+            .args(command)
+            .env("PATH", path_with_node("22.23.3"))
+            .current_dir(&app.0)
+            .output()
+            .expect("run clusterd");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{command:?}: {stderr}");
+        assert!(stderr.contains("--port-mode node needs a Node command"), "{stderr}");
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// The script, as clusterd writes it.
 pub const SOURCE: &str = include_str!("drain.js");
 /// Its file name beside clusterd's executable (`--install-to` puts it there).
-pub const FILE_NAME: &str = "clusterd-node-drain.js";
+pub const FILE_NAME: &str = "clusterd-node-drain.cjs";
 
 /// The preload file for this run; a directory clusterd created for it is
 /// removed on drop.
@@ -90,12 +90,12 @@ mod tests {
 
     #[test]
     fn the_preload_follows_the_users_node_options() {
-        let path = Path::new("/clustered/bin/clusterd-node-drain.js");
-        assert_eq!(node_options(None, path), "--require=/clustered/bin/clusterd-node-drain.js");
-        assert_eq!(node_options(Some("  "), path), "--require=/clustered/bin/clusterd-node-drain.js");
+        let path = Path::new("/clustered/bin/clusterd-node-drain.cjs");
+        assert_eq!(node_options(None, path), "--require=/clustered/bin/clusterd-node-drain.cjs");
+        assert_eq!(node_options(Some("  "), path), "--require=/clustered/bin/clusterd-node-drain.cjs");
         assert_eq!(
             node_options(Some("--max-old-space-size=200"), path),
-            "--max-old-space-size=200 --require=/clustered/bin/clusterd-node-drain.js"
+            "--max-old-space-size=200 --require=/clustered/bin/clusterd-node-drain.cjs"
         );
     }
 
