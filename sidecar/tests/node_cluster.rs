@@ -430,3 +430,46 @@ fn a_scale_down_drains_kept_alive_connections() {
     clusterd.wait_status("scaled down to 1 worker", SLOW, |s| s.workers.len() == 1 && s.ready_workers == 1);
     assert_keepalive_load_lost_nothing(load, false);
 }
+
+/// In a pod the operator's init container runs `clusterd --install-to`,
+/// which puts the drain preload beside the binary (the app container sees
+/// it read-only); workers load it from there, after the user's own
+/// NODE_OPTIONS, and it leaves NODE_OPTIONS as the user set it.
+#[test]
+fn an_installed_clusterd_gives_node_workers_the_drain_preload_from_beside_it() {
+    let _serial = serial();
+    let dir = std::env::temp_dir().join(format!("clusterd-preload-{}", std::process::id()));
+    let dest = dir.join("bin/clusterd");
+    let installed = std::process::Command::new(bin()).arg("--install-to").arg(&dest).status().expect("install");
+    assert!(installed.success());
+    let preload = dir.join("bin/clusterd-node-drain.cjs");
+    assert!(preload.exists(), "installed beside the binary");
+
+    let script = "console.log('preloads', Object.keys(require.cache).join(' '), '| NODE_OPTIONS', \
+                  process.env.NODE_OPTIONS); setInterval(() => {}, 1000)";
+    let (port, admin) = (free_port().to_string(), free_port().to_string());
+    let mut clusterd = std::process::Command::new(&dest)
+        .args(["--port-mode", "node", "--workers", "1", "--bind", "127.0.0.1", "--port", &port])
+        .args(["--admin-bind", "127.0.0.1", "--admin-port", &admin, "--", "node", "-e", script])
+        .env("PATH", path_with_node("22.23.3"))
+        .env("NODE_OPTIONS", "--max-old-space-size=100")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run the installed clusterd");
+    let stdout = clusterd.stdout.take().expect("stdout");
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let line = std::iter::from_fn(|| lines.recv_timeout(SLOW).ok()).find(|l| l.contains("preloads"));
+    let _ = clusterd.kill();
+    let _ = clusterd.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let line = line.expect("the worker printed its preloads");
+    assert!(line.contains(&preload.display().to_string()), "{line}");
+    assert!(line.ends_with("| NODE_OPTIONS --max-old-space-size=100"), "{line}");
+}
