@@ -146,7 +146,9 @@ pub fn install_self(dest: &std::path::Path) -> io::Result<()> {
     let partial = dest.with_extension("partial");
     std::fs::copy(&exe, &partial)?;
     std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))?;
-    std::fs::rename(&partial, dest)
+    std::fs::rename(&partial, dest)?;
+    // Node-mode workers load it from there: nothing to write at run time.
+    node::preload::install_beside(dest)
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartupError> {
@@ -214,7 +216,17 @@ pub async fn run(config: Config) -> Result<u8, StartupError> {
             let sockets = listen_shared(shared_addr, config.backlog)
                 .and_then(|l| node::channel::Sockets::new(l, config.port, config.backlog))
                 .map_err(|source| StartupError::Bind { what: "shared", addr: shared_addr, source })?;
-            (PortSetup::Node(Arc::new(sockets)), None)
+            let preload = node::preload::Preload::install()
+                .inspect(|p| tracing::debug!(path = %p.path().display(), "node-mode drain preload"))
+                .map_err(|e| {
+                    tracing::warn!(
+                        error = %e,
+                        "cannot write the node-mode drain preload: in-flight requests on kept-alive connections may be \
+                         reset when a worker stops"
+                    )
+                })
+                .ok();
+            (PortSetup::Node { sockets: Arc::new(sockets), preload }, None)
         }
         PortMode::Auto => {
             return Err(io::Error::other("--port-mode auto was not resolved (Config::resolve_port_mode)").into());

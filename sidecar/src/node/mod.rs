@@ -10,9 +10,10 @@
 //! wire format; this module decides whether a command runs Node at all.
 
 pub mod channel;
+pub mod preload;
 pub mod protocol;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,13 @@ pub fn inspect(command: &[String]) -> NodeCheck {
     let Some(node) = node_interpreter(command, &shebang_of) else {
         return NodeCheck::NotNode;
     };
+    if let Some(launcher) = launcher(command, &|p| resolve(p).and_then(|p| p.canonicalize().ok())) {
+        return NodeCheck::Unsupported(format!(
+            "`{launcher}` starts the app as a child process of its own, and being Node itself it would take the \
+             cluster channel while the app binds the port on its own; run the app with node directly \
+             (e.g. CMD [\"node\", \"app.js\"]) for node mode"
+        ));
+    }
     match run_version(&node) {
         Ok(output) => check_version(&output),
         Err(e) => NodeCheck::Unsupported(format!("cannot run `{node} --version`: {e}")),
@@ -67,6 +75,31 @@ fn node_interpreter(command: &[String], shebang_of: &dyn Fn(&str) -> Option<Stri
     } else {
         is_node(interpreter).then(|| interpreter.to_string())
     }
+}
+
+/// Node programs that run the app as a child process (package managers and
+/// the like): Node drops `NODE_UNIQUE_ID` and `NODE_CHANNEL_FD` from the
+/// environment of the first Node process, and the channel's descriptor is
+/// not passed on to its children, so the app never becomes a cluster worker.
+const LAUNCHERS: &[&str] = &["npm", "npx", "yarn", "yarnpkg", "pnpm", "pnpx", "corepack", "nodemon", "tsx"];
+
+/// The launcher a Node command runs, if any: by the command's name, the
+/// file it links to (`npm` → `…/npm/bin/npm-cli.js`), or the script given
+/// to node (`node …/npm-cli.js start`).
+fn launcher(command: &[String], real_path: &dyn Fn(&str) -> Option<PathBuf>) -> Option<&'static str> {
+    let mut args = command.iter().map(String::as_str).skip_while(|a| basename(a) == "docker-entrypoint.sh");
+    let program = args.next()?;
+    let script = if is_node(program) { args.find(|a| !a.starts_with('-')) } else { None };
+    let linked = real_path(program);
+    let candidates = [Some(program), linked.as_deref().and_then(Path::to_str), script];
+    candidates.into_iter().flatten().find_map(launcher_named)
+}
+
+fn launcher_named(file: &str) -> Option<&'static str> {
+    let name = basename(file);
+    let stem = name.strip_suffix(".js").or(name.strip_suffix(".cjs")).or(name.strip_suffix(".mjs")).unwrap_or(name);
+    let stem = stem.strip_suffix("-cli").unwrap_or(stem);
+    LAUNCHERS.iter().find(|l| **l == stem).copied()
 }
 
 fn basename(path: &str) -> &str {
@@ -176,6 +209,25 @@ mod tests {
         );
         assert_eq!(node_interpreter(&args(&["./start.sh"]), &shebang("/bin/sh")), None);
         assert_eq!(node_interpreter(&args(&["./x"]), &shebang("/usr/bin/env python3")), None);
+    }
+
+    #[test]
+    fn package_managers_and_other_launchers_are_recognised() {
+        let none = |_: &str| None;
+        assert_eq!(launcher(&args(&["npm", "start"]), &none), Some("npm"));
+        assert_eq!(launcher(&args(&["docker-entrypoint.sh", "yarn", "start"]), &none), Some("yarn"));
+        assert_eq!(launcher(&args(&["npx", "serve"]), &none), Some("npx"));
+        let corepack = |_: &str| Some(PathBuf::from("/usr/local/lib/node_modules/corepack/dist/pnpm.js"));
+        assert_eq!(launcher(&args(&["/usr/local/bin/run"]), &corepack), Some("pnpm"));
+        let npm_cli = |_: &str| Some(PathBuf::from("/usr/local/lib/node_modules/npm/bin/npm-cli.js"));
+        assert_eq!(launcher(&args(&["/usr/local/bin/npm", "start"]), &npm_cli), Some("npm"));
+        assert_eq!(
+            launcher(&args(&["node", "--enable-source-maps", "/opt/node_modules/pnpm/bin/pnpm.cjs", "start"]), &none),
+            Some("pnpm")
+        );
+        assert_eq!(launcher(&args(&["node", "server.js"]), &none), None);
+        assert_eq!(launcher(&args(&["node", "npm.txt"]), &none), None);
+        assert_eq!(launcher(&args(&["./server.js"]), &|_: &str| Some(PathBuf::from("/app/server.js"))), None);
     }
 
     #[test]

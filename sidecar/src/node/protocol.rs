@@ -156,6 +156,17 @@ pub fn disconnect(seq: u64) -> Vec<u8> {
     line(json!({"cmd": "NODE_CLUSTER", "act": "disconnect", "seq": seq}))
 }
 
+/// clusterd's own message, before a disconnect: the drain preload
+/// (`drain.js`) makes the worker's responses close their connections. A
+/// `NODE_` command reaches only internal listeners, never the app's
+/// `process.on('message')`, and Node's cluster code ignores it.
+pub fn drain() -> Vec<u8> {
+    line(json!({"cmd": DRAIN}))
+}
+
+/// The drain message's command (drain.js listens for it).
+pub const DRAIN: &str = "NODE_CLUSTERD_DRAIN";
+
 /// Splits a byte stream into lines of at most [`MAX_LINE`] bytes; a longer
 /// line is dropped up to its newline, so memory stays bounded.
 #[derive(Debug, Default)]
@@ -250,6 +261,9 @@ mod tests {
         assert_eq!((conn["cmd"].as_str(), conn["msg"]["act"].as_str()), (Some("NODE_HANDLE"), Some("newconn")));
         let disconnect: Value = serde_json::from_slice(&disconnect(9)).expect("json");
         assert_eq!(disconnect["act"], "disconnect");
+        let drain: Value = serde_json::from_slice(&drain()).expect("json");
+        assert_eq!(drain["cmd"], DRAIN);
+        assert!(crate::node::preload::SOURCE.contains(DRAIN), "drain.js listens for it");
     }
 
     #[test]

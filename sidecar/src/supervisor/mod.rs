@@ -75,8 +75,12 @@ pub enum PortSetup {
     /// clusterd's listening socket, handed to each worker as fd 3.
     Inherit(Option<StdTcpListener>),
     Reuseport,
-    /// The sockets Node workers get through their IPC channels.
-    Node(Arc<node::channel::Sockets>),
+    /// The sockets Node workers get through their IPC channels, and the
+    /// preload that lets them drain kept-alive connections.
+    Node {
+        sockets: Arc<node::channel::Sockets>,
+        preload: Option<node::preload::Preload>,
+    },
 }
 
 pub struct Supervisor {
@@ -273,31 +277,36 @@ impl Supervisor {
                 setup.env.push(("CLUSTERD_REUSEPORT".into(), "1".into()));
                 None
             }
-            PortSetup::Node(_) => None,
+            PortSetup::Node { .. } => None,
         };
         // Node mode: the worker's end of its channel, as Node's
         // child_process.fork() passes it (NODE_CHANNEL_FD).
         let node_channel = match &self.port {
-            PortSetup::Node(sockets) => {
+            PortSetup::Node { sockets, preload } => {
+                if let Some(preload) = preload {
+                    let existing = std::env::var("NODE_OPTIONS").ok();
+                    setup.env.push(("NODE_OPTIONS".into(), preload.node_options(existing.as_deref())));
+                }
                 let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
                 self.node_ids += 1;
                 setup.node_channel_fd = Some(theirs.as_raw_fd());
                 setup.env.push(("NODE_UNIQUE_ID".into(), self.node_ids.to_string()));
                 setup.env.push(("NODE_CHANNEL_FD".into(), "3".into()));
                 setup.env.push(("PORT".into(), self.config.port.to_string()));
-                Some((ours, theirs, Arc::clone(sockets)))
+                let stopping = node::channel::Stopping::new(self.config.drain_timeout, preload.is_some());
+                Some((ours, theirs, Arc::clone(sockets), stopping))
             }
             _ => None,
         };
         let spawned = spawn::spawn(&self.spec, &setup)?;
-        if let Some((ours, theirs, sockets)) = node_channel {
+        if let Some((ours, theirs, sockets, stopping)) = node_channel {
             // The child has its copy; ours must go so that its exit closes the channel.
             drop(theirs);
             let (events, pid) = (self.events.clone(), spawned.pid);
             let report = move |report| {
                 let _ = events.send(Event::Node { pid, report });
             };
-            let channel = node::channel::start(ours, id, sockets, self.config.drain_timeout / 2, report)?;
+            let channel = node::channel::start(ours, id, sockets, stopping, report)?;
             self.channels.insert(spawned.pid, channel);
         }
         tracing::info!(worker = id, pid = spawned.pid, pool = %pool, "worker started");
@@ -340,7 +349,7 @@ impl Supervisor {
             // Close clusterd's copy so the port stops accepting once the
             // workers close theirs.
             PortSetup::Inherit(listener) => drop(listener.take()),
-            PortSetup::Node(sockets) => sockets.close_shared(),
+            PortSetup::Node { sockets, .. } => sockets.close_shared(),
             PortSetup::Reuseport => {}
         }
     }

@@ -58,6 +58,8 @@ pub struct Launch {
     /// stdout and stderr go to pipes that nobody reads until
     /// [`Clusterd::read_output`].
     pub stall_output: bool,
+    /// Working directory (an image's WORKDIR).
+    pub current_dir: Option<PathBuf>,
 }
 
 impl Launch {
@@ -68,7 +70,13 @@ impl Launch {
             wrapper: Vec::new(),
             env: Vec::new(),
             stall_output: false,
+            current_dir: None,
         }
+    }
+
+    pub fn current_dir(mut self, dir: &std::path::Path) -> Launch {
+        self.current_dir = Some(dir.to_path_buf());
+        self
     }
 
     /// The misbehaving test app (tests/apps/misbehave.js).
@@ -127,6 +135,9 @@ impl Launch {
         }
         for (k, v) in &self.env {
             command.env(k, v);
+        }
+        if let Some(dir) = &self.current_dir {
+            command.current_dir(dir);
         }
         let child = command.spawn().expect("spawn clusterd");
         Clusterd { child, port, admin, log, exited: None }
