@@ -312,7 +312,16 @@ pub struct Operator {
 
 impl Operator {
     pub async fn start(cluster: &Cluster, namespace: &str) -> anyhow::Result<Operator> {
-        use clustered_operator::{controller, metrics::Metrics, probe::Prober, resources::Settings, watches};
+        Self::start_with(cluster, namespace, clustered_operator::resources::Settings::default()).await
+    }
+
+    /// An operator with its own settings (e.g. another clusterd image).
+    pub async fn start_with(
+        cluster: &Cluster,
+        namespace: &str,
+        settings: clustered_operator::resources::Settings,
+    ) -> anyhow::Result<Operator> {
+        use clustered_operator::{controller, metrics::Metrics, probe::Prober, watches};
         use kube::runtime::events::{Recorder, Reporter};
 
         let metrics = std::sync::Arc::new(Metrics::new(&mut prometheus_client::registry::Registry::default()));
@@ -324,7 +333,7 @@ impl Operator {
         let reporter = Reporter { controller: "clustered-operator".into(), instance: Some(format!("e2e-{namespace}")) };
         let config = controller::Config {
             namespace: Some(namespace.to_string()),
-            settings: Settings::default(),
+            settings,
             prober: Prober::new(8, Duration::from_secs(2)),
             recorder: Recorder::new(client.clone(), reporter),
             metrics: metrics.clone(),

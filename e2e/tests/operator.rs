@@ -357,3 +357,38 @@ async fn available_means_the_service_answers_at_once() -> anyhow::Result<()> {
     assert!(failed.is_empty(), "{} of 10 first requests after Available failed: {failed:?}", failed.len());
     Ok(())
 }
+
+/// Two operators with different settings on one namespace, as `make demo`'s
+/// and a test's were: neither fights silently. Each undoes the other's
+/// change a few times, then leaves it and says why in the status (and so
+/// in an Event). On the previous build they rewrote the Deployment about
+/// 30 times a second, with nothing in the status.
+#[tokio::test]
+async fn two_operators_on_one_namespace_do_not_fight_silently() -> anyhow::Result<()> {
+    use clustered_operator::resources::Settings;
+    let cluster = Cluster::get().await?;
+    let ns = cluster.namespace("op-two-writers").await?;
+    let csvcs: Api<ClusteredService> = Api::namespaced(cluster.client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), &ns);
+    let first = Operator::start(&cluster, &ns).await?;
+    let other = Settings { clusterd_image: "clustered.dev/clusterd:other".into(), ..Settings::default() };
+    let second = Operator::start_with(&cluster, &ns, other).await?;
+    csvcs.create(&PostParams::default(), &demo("contested", 0, 1)).await?;
+
+    wait_for(Duration::from_secs(120), "Degraded ContestedByAnotherWriter", || async {
+        let status = csvcs.get("contested").await?.status.unwrap_or_default();
+        Ok(status.conditions.iter().any(|c| c.type_ == "Degraded" && c.reason == "ContestedByAnotherWriter"))
+    })
+    .await?;
+    let status = csvcs.get("contested").await?.status.unwrap_or_default();
+    let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").expect("Degraded");
+    assert!(degraded.message.contains("another clustered operator"), "{}", degraded.message);
+    let generation = || async { anyhow::Ok(deployments.get("contested").await?.metadata.generation.unwrap_or_default()) };
+    let (at_detection, started) = (generation().await?, tokio::time::Instant::now());
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let grown = generation().await? - at_detection;
+    first.stop().await;
+    second.stop().await;
+    assert!(grown <= 2, "the Deployment was rewritten {grown} times in {:?} after the contest was seen", started.elapsed());
+    Ok(())
+}

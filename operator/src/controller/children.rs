@@ -1,18 +1,21 @@
 //! The children made to match the desired ones: created when missing,
 //! replaced when they drifted, deleted when no longer wanted.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clustered_api::v1alpha1::ClusteredService;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Context, Error};
 use crate::resources::MANAGER;
@@ -21,6 +24,12 @@ use crate::resources::MANAGER;
 /// children as they are rewritten (the live object is compared instead).
 const APPLIED_HASH: &str = "clustered.dev/applied-hash";
 
+/// Undoing this many changes to one child within [`CONTEST_WINDOW`] means
+/// another writer keeps making them: a second operator (an old and a new
+/// one both running), a controller, a script. Nobody edits by hand that fast.
+const CONTEST_REPAIRS: usize = 5;
+const CONTEST_WINDOW: Duration = Duration::from_secs(60);
+
 /// What `ensure` did.
 #[derive(Debug, PartialEq)]
 pub(super) enum Ensured {
@@ -28,6 +37,9 @@ pub(super) enum Ensured {
     Written,
     /// The cache was behind the API server (a conflict): look again soon.
     Stale,
+    /// Another writer keeps changing the child back: it was left alone,
+    /// and this says who and what to do.
+    Contested(String),
 }
 
 /// Makes the live child match `desired`, or deletes it when `None`.
@@ -103,14 +115,56 @@ where
         ctx.memory.remember(csvc, |m| m.verified.insert(kind, verified));
         return Ok(Ensured::Unchanged);
     }
+    // The same desired object was in sync before: someone changed the
+    // child. Undo it, unless that keeps happening.
+    let now = Instant::now();
+    let (repair, fight) = ctx.memory.remember(csvc, |m| {
+        let repair = m.verified.get(&kind).is_some_and(|(h, _)| *h == verified.0);
+        (repair, contested(m.repairs.entry(kind.clone()).or_default(), now))
+    });
+    if fight {
+        let why = contest_message(&kind, live.managed_fields());
+        warn!(%kind, %ns, %name, %why, "not undoing the change: another writer keeps making it");
+        return Ok(Ensured::Contested(why));
+    }
     match api.replace(name, &params(false), &body).await {
         Ok(_) => {
+            if repair {
+                ctx.memory.remember(csvc, |m| m.repairs.entry(kind.clone()).or_default().push_back(now));
+            }
             ctx.metrics.child_writes.inc();
             info!(%kind, %ns, %name, "replaced (desired state changed or drifted)");
             Ok(Ensured::Written)
         }
         Err(e) => stale_or(e),
     }
+}
+
+/// True when the changes undone within the window (older ones are
+/// dropped) show another writer at work.
+fn contested(repairs: &mut VecDeque<Instant>, now: Instant) -> bool {
+    while repairs.front().is_some_and(|&at| now.saturating_duration_since(at) >= CONTEST_WINDOW) {
+        repairs.pop_front();
+    }
+    repairs.len() >= CONTEST_REPAIRS
+}
+
+/// Who keeps changing a child, from its managed fields, and what to do.
+fn contest_message(kind: &str, managed: &[ManagedFieldsEntry]) -> String {
+    let last = managed.iter().filter(|m| m.operation.as_deref() == Some("Update")).max_by_key(|m| m.time.as_ref().map(|t| t.0));
+    let writer = last.and_then(|m| m.manager.as_deref()).unwrap_or("unknown");
+    let hint = if writer == MANAGER {
+        "another clustered operator, with other settings, manages this namespace too (an old and a new one during an upgrade, or two releases): \
+         keep one (`kubectl get deployments -A -l app.kubernetes.io/name=clustered-operator`), or scope each to its own namespaces (watchNamespace)"
+            .to_string()
+    } else {
+        format!("stop {writer:?} from changing it, or change the ClusteredService instead")
+    };
+    format!(
+        "the {kind} was changed back {CONTEST_REPAIRS} times within {} s; the last writer was field manager {writer:?}: {hint}. \
+         The operator leaves it until the changes stop",
+        CONTEST_WINDOW.as_secs()
+    )
 }
 
 /// A conflict means the cache was behind: not a failure, look again soon.
@@ -180,6 +234,35 @@ fn content_hash(value: &impl Serialize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn five_changes_undone_within_a_minute_are_a_contest() {
+        let t0 = Instant::now();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        let mut repairs: VecDeque<Instant> = [0, 10, 20, 30].map(at).into();
+        assert!(!contested(&mut repairs, at(40)), "four is a busy person");
+        repairs.push_back(at(40));
+        assert!(contested(&mut repairs, at(41)));
+        // A minute after the first, it drops out of the window.
+        assert!(!contested(&mut repairs, at(60)));
+        assert_eq!(repairs.len(), 4);
+    }
+
+    #[test]
+    fn the_contest_names_the_last_writer_and_the_fix() {
+        let entry = |manager: &str, secs: i64| ManagedFieldsEntry {
+            manager: Some(manager.into()),
+            operation: Some("Update".into()),
+            time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(secs).expect("time"),
+            )),
+            ..Default::default()
+        };
+        let m = contest_message("Deployment", &[entry("kubectl-edit", 1), entry(MANAGER, 2)]);
+        assert!(m.contains("field manager \"clustered-operator\"") && m.contains("another clustered operator"), "{m}");
+        let m = contest_message("Deployment", &[entry(MANAGER, 1), entry("argocd-controller", 2)]);
+        assert!(m.contains("stop \"argocd-controller\" from changing it"), "{m}");
+    }
     use k8s_openapi::api::apps::v1::DeploymentSpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
     use serde_json::json;

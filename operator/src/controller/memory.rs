@@ -1,6 +1,6 @@
 //! What the operator remembers per ClusteredService, in this process only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -19,6 +19,9 @@ pub(super) struct Memory {
     /// `resourceVersion` the API server last confirmed it matches, so an
     /// unchanged child costs no API call.
     pub(super) verified: HashMap<String, (String, String)>,
+    /// Per child kind: when the operator last undid someone else's change
+    /// to it (see `children::contested`).
+    pub(super) repairs: HashMap<String, VecDeque<Instant>>,
     /// The concurrency autoscaler's samples and recommendations.
     pub(super) autoscaler: crate::autoscale::Autoscaler,
     /// The app image resolved for a generation of the spec: reused until

@@ -92,6 +92,12 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
     let hpa = resources::hpa(csvc);
     results.push(("HorizontalPodAutoscaler", ensure(ctx, csvc, &stores.hpas, &ns, &name, hpa).await));
     let stale = results.iter().any(|(_, r)| matches!(r, Ok(Ensured::Stale)));
+    if let Some(why) = results.iter().find_map(|(_, r)| match r {
+        Ok(Ensured::Contested(why)) => Some(why.clone()),
+        _ => None,
+    }) {
+        problem = problem.or(Some(Problem::ContestedByAnotherWriter(why)));
+    }
     let refused = results.into_iter().find_map(|(kind, r)| Some((kind, r.err()?)));
     if let Some((kind, e)) = &refused {
         warn!(%ns, %name, %kind, error = %e, "could not apply a child");

@@ -74,6 +74,7 @@ pub(super) fn degraded(
         Some(Problem::InvalidSpec(why)) => return (DEGRADED, true, "InvalidSpec", why.clone()),
         Some(Problem::ReconcileError(why)) => return (DEGRADED, true, "ReconcileError", why.clone()),
         Some(Problem::ImageConfigUnavailable(why)) => return (DEGRADED, true, IMAGE_CONFIG_UNAVAILABLE, why.clone()),
+        Some(Problem::ContestedByAnotherWriter(why)) => return (DEGRADED, true, "ContestedByAnotherWriter", why.clone()),
         None => {}
     }
     if let Some((reason, message)) = pod_trouble(observed.deployment, live, now) {

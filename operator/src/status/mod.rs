@@ -59,6 +59,9 @@ pub enum Problem {
     /// The app container sets no command and its image's config could not
     /// be read from the registry (what failed and how to fix it).
     ImageConfigUnavailable(String),
+    /// Another writer keeps undoing the operator's changes to a child (who,
+    /// and what to do).
+    ContestedByAnotherWriter(String),
 }
 
 /// A container that ran and stopped this long ago still counts as
