@@ -12,12 +12,11 @@ use std::time::{Duration, Instant};
 use clustered_api::v1alpha1::{AutoscalingMetric, AutoscalingStatus, ClusteredService, ClusteredServiceStatus};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
+use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
-use crate::controller::Context;
 use crate::resources::MANAGER;
 use crate::status::Report;
 pub use decide::Autoscaler;
@@ -26,6 +25,26 @@ use decide::{Decision, Pods, Policy, Sample};
 /// How often a ClusteredService in `concurrency` mode is sampled: the
 /// panic window (6 s) then holds three samples.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What the autoscaler needs from the controller that runs it: the API
+/// client, the autoscaler state it keeps per ClusteredService, and Events.
+pub trait Host {
+    fn client(&self) -> &Client;
+
+    /// Runs `f` on the concurrency autoscaler of `csvc`.
+    fn with_autoscaler<T>(&self, csvc: &ClusteredService, f: impl FnOnce(&mut Autoscaler) -> T) -> T;
+
+    /// Publishes an Event; the recorder folds Events of the same reason and
+    /// action into one series, keeping the first note.
+    fn publish(
+        &self,
+        csvc: &ClusteredService,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) -> impl Future<Output = ()> + Send;
+}
 
 /// True when the operator itself scales `csvc` (and must sample it often).
 pub fn scales_on_concurrency(csvc: &ClusteredService) -> bool {
@@ -47,7 +66,7 @@ pub fn sample(reports: &BTreeMap<String, Report>, at: Instant) -> Sample {
 /// `status.autoscaling` for `csvc` (None without `spec.autoscaling`); in
 /// `concurrency` mode also samples, decides and scales.
 pub async fn reconcile(
-    ctx: &Context,
+    ctx: &impl Host,
     csvc: &ClusteredService,
     status: &ClusteredServiceStatus,
     reports: &BTreeMap<String, Report>,
@@ -76,7 +95,7 @@ pub async fn reconcile(
     let (mut reason, mut message) = (decision.reason.to_string(), decision.message.clone());
     let mut replicas = current;
     if decision.desired != current {
-        match scale(ctx, csvc, decision.desired).await {
+        match scale(ctx.client(), csvc, decision.desired).await {
             Ok(()) => {
                 replicas = decision.desired;
                 info!(name = %csvc.name_any(), from = current, to = decision.desired, reason = %decision.reason, "autoscaled");
@@ -85,13 +104,13 @@ pub async fn reconcile(
                 // One Event per transition: the same reason and action
                 // would be folded into the first Event's series.
                 let action = format!("Scale{current}To{}", decision.desired);
-                ctx.event_of(csvc, EventType::Normal, "Autoscaled", &action, note).await;
+                ctx.publish(csvc, EventType::Normal, "Autoscaled", &action, note).await;
             }
             Err(e) => {
                 warn!(name = %csvc.name_any(), error = %e, "could not scale");
                 reason = "ScaleFailed".into();
                 message = format!("setting spec.replicas to {} through the scale subresource: {e}", decision.desired);
-                ctx.event(csvc, EventType::Warning, "AutoscaleFailed", message.clone()).await;
+                ctx.publish(csvc, EventType::Warning, "AutoscaleFailed", "Reconcile", message.clone()).await;
             }
         }
     }
@@ -101,7 +120,7 @@ pub async fn reconcile(
         } else {
             ("AutoscalerCalm", "the panic window has stayed below twice the ready pods for 60 s".to_string())
         };
-        ctx.event(csvc, EventType::Normal, why, note).await;
+        ctx.publish(csvc, EventType::Normal, why, "Reconcile", note).await;
     }
     Some(concurrency_status(&decision, replicas, reason, message, last_scale_time))
 }
@@ -127,9 +146,9 @@ fn concurrency_status(
 }
 
 /// Sets `spec.replicas` through the scale subresource, as `kubectl scale` and the HPA do.
-async fn scale(ctx: &Context, csvc: &ClusteredService, replicas: i32) -> Result<(), kube::Error> {
+async fn scale(client: &Client, csvc: &ClusteredService, replicas: i32) -> Result<(), kube::Error> {
     let ns = csvc.namespace().unwrap_or_default();
-    let api: Api<ClusteredService> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<ClusteredService> = Api::namespaced(client.clone(), &ns);
     let patch = serde_json::json!({ "spec": { "replicas": replicas } });
     api.patch_scale(
         &csvc.name_any(),

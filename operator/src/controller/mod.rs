@@ -1,0 +1,278 @@
+//! The reconcile loop: desired children compared with the live ones (as
+//! the API server renders them) and created or replaced when they differ,
+//! then the status from the pods, the Deployment and what every pod's
+//! clusterd reports.
+//!
+//! * [`reconcile`]: one pass, observe → decide → act.
+//! * [`children`]: the children made to match the desired ones (drift).
+//! * [`app_image`]: the app image's config, for a container without command.
+//! * [`status_writes`], [`events`]: the status written, transitions announced.
+//! * [`memory`]: what the operator remembers per ClusteredService.
+
+mod app_image;
+mod children;
+mod events;
+mod memory;
+mod reconcile;
+mod status_writes;
+
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clustered_api::v1alpha1::ClusteredService;
+use futures::{Stream, StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::Api;
+use kube::runtime::controller::{self as kube_controller, Action, Controller};
+use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+use tracing::{debug, warn};
+
+use crate::autoscale;
+use crate::image::{self, Platform, registry::Resolver};
+use crate::metrics::{ErrorLabel, Metrics};
+use crate::probe::Prober;
+use crate::resources::{SERVICE_LABEL, Settings};
+use crate::watches::{self, WatchHealth};
+use memory::Bookkeeping;
+
+/// The longest wait before a failed reconcile is retried: a child someone
+/// deleted or changed is restored within it, even while the API refuses.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("object has no namespace")]
+    NoNamespace,
+    #[error("cannot encode a child object: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("the reconcile took longer than {0:?} (an API request hung); retrying")]
+    Timeout(Duration),
+    #[error("{0}")]
+    ImageConfig(String),
+}
+
+impl Error {
+    fn label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::NoNamespace => "no_namespace",
+            Error::Encode(_) => "encode",
+            Error::Timeout(_) => "timeout",
+            Error::ImageConfig(_) => "image_config",
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub prober: Prober,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// How often clusterd is asked again when nothing else happens.
+    pub status_interval: Duration,
+    /// Reads the config of app images that set no command.
+    pub images: Arc<Resolver>,
+    /// The platform whose image is chosen from a multi-platform index.
+    pub platform: Platform,
+    stores: Stores,
+    memory: Arc<Bookkeeping>,
+}
+
+/// Reflector caches of the children, filled by the controller's watches.
+struct Stores {
+    pods: Store<Pod>,
+    deployments: Store<Deployment>,
+    services: Store<Service>,
+    pdbs: Store<PodDisruptionBudget>,
+    hpas: Store<HorizontalPodAutoscaler>,
+}
+
+impl Stores {
+    /// Waits until every store has been listed once. The controller keeps
+    /// polling the watches meanwhile; it already holds reconciles until the
+    /// ClusteredService store is listed, but not until the children's are.
+    /// False only when a watch was dropped first (the controller stops).
+    async fn synced(&self) -> bool {
+        futures::try_join!(
+            self.pods.wait_until_ready(),
+            self.deployments.wait_until_ready(),
+            self.services.wait_until_ready(),
+            self.pdbs.wait_until_ready(),
+            self.hpas.wait_until_ready(),
+        )
+        .is_ok()
+    }
+}
+
+/// How the controller is run.
+pub struct Config {
+    /// Watch one namespace only.
+    pub namespace: Option<String>,
+    pub settings: Settings,
+    pub prober: Prober,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub status_interval: Duration,
+    /// Where the watches report failures (read by the liveness probe).
+    pub watches: Arc<WatchHealth>,
+    /// Reads the config of app images that set no command.
+    pub images: Arc<Resolver>,
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let Config { namespace, settings, prober, recorder, metrics, status_interval, watches, images } = config;
+    let ours = watcher::Config::default().labels(SERVICE_LABEL);
+
+    // Status writes do not change the generation, so they do not trigger
+    // reconciles of their own; the periodic requeue asks clusterd again.
+    let memory = Arc::new(Bookkeeping { objects: Mutex::default(), tracked: metrics.tracked_objects.clone() });
+    let forget = Arc::clone(&memory);
+    let (csvc_reader, csvc_writer) = reflector::store();
+    let csvcs = watches::watch(
+        scoped::<ClusteredService>(&client, namespace.as_deref()),
+        watcher::Config::default().any_semantic(),
+        &watches,
+    )
+    .reflect(csvc_writer)
+    .inspect_ok(move |event| {
+        if let watcher::Event::Delete(csvc) = event {
+            forget.forget(csvc);
+        }
+    })
+    .applied_objects()
+    .predicate_filter(predicates::generation, Default::default());
+
+    let (pods, pod_events) = reflect(&watches, scoped::<Pod>(&client, namespace.as_deref()), ours.clone());
+    let (deployments, deployment_events) =
+        reflect(&watches, scoped::<Deployment>(&client, namespace.as_deref()), ours.clone());
+    let (services, service_events) = reflect(&watches, scoped::<Service>(&client, namespace.as_deref()), ours.clone());
+    let (pdbs, pdb_events) =
+        reflect(&watches, scoped::<PodDisruptionBudget>(&client, namespace.as_deref()), ours.clone());
+    let (hpas, hpa_events) = reflect(&watches, scoped::<HorizontalPodAutoscaler>(&client, namespace.as_deref()), ours);
+
+    let ctx = Arc::new(Context {
+        client,
+        settings,
+        prober,
+        recorder,
+        metrics,
+        status_interval,
+        images,
+        platform: image::own_platform(),
+        stores: Stores { pods, deployments, services, pdbs, hpas },
+        memory,
+    });
+
+    Controller::for_stream(csvcs, csvc_reader)
+        .owns_stream(deployment_events)
+        .owns_stream(service_events)
+        .owns_stream(pdb_events)
+        .owns_stream(hpa_events)
+        .watches_stream(pod_events, |pod: Pod| {
+            let name = pod.labels().get(SERVICE_LABEL)?.clone();
+            Some(ObjectRef::<ClusteredService>::new(&name).within(&pod.namespace()?))
+        })
+        .trigger_backoff(watches::trigger_backoff())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::reconcile, error_policy, ctx)
+        .for_each(|result| async move { log_outcome(result) })
+        .await;
+}
+
+/// `K`s in one namespace, or in all.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// A store of `K` and the stream that fills it.
+fn reflect<K>(
+    health: &Arc<WatchHealth>,
+    api: Api<K>,
+    config: watcher::Config,
+) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + use<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    // Deletions too: a deleted child is re-created, and a deleted pod
+    // leaves the status, without waiting for a resync.
+    (reader, watches::watch(api, config, health).reflect(writer).touched_objects())
+}
+
+type RunResult = Result<(ObjectRef<ClusteredService>, Action), kube_controller::Error<Error, watcher::Error>>;
+
+/// Logs what the controller reports. Watch failures are logged (once per
+/// episode) where they happen; a trigger for a ClusteredService that was
+/// just deleted (its children's deletions) is expected.
+fn log_outcome(result: RunResult) {
+    match result {
+        Ok(_) => {}
+        Err(kube_controller::Error::ObjectNotFound(object)) => debug!(%object, "trigger for a deleted object"),
+        Err(kube_controller::Error::QueueError(e)) => debug!(error = %e, "watch failed"),
+        Err(e) => warn!(error = %e, "reconcile failed"),
+    }
+}
+
+fn error_policy(csvc: Arc<ClusteredService>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_errors.get_or_create(&ErrorLabel { error: error.label() }).inc();
+    let failures = ctx.memory.remember(&csvc, |m| {
+        m.failures = m.failures.saturating_add(1);
+        m.failures
+    });
+    let backoff = retry_backoff(failures);
+    warn!(name = %csvc.name_any(), error = %error, ?backoff, "reconcile failed, retrying");
+    Action::requeue(backoff)
+}
+
+/// Delay before retrying after the `failures`-th consecutive failed
+/// reconcile: 1 s, 2 s, 4 s, … doubling up to [`MAX_BACKOFF`].
+fn retry_backoff(failures: u32) -> Duration {
+    Duration::from_secs(1 << (failures.clamp(1, 9) - 1)).min(MAX_BACKOFF)
+}
+
+/// The autoscaler runs on the controller's memory, client and recorder.
+impl autoscale::Host for Context {
+    fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn with_autoscaler<T>(&self, csvc: &ClusteredService, f: impl FnOnce(&mut autoscale::Autoscaler) -> T) -> T {
+        self.memory.remember(csvc, |m| f(&mut m.autoscaler))
+    }
+
+    async fn publish(&self, csvc: &ClusteredService, type_: EventType, reason: &str, action: &str, note: String) {
+        self.event_of(csvc, type_, reason, action, note).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_backoff_doubles_up_to_the_maximum() {
+        let secs: Vec<u64> = (0..=8).map(|n| retry_backoff(n).as_secs()).collect();
+        assert_eq!(secs, [1, 1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(retry_backoff(u32::MAX), MAX_BACKOFF);
+    }
+}

@@ -1,0 +1,83 @@
+//! Each pod's instance: its workers as its clusterd reports them.
+
+use std::collections::BTreeSet;
+
+use clustered_api::v1alpha1::{Instance, InstanceWorker, WorkerState};
+use clustered_api::wire::OOM_KILLED;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+
+use super::{RECENT_EXIT_SECONDS, Report};
+
+/// The port modes the pods report, distinct and sorted.
+pub(super) fn port_modes(instances: &[Instance]) -> Option<String> {
+    let modes: BTreeSet<&str> = instances.iter().filter_map(|i| i.port_mode.as_deref()).collect();
+    (!modes.is_empty()).then(|| modes.into_iter().collect::<Vec<_>>().join(","))
+}
+
+pub(super) fn instance(pod: &Pod, report: Option<&Report>) -> Instance {
+    let mut instance = Instance {
+        pod: pod.name_any(),
+        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        ..Instance::default()
+    };
+    match report {
+        Some(Ok(status)) => {
+            instance.cpu_limit = status.cpu.cores;
+            instance.desired_workers = status.desired_workers as i32;
+            instance.port_mode = Some(status.port_mode.clone()).filter(|m| !m.is_empty());
+            instance.port_mode_reason = Some(status.port_mode_reason.clone()).filter(|r| !r.is_empty());
+            instance.ready_workers = status.workers.iter().filter(|w| w.state.is_ready()).count() as i32;
+            instance.workers = status
+                .workers
+                .iter()
+                .map(|w| InstanceWorker {
+                    id: w.id as i32,
+                    pid: w.pid.map(i64::from),
+                    state: w.state,
+                    restarts: w.restarts as i32,
+                    last_exit: w.last_exit.clone(),
+                    since: w.since.clone(),
+                })
+                .collect();
+        }
+        Some(Err(why)) => instance.message = Some(why.clone()),
+        None => instance.message = Some(pending_reason(pod)),
+    }
+    instance
+}
+
+fn pending_reason(pod: &Pod) -> String {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+    format!("pod is {phase}; clusterd not asked yet")
+}
+
+pub fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A worker the kernel's OOM killer stopped at the container's memory limit
+/// within [`RECENT_EXIT_SECONDS`] (clusterd reads the cgroup's OOM kill
+/// count; the container itself lives on, so the Pod does not say so).
+pub(super) fn worker_oom_kill(instances: &[Instance], now: Timestamp) -> Option<String> {
+    instances.iter().find_map(|i| {
+        i.workers.iter().find_map(|w| {
+            let exit = w.last_exit.as_deref().filter(|e| e.starts_with(OOM_KILLED))?;
+            let since: Timestamp = w.since.as_deref()?.parse().ok()?;
+            (now.as_second() - since.as_second() < RECENT_EXIT_SECONDS)
+                .then(|| format!("pod {}, worker {}: {exit}; raise the memory limit or fix the leak", i.pod, w.id))
+        })
+    })
+}
+
+/// `pod/id` of every worker in `state`.
+pub fn workers_in(instances: &[Instance], state: WorkerState) -> Vec<String> {
+    instances
+        .iter()
+        .flat_map(|i| i.workers.iter().filter(move |w| w.state == state).map(move |w| format!("{}/{}", i.pod, w.id)))
+        .collect()
+}

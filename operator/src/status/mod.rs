@@ -1,0 +1,162 @@
+//! The observed state: a pure function from the pods and what their
+//! clusterds report to the ClusteredService's status.
+//!
+//! * [`conditions`]: Available, Progressing and Degraded, with their reasons.
+//! * [`pods`]: why pods are missing or not running.
+//! * [`instances`]: each pod's workers, as its clusterd reports them.
+//! * here: the status as a whole, and when it is worth writing.
+
+mod conditions;
+mod instances;
+mod pods;
+
+use std::collections::BTreeMap;
+
+use clustered_api::v1alpha1::{ClusteredService, ClusteredServiceStatus, Instance, Summary, WorkerTotals};
+use clustered_api::wire::ClusterdStatus;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+
+use crate::resources::selector_string;
+pub use conditions::NO_CPU_LIMIT;
+use conditions::{available, degraded, progressing};
+use instances::{instance, port_modes};
+pub use instances::{pod_ready, workers_in};
+pub use pods::pod_trouble;
+
+pub const AVAILABLE: &str = "Available";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+/// Degraded reason: the image's ENTRYPOINT/CMD could not be read.
+pub const IMAGE_CONFIG_UNAVAILABLE: &str = "ImageConfigUnavailable";
+
+/// What one pod's clusterd said, or why it could not be asked.
+pub type Report = Result<ClusterdStatus, String>;
+
+/// Everything the status is computed from.
+pub struct Observed<'a> {
+    pub deployment: Option<&'a Deployment>,
+    /// The CR's pods, including terminating ones.
+    pub pods: Vec<&'a Pod>,
+    /// Reports by pod name, for the pods that were asked.
+    pub reports: &'a BTreeMap<String, Report>,
+    /// Why the operator could not do its own part, if it could not.
+    pub problem: Option<Problem>,
+}
+
+/// A failure of the operator's own work, as opposed to the pods'.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Problem {
+    /// The spec cannot be turned into a Deployment.
+    InvalidSpec(String),
+    /// The API server refused a child object (the API's message).
+    ReconcileError(String),
+    /// The app container sets no command and its image's config could not
+    /// be read from the registry (what failed and how to fix it).
+    ImageConfigUnavailable(String),
+}
+
+/// A container that ran and stopped this long ago still counts as
+/// crashing, so a crash loop's running moments are not reported as a recovery.
+const RECENT_EXIT_SECONDS: i64 = 300;
+
+/// The status for `csvc` given what was observed. Conditions keep their
+/// `lastTransitionTime` when their status did not change.
+pub fn compute(csvc: &ClusteredService, observed: &Observed<'_>, now: Timestamp) -> ClusteredServiceStatus {
+    let generation = csvc.metadata.generation;
+    let mut live: Vec<&Pod> =
+        observed.pods.iter().copied().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+    live.sort_by_key(|p| p.name_any());
+
+    let instances: Vec<Instance> =
+        live.iter().map(|pod| instance(pod, observed.reports.get(&pod.name_any()))).collect();
+    let ready_replicas = live.iter().filter(|p| pod_ready(p)).count() as i32;
+    let workers = WorkerTotals {
+        desired: instances.iter().map(|i| i.desired_workers).sum(),
+        ready: instances.iter().map(|i| i.ready_workers).sum(),
+    };
+    let desired_replicas = csvc.spec.replicas;
+
+    let previous = csvc.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let conditions = [
+        available(desired_replicas, ready_replicas),
+        progressing(csvc, observed.deployment, live.len() as i32, ready_replicas, &workers),
+        degraded(csvc, observed, &live, &instances, now),
+    ]
+    .into_iter()
+    .map(|(type_, status, reason, message)| Condition {
+        type_: type_.into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: transition_time(previous, type_, status, now),
+    })
+    .collect();
+
+    ClusteredServiceStatus {
+        observed_generation: generation,
+        replicas: live.len() as i32,
+        ready_replicas,
+        selector: selector_string(csvc),
+        summary: Summary {
+            pods: format!("{ready_replicas}/{desired_replicas}"),
+            workers: format!("{}/{}", workers.ready, workers.desired),
+        },
+        workers,
+        conditions,
+        observed_at: Some(Time(now)),
+        port_mode: port_modes(&instances),
+        instances,
+        // Filled in by the autoscaler (see `autoscale::reconcile`).
+        autoscaling: None,
+    }
+}
+
+fn transition_time(previous: &[Condition], type_: &str, status: bool, now: Timestamp) -> Time {
+    let status = if status { "True" } else { "False" };
+    previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now))
+}
+
+/// How often a status that has not changed is written anyway, to refresh
+/// its `observedAt`: while the operator is down the time ages, a sign that
+/// the figures may be stale (`kubectl get csvc` shows it as `OBSERVED`).
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// True when `new` (computed at `now`) must be written: it differs from
+/// `old` in anything but `observedAt`, or `old` is a heartbeat old.
+pub fn changed(old: Option<&ClusteredServiceStatus>, new: &ClusteredServiceStatus, now: Timestamp) -> bool {
+    let Some(old) = old else { return true };
+    let observed_long_ago =
+        old.observed_at.as_ref().is_none_or(|t| now.as_second() - t.0.as_second() >= HEARTBEAT.as_secs() as i64);
+    // Field by field, without copying the instances; a new field is a
+    // compile error here until it is compared.
+    let ClusteredServiceStatus {
+        observed_at: _,
+        observed_generation,
+        replicas,
+        ready_replicas,
+        selector,
+        workers,
+        summary,
+        instances,
+        conditions,
+        autoscaling,
+        port_mode,
+    } = new;
+    let same = (observed_generation, replicas, ready_replicas, selector, workers, summary)
+        == (&old.observed_generation, &old.replicas, &old.ready_replicas, &old.selector, &old.workers, &old.summary)
+        && (instances, conditions, autoscaling, port_mode)
+            == (&old.instances, &old.conditions, &old.autoscaling, &old.port_mode);
+    observed_long_ago || !same
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,364 @@
+use super::*;
+use crate::resources::test_support::{APP, csvc};
+use clustered_api::v1alpha1::WorkerState;
+use clustered_api::wire::{CpuLimit, OOM_KILLED, WorkerStatus};
+use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, PodCondition, PodSpec, PodStatus,
+};
+
+fn pod(name: &str, ready: bool) -> Pod {
+    Pod {
+        metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+        spec: Some(PodSpec { node_name: Some("node-1".into()), ..Default::default() }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
+fn report(states: &[WorkerState]) -> Report {
+    Ok(ClusterdStatus {
+        cpu: CpuLimit { cores: Some(2.0), source: "cgroup-v1".into() },
+        desired_workers: states.len() as u32,
+        workers: states
+            .iter()
+            .enumerate()
+            .map(|(id, &state)| WorkerStatus {
+                id: id as u32,
+                pid: Some(100 + id as u32),
+                state,
+                restarts: id as u32,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    })
+}
+
+fn settled_deployment(replicas: i32) -> Deployment {
+    Deployment {
+        metadata: kube::api::ObjectMeta { generation: Some(1), ..Default::default() },
+        spec: None,
+        status: Some(DeploymentStatus {
+            observed_generation: Some(1),
+            replicas: Some(replicas),
+            updated_replicas: Some(replicas),
+            ready_replicas: Some(replicas),
+            ..Default::default()
+        }),
+    }
+}
+
+fn condition<'a>(status: &'a ClusteredServiceStatus, type_: &str) -> &'a Condition {
+    status.conditions.iter().find(|c| c.type_ == type_).expect("condition present")
+}
+
+#[test]
+fn healthy_service_is_available_settled_and_not_degraded() {
+    let cr = csvc(&format!("  replicas: 2\n{APP}"));
+    let (a, b) = (pod("web-a", true), pod("web-b", true));
+    let reports = BTreeMap::from([
+        ("web-a".to_string(), report(&[WorkerState::Ready, WorkerState::Ready])),
+        ("web-b".to_string(), report(&[WorkerState::Ready, WorkerState::Ready])),
+    ]);
+    let d = settled_deployment(2);
+    let status = compute(
+        &cr,
+        &Observed { deployment: Some(&d), pods: vec![&b, &a], reports: &reports, problem: None },
+        Timestamp::UNIX_EPOCH,
+    );
+
+    assert_eq!(status.observed_generation, Some(4));
+    assert_eq!((status.replicas, status.ready_replicas), (2, 2));
+    assert_eq!(status.selector, "clustered.dev/service=web");
+    assert_eq!(status.workers, WorkerTotals { desired: 4, ready: 4 });
+    assert_eq!(status.summary, Summary { pods: "2/2".into(), workers: "4/4".into() });
+    assert_eq!(status.instances.iter().map(|i| i.pod.as_str()).collect::<Vec<_>>(), ["web-a", "web-b"]);
+    let first = &status.instances[0];
+    assert_eq!((first.cpu_limit, first.node.as_deref()), (Some(2.0), Some("node-1")));
+    assert_eq!(first.workers[1].pid, Some(101));
+    assert_eq!(first.workers[1].restarts, 1);
+    assert_eq!(condition(&status, AVAILABLE).status, "True");
+    assert_eq!(condition(&status, PROGRESSING).reason, "Complete");
+    assert_eq!(condition(&status, DEGRADED).status, "False");
+    assert!(status.conditions.iter().all(|c| c.observed_generation == Some(4)));
+}
+
+#[test]
+fn a_worker_oom_kill_is_oom_killed_while_recent() {
+    let cr = csvc(APP);
+    let a = pod("web-a", true);
+    let oom_at = |since: Timestamp| {
+        let mut r = report(&[WorkerState::Ready, WorkerState::Ready]);
+        if let Ok(r) = &mut r {
+            r.workers[1].last_exit = Some(format!("{OOM_KILLED} (SIGKILL from the kernel)"));
+            r.workers[1].since = Some(since.to_string());
+        }
+        BTreeMap::from([("web-a".to_string(), r)])
+    };
+    let d = settled_deployment(1);
+    let now = Timestamp::from_second(1_000_000).expect("time");
+    let recent = oom_at(Timestamp::from_second(1_000_000 - 60).expect("time"));
+    let status = compute(&cr, &Observed { deployment: Some(&d), pods: vec![&a], reports: &recent, problem: None }, now);
+    let degraded = condition(&status, DEGRADED);
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "OOMKilled"));
+    assert!(degraded.message.starts_with("pod web-a, worker 1: OOM killed"), "{}", degraded.message);
+
+    let old = oom_at(Timestamp::from_second(1_000_000 - RECENT_EXIT_SECONDS - 1).expect("time"));
+    let status = compute(&cr, &Observed { deployment: Some(&d), pods: vec![&a], reports: &old, problem: None }, now);
+    assert_eq!(condition(&status, DEGRADED).status, "False", "an OOM kill long ago is history");
+}
+
+#[test]
+fn crash_loop_degrades_and_names_the_worker() {
+    let cr = csvc(APP);
+    let a = pod("web-a", true);
+    let mut looping = report(&[WorkerState::Ready, WorkerState::CrashLoop]);
+    if let Ok(r) = &mut looping {
+        r.workers[1].last_exit = Some("exit code 1 before it was ready: inherit mode passes …".into());
+    }
+    let reports = BTreeMap::from([("web-a".to_string(), looping)]);
+    let d = settled_deployment(1);
+    let status = compute(
+        &cr,
+        &Observed { deployment: Some(&d), pods: vec![&a], reports: &reports, problem: None },
+        Timestamp::UNIX_EPOCH,
+    );
+    let degraded = condition(&status, DEGRADED);
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "WorkerCrashLoop"));
+    assert!(degraded.message.contains("web-a/1"), "{}", degraded.message);
+    assert!(degraded.message.ends_with("; last exit: exit code 1 before it was ready: inherit mode passes …"));
+    assert_eq!(status.workers, WorkerTotals { desired: 2, ready: 1 });
+}
+
+#[test]
+fn unreachable_clusterd_and_terminating_pods() {
+    let cr = csvc(&format!("  replicas: 3\n{APP}"));
+    let a = pod("web-a", false);
+    let mut gone = pod("web-z", true);
+    gone.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
+    let reports = BTreeMap::from([("web-a".to_string(), Err("connection refused".to_string()))]);
+    let status = compute(
+        &cr,
+        &Observed { deployment: None, pods: vec![&a, &gone], reports: &reports, problem: None },
+        Timestamp::UNIX_EPOCH,
+    );
+    assert_eq!(status.replicas, 1, "terminating pods are not counted");
+    assert_eq!(status.instances.len(), 1, "and have no instance");
+    assert_eq!(status.instances[0].message.as_deref(), Some("connection refused"));
+    assert_eq!(condition(&status, AVAILABLE).status, "False");
+    assert_eq!(condition(&status, PROGRESSING).reason, "Creating");
+    assert_eq!(status.summary.pods, "0/3");
+}
+
+#[test]
+fn transition_time_moves_only_when_status_flips() {
+    let cr = csvc(APP);
+    let a = pod("web-a", true);
+    let reports = BTreeMap::from([("web-a".to_string(), report(&[WorkerState::Ready]))]);
+    let d = settled_deployment(1);
+    let observed = Observed { deployment: Some(&d), pods: vec![&a], reports: &reports, problem: None };
+    let t1 = Timestamp::from_second(1_000).expect("t1");
+    let t2 = Timestamp::from_second(1_030).expect("t2");
+    let mut cr = cr;
+    cr.status = Some(compute(&cr, &observed, t1));
+    let again = compute(&cr, &observed, t2);
+    assert!(!changed(cr.status.as_ref(), &again, t2), "nothing changed, nothing to write");
+    assert_eq!(condition(&again, AVAILABLE).last_transition_time, Time(t1));
+    // A minute on, the same figures are written again: observedAt says
+    // they are current.
+    let t3 = Timestamp::from_second(1_000 + HEARTBEAT.as_secs() as i64).expect("t3");
+    let later = compute(&cr, &observed, t3);
+    assert!(changed(cr.status.as_ref(), &later, t3), "heartbeat");
+    assert_eq!(later.observed_at, Some(Time(t3)));
+
+    let down = pod("web-a", false);
+    let observed = Observed { deployment: Some(&d), pods: vec![&down], reports: &reports, problem: None };
+    let flipped = compute(&cr, &observed, t2);
+    assert_eq!(condition(&flipped, AVAILABLE).status, "False");
+    assert_eq!(condition(&flipped, AVAILABLE).last_transition_time, Time(t2));
+    assert!(changed(cr.status.as_ref(), &flipped, t2));
+    let mut moved = again.clone();
+    moved.port_mode = Some("node".into());
+    assert!(changed(cr.status.as_ref(), &moved, t2), "any field but observedAt counts");
+}
+
+#[test]
+fn scaled_to_zero_is_available() {
+    let cr = csvc(&format!("  replicas: 0\n{APP}"));
+    let reports = BTreeMap::new();
+    let d = settled_deployment(0);
+    let status = compute(
+        &cr,
+        &Observed { deployment: Some(&d), pods: vec![], reports: &reports, problem: None },
+        Timestamp::UNIX_EPOCH,
+    );
+    assert_eq!(condition(&status, AVAILABLE).reason, "ScaledToZero");
+    assert_eq!(condition(&status, PROGRESSING).status, "False");
+}
+
+fn container(name: &str, state: ContainerState, last: Option<ContainerStateTerminated>) -> ContainerStatus {
+    ContainerStatus {
+        name: name.into(),
+        state: Some(state),
+        last_state: last.map(|t| ContainerState { terminated: Some(t), ..Default::default() }),
+        restart_count: 1,
+        ..Default::default()
+    }
+}
+
+fn waiting(reason: &str, message: &str) -> ContainerState {
+    ContainerState {
+        waiting: Some(ContainerStateWaiting { reason: Some(reason.into()), message: Some(message.into()) }),
+        ..Default::default()
+    }
+}
+
+fn exited(code: i32, reason: &str, message: &str, at: i64) -> ContainerStateTerminated {
+    ContainerStateTerminated {
+        exit_code: code,
+        reason: Some(reason.into()),
+        message: Some(message.into()).filter(|m: &String| !m.is_empty()),
+        finished_at: Some(Time(Timestamp::from_second(at).expect("time"))),
+        ..Default::default()
+    }
+}
+
+fn pod_with(name: &str, containers: Vec<ContainerStatus>) -> Pod {
+    let mut p = pod(name, false);
+    p.status.as_mut().expect("status").container_statuses = Some(containers);
+    p
+}
+
+const NOW: i64 = 10_000;
+
+fn trouble(deployment: Option<&Deployment>, pods: &[&Pod]) -> Option<(&'static str, String)> {
+    pod_trouble(deployment, pods, Timestamp::from_second(NOW).expect("now"))
+}
+
+#[test]
+fn a_missing_image_is_image_pull_failed_with_the_kubelet_s_message() {
+    let p = pod_with(
+        "web-a",
+        vec![container("app", waiting("ErrImageNeverPull", "Container image \"x:1\" is not present"), None)],
+    );
+    let (reason, message) = trouble(None, &[&p]).expect("trouble");
+    assert_eq!(reason, "ImagePullFailed");
+    assert_eq!(message, "pod web-a, container app: Container image \"x:1\" is not present");
+    let backoff = pod_with("web-a", vec![container("app", waiting("ImagePullBackOff", "Back-off pulling"), None)]);
+    assert_eq!(trouble(None, &[&backoff]).expect("trouble").0, "ImagePullFailed");
+}
+
+#[test]
+fn an_unschedulable_pod_says_why() {
+    let mut p = pod("web-a", false);
+    p.status.as_mut().expect("status").conditions = Some(vec![PodCondition {
+        type_: "PodScheduled".into(),
+        status: "False".into(),
+        reason: Some("Unschedulable".into()),
+        message: Some("0/1 nodes are available: 1 Insufficient cpu.".into()),
+        ..Default::default()
+    }]);
+    assert_eq!(
+        trouble(None, &[&p]),
+        Some(("Unschedulable", "pod web-a: 0/1 nodes are available: 1 Insufficient cpu.".into()))
+    );
+}
+
+#[test]
+fn a_replica_failure_is_pod_creation_failed_and_comes_first() {
+    let mut d = settled_deployment(1);
+    d.status.as_mut().expect("status").conditions = Some(vec![DeploymentCondition {
+        type_: "ReplicaFailure".into(),
+        status: "True".into(),
+        reason: Some("FailedCreate".into()),
+        message: Some("pods \"web-x\" is forbidden: violates PodSecurity \"restricted:latest\"".into()),
+        ..Default::default()
+    }]);
+    let other = pod_with("web-a", vec![container("app", waiting("ErrImagePull", "nope"), None)]);
+    let (reason, message) = trouble(Some(&d), &[&other]).expect("trouble");
+    assert_eq!(reason, "PodCreationFailed");
+    assert!(message.contains("violates PodSecurity"), "{message}");
+}
+
+#[test]
+fn a_crash_loop_carries_clusterd_s_own_message() {
+    let last = exited(127, "Error", "cannot run \"/no/such/binary\": No such file or directory (os error 2)", NOW);
+    let p = pod_with("web-a", vec![container("app", waiting("CrashLoopBackOff", "back-off 10s"), Some(last))]);
+    let (reason, message) = trouble(None, &[&p]).expect("trouble");
+    assert_eq!(reason, "ContainerCrashLoop");
+    assert_eq!(
+        message,
+        "pod web-a, container app: exited with code 127 (Error): cannot run \"/no/such/binary\": No such file or directory (os error 2)"
+    );
+}
+
+#[test]
+fn an_oom_kill_is_oom_killed_until_the_container_has_run_a_while() {
+    let running = ContainerState { running: Some(Default::default()), ..Default::default() };
+    let oom = |at| pod_with("web-a", vec![container("app", running.clone(), Some(exited(137, "OOMKilled", "", at)))]);
+    let recent = oom(NOW - 30);
+    assert_eq!(
+        trouble(None, &[&recent]),
+        Some(("OOMKilled", "pod web-a, container app: exited with code 137 (OOMKilled)".into()))
+    );
+    // Still counted while it runs between kills: no false recovery.
+    let mut ready = oom(NOW - 30);
+    ready.status.as_mut().expect("status").container_statuses.as_mut().expect("containers")[0].ready = true;
+    assert_eq!(trouble(None, &[&ready]).map(|t| t.0), Some("OOMKilled"));
+    // Long ago, and running since: fine.
+    let old = oom(NOW - RECENT_EXIT_SECONDS - 1);
+    assert_eq!(trouble(None, &[&old]), None);
+}
+
+#[test]
+fn healthy_and_starting_containers_are_no_trouble() {
+    let running = ContainerState { running: Some(Default::default()), ..Default::default() };
+    let fine = pod_with("web-a", vec![container("app", running, None)]);
+    let starting = pod_with("web-b", vec![container("app", waiting("ContainerCreating", ""), None)]);
+    assert_eq!(trouble(Some(&settled_deployment(2)), &[&fine, &starting]), None);
+}
+
+#[test]
+fn pod_trouble_outranks_workers_and_reconcile_errors_outrank_both() {
+    let cr = csvc(APP);
+    let p = pod_with("web-a", vec![container("app", waiting("ErrImagePull", "no such image"), None)]);
+    let reports = BTreeMap::from([("web-a".to_string(), report(&[WorkerState::CrashLoop]))]);
+    let d = settled_deployment(1);
+    let mut observed = Observed { deployment: Some(&d), pods: vec![&p], reports: &reports, problem: None };
+    let status = compute(&cr, &observed, Timestamp::UNIX_EPOCH);
+    assert_eq!(condition(&status, DEGRADED).reason, "ImagePullFailed");
+
+    observed.problem = Some(Problem::ReconcileError("applying the Service: exceeded quota".into()));
+    let status = compute(&cr, &observed, Timestamp::UNIX_EPOCH);
+    let degraded = condition(&status, DEGRADED);
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "ReconcileError"));
+    assert_eq!(degraded.message, "applying the Service: exceeded quota");
+}
+
+#[test]
+fn no_cpu_limit_is_said_when_clusterd_used_the_node_s_cpus() {
+    let a = pod("web-a", true);
+    let mut unlimited = report(&[WorkerState::Ready, WorkerState::Ready]);
+    if let Ok(status) = unlimited.as_mut() {
+        status.cpu = CpuLimit { cores: None, source: "affinity".into() };
+    }
+    let reports = BTreeMap::from([("web-a".to_string(), unlimited)]);
+    let d = settled_deployment(1);
+    let observed = Observed { deployment: Some(&d), pods: vec![&a], reports: &reports, problem: None };
+    let status = compute(&csvc(APP), &observed, Timestamp::UNIX_EPOCH);
+    let degraded = condition(&status, DEGRADED);
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("False", NO_CPU_LIMIT));
+    assert!(degraded.message.contains("node's CPU count: pod web-a runs 2 workers"), "{}", degraded.message);
+
+    // A fixed worker count does not depend on the CPUs.
+    let fixed = csvc(&format!("  workers: {{count: 2}}\n{APP}"));
+    assert_eq!(condition(&compute(&fixed, &observed, Timestamp::UNIX_EPOCH), DEGRADED).reason, "AsExpected");
+}
