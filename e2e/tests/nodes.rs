@@ -18,8 +18,8 @@ use clustered_e2e::{Cluster, Operator, app_container, demo_service, load, repo_r
 use clustered_operator::resources::SERVICE_LABEL;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, PostParams};
 use kube::ResourceExt;
+use kube::api::{Api, ListParams, PostParams};
 use tokio::time::Instant;
 
 const POD_START: Duration = Duration::from_secs(180);
@@ -66,7 +66,8 @@ impl Drop for Nodes {
     fn drop(&mut self) {
         // A killed node comes back (idempotent: < 1 s when all is up),
         // then every node takes pods again.
-        let up = std::process::Command::new(repo_root().join("e2e/cluster/up")).stdout(std::process::Stdio::null()).status();
+        let up =
+            std::process::Command::new(repo_root().join("e2e/cluster/up")).stdout(std::process::Stdio::null()).status();
         if !up.is_ok_and(|s| s.success()) {
             eprintln!("WARNING: e2e/cluster/up failed while restoring the nodes");
         }
@@ -116,17 +117,16 @@ async fn wait_placed(
     what: &str,
     placed: impl Fn(&BTreeMap<String, String>) -> bool,
 ) -> anyhow::Result<BTreeMap<String, String>> {
-    let mut result = BTreeMap::new();
+    let result = std::sync::Mutex::new(BTreeMap::new());
     wait_for(POD_START, what, || {
-        let result = &mut result;
-        let placed = &placed;
+        let (result, placed) = (&result, &placed);
         async move {
             let ready = ready_placement(pods, name).await?;
             let all = pods_of(pods, name).await?;
             let status = csvcs.get(name).await?.status.unwrap_or_default();
             let reported: BTreeMap<String, String> =
                 status.instances.iter().map(|i| (i.pod.clone(), i.node.clone().unwrap_or_default())).collect();
-            *result = ready.clone();
+            *result.lock().expect("not poisoned") = ready.clone();
             anyhow::ensure!(ready.len() == want && all.len() == want, "ready {ready:?}, pods {}", all.len());
             anyhow::ensure!(placed(&ready), "placed {ready:?}");
             anyhow::ensure!(
@@ -138,7 +138,7 @@ async fn wait_placed(
         }
     })
     .await?;
-    Ok(result)
+    Ok(result.into_inner().expect("not poisoned"))
 }
 
 fn distinct_nodes(placement: &BTreeMap<String, String>) -> usize {
@@ -220,11 +220,10 @@ async fn spread_over_three_nodes_then_a_node_and_a_zone_drained_under_load() -> 
     let victim = nodes.last();
     let (stop_load, load) = start_load(&services, "web").await?;
     let (stop_watch, min_ready, watch) = watch_min_ready(pods.clone(), "web");
-    let drained = kubectl(&cluster, &[DRAIN, &[victim.as_str()]].concat()).await;
-    let moved = wait_placed(&csvcs, &pods, "web", 3, "3 pods ready off the drained node", |p| {
-        p.values().all(|n| *n != victim)
-    })
-    .await;
+    let drained = kubectl(&cluster, &[DRAIN, &[victim.as_str()][..]].concat()).await;
+    let moved =
+        wait_placed(&csvcs, &pods, "web", 3, "3 pods ready off the drained node", |p| p.values().all(|n| *n != victim))
+            .await;
     stop_load.store(true, Ordering::Relaxed);
     stop_watch.store(true, Ordering::Relaxed);
     let report = load.await?;
@@ -250,7 +249,7 @@ async fn spread_over_three_nodes_then_a_node_and_a_zone_drained_under_load() -> 
     let (stop_load, load) = start_load(&services, "web").await?;
     let (stop_watch, min_ready, watch) = watch_min_ready(pods.clone(), "web");
     let selector = format!("{ZONE}={zone}");
-    let drained = kubectl(&cluster, &[DRAIN, &["-l", selector.as_str()]].concat()).await;
+    let drained = kubectl(&cluster, &[DRAIN, &["-l", selector.as_str()][..]].concat()).await;
     let after = wait_placed(&csvcs, &pods, "web", 3, "3 pods ready outside the drained zone", |p| {
         p.values().all(|n| nodes.zones[n] != zone)
     })
@@ -376,7 +375,8 @@ async fn a_node_lost_without_warning_is_named_then_replaced_and_cleaned_up_when_
     // The node comes back: its evicted pod goes, no duplicate stays, and
     // the status is clean again.
     let back = Instant::now();
-    let up = tokio::process::Command::new(repo_root().join("e2e/cluster/up")).stdout(std::process::Stdio::null()).status();
+    let up =
+        tokio::process::Command::new(repo_root().join("e2e/cluster/up")).stdout(std::process::Stdio::null()).status();
     ensure!(up.await?.success(), "e2e/cluster/up did not bring {victim} back");
     wait_for(Duration::from_secs(120), "exactly 3 pods, a clean status", || async {
         let all = pods_of(&pods, "lost").await?;
@@ -426,7 +426,8 @@ async fn in_place_resize_and_concurrency_autoscaling_off_the_first_node() -> any
         app_container(v)["resources"]["requests"]["cpu"] = "100m".into();
     });
     csvcs.create(&PostParams::default(), &csvc).await?;
-    let placed = wait_placed(&csvcs, &pods, "far", 1, "the pod on the last node", |p| p.values().all(|n| *n == far)).await?;
+    let placed =
+        wait_placed(&csvcs, &pods, "far", 1, "the pod on the last node", |p| p.values().all(|n| *n == far)).await?;
     let pod = placed.keys().next().expect("a pod").clone();
     let workers = |cpu: f64, n: i32| {
         let (csvcs, pod) = (csvcs.clone(), pod.clone());
@@ -447,8 +448,11 @@ async fn in_place_resize_and_concurrency_autoscaling_off_the_first_node() -> any
 
     // In-place resize: no restart, clusterd follows with a second worker.
     let patch = r#"{"spec":{"containers":[{"name":"app","resources":{"limits":{"cpu":"2"}}}]}}"#;
-    kubectl(&cluster, &["-n", &ns, "patch", "pod", &pod, "--subresource", "resize", "--type", "strategic", "-p", patch])
-        .await?;
+    kubectl(
+        &cluster,
+        &["-n", &ns, "patch", "pod", &pod, "--subresource", "resize", "--type", "strategic", "-p", patch],
+    )
+    .await?;
     wait_for(Duration::from_secs(60), "2 CPUs, 2 workers", || workers(2.0, 2)).await?;
     let restarts = pods.get(&pod).await?.status.and_then(|s| s.container_statuses).unwrap_or_default();
     assert!(restarts.iter().all(|c| c.restart_count == 0), "the resize restarted a container: {restarts:?}");

@@ -3,7 +3,6 @@
 //!
 //! * [`resources`]: desired children, pure functions of the CR.
 //! * [`status`]: observed state, a pure function of pods and clusterd reports.
-//! * [`node_loss`]: pods stranded on a node that stopped reporting.
 //! * [`probe`]: asks each pod's clusterd for its `/status`.
 //! * [`image`]: an app container without `command` runs its image's
 //!   ENTRYPOINT/CMD, read from the registry.
@@ -17,7 +16,6 @@ pub mod controller;
 pub mod image;
 pub mod leader;
 pub mod metrics;
-pub mod node_loss;
 pub mod probe;
 pub mod resources;
 pub mod server;

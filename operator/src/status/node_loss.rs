@@ -79,7 +79,11 @@ mod tests {
 
     #[test]
     fn pods_the_node_controller_marked_or_the_taint_manager_evicted_name_their_node() {
-        let marked = pod("web-a", "n3", serde_json::json!([cond("Ready", "False", None), cond("ContainersReady", "True", None)]));
+        let marked = pod(
+            "web-a",
+            "n3",
+            serde_json::json!([cond("Ready", "False", None), cond("ContainersReady", "True", None)]),
+        );
         let evicted = pod(
             "web-b",
             "n3",
@@ -89,7 +93,8 @@ mod tests {
                 cond("DisruptionTarget", "True", Some("DeletionByTaintManager"))
             ]),
         );
-        let healthy = pod("web-c", "n1", serde_json::json!([cond("Ready", "True", None), cond("ContainersReady", "True", None)]));
+        let healthy =
+            pod("web-c", "n1", serde_json::json!([cond("Ready", "True", None), cond("ContainersReady", "True", None)]));
         let lost = lost_nodes(&[&evicted, &healthy, &marked]);
         assert_eq!(lost, BTreeMap::from([("n3".to_string(), vec!["web-a".to_string(), "web-b".to_string()])]));
         let message = message(&lost, 30);
@@ -103,18 +108,28 @@ mod tests {
         let probe = pod(
             "a",
             "n1",
-            serde_json::json!([cond("Ready", "False", Some("ContainersNotReady")), cond("ContainersReady", "False", Some("ContainersNotReady"))]),
+            serde_json::json!([
+                cond("Ready", "False", Some("ContainersNotReady")),
+                cond("ContainersReady", "False", Some("ContainersNotReady"))
+            ]),
         );
         let gates = pod(
             "b",
             "n1",
-            serde_json::json!([cond("Ready", "False", Some("ReadinessGatesNotReady")), cond("ContainersReady", "True", None)]),
+            serde_json::json!([
+                cond("Ready", "False", Some("ReadinessGatesNotReady")),
+                cond("ContainersReady", "True", None)
+            ]),
         );
         // kubectl drain goes through the eviction API.
         let drained = pod(
             "c",
             "n1",
-            serde_json::json!([cond("Ready", "True", None), cond("ContainersReady", "True", None), cond("DisruptionTarget", "True", Some("EvictionByEvictionAPI"))]),
+            serde_json::json!([
+                cond("Ready", "True", None),
+                cond("ContainersReady", "True", None),
+                cond("DisruptionTarget", "True", Some("EvictionByEvictionAPI"))
+            ]),
         );
         let unscheduled = pod("d", "", serde_json::json!([cond("PodScheduled", "False", Some("Unschedulable"))]));
         assert!(lost_nodes(&[&probe, &gates, &drained, &unscheduled]).is_empty());
