@@ -12,6 +12,10 @@ STATIC_TARGET := x86_64-unknown-linux-gnu
 export CLUSTERD_BIN := $(CARGO_TARGET_DIR)/$(STATIC_TARGET)/release/clusterd
 export OPERATOR_BIN := $(CARGO_TARGET_DIR)/$(STATIC_TARGET)/release/clustered-operator
 
+# Nodes of the local cluster (e2e/cluster/up): CI and `make test` run 3
+# (e2e/tests/nodes.rs needs them); `NODES=1 make demo` starts a lighter one.
+export NODES ?= 3
+
 .PHONY: demo test lint build images cluster down bench
 
 demo: images

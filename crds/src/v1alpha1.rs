@@ -225,6 +225,19 @@ pub struct ClusteredServiceSpec {
     #[serde(default)]
     pub shutdown: ShutdownPolicy,
 
+    /// How long a pod stays bound to a node that is not ready or
+    /// unreachable before Kubernetes evicts it and a replacement starts
+    /// elsewhere (the pods' `tolerationSeconds` for the
+    /// `node.kubernetes.io/not-ready` and `unreachable` taints, unless the
+    /// template sets its own). Kubernetes' default is 300. Shorter brings
+    /// the service back to full strength sooner after a node dies, but a
+    /// node that only flaps (a network blip, a kubelet restart) loses its
+    /// pods too; an app that keeps state in its pods should tolerate
+    /// longer.
+    #[serde(default = "default_node_loss_toleration_seconds")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub node_loss_toleration_seconds: i64,
+
     /// Scale pods horizontally through this resource's scale subresource:
     /// on CPU with a HorizontalPodAutoscaler, or on in-flight requests per
     /// worker by the operator.
@@ -793,6 +806,9 @@ fn pod_template_schema(_: &mut SchemaGenerator) -> Schema {
 // leaves a field out means what clusterd does without the flag.
 fn default_replicas() -> i32 {
     1
+}
+fn default_node_loss_toleration_seconds() -> i64 {
+    30
 }
 fn default_port() -> i32 {
     defaults::PORT.into()

@@ -15,7 +15,8 @@ DUMMY_IF=clustered0
 NODE_IP=10.201.0.1               # on DUMMY_IF: apiserver advertise address, node InternalIP
 POD_CIDR=10.88.0.0/16
 POD_GW=10.88.0.1
-BRIDGE=cni0
+BRIDGE=cni0                      # node 1's; node i's is cni<i-1>
+BRIDGES=cni+                     # every node's (iptables interface match)
 CNI_NET=clustered
 SVC_CIDR=10.96.0.0/16
 API_SVC_IP=10.96.0.1
@@ -34,12 +35,58 @@ REGISTRY_AUTH="$NODE_IP:$REGISTRY_AUTH_PORT"
 REGISTRY_AUTH_CREDENTIALS="$STATE/registry-auth/credentials"   # "user:password"
 
 KUBECONFIG_PATH="$STATE/admin.kubeconfig"
-CONTAINERD_SOCK="$RUN/containerd/containerd.sock"
+CONTAINERD_SOCK="$RUN/containerd/containerd.sock"   # node 1's
 LOGS="$STATE/logs"
 PIDS="$STATE/pids"
 
-# Components in start order.
-COMPONENTS=(etcd kube-apiserver registry registry-auth containerd kube-controller-manager kube-scheduler kubelet kube-proxy metrics-server)
+# Several real nodes on this machine, each with its own containerd and
+# kubelet. Node 1 keeps the single-node names and paths above; node i > 1
+# gets its own address on DUMMY_IF, pod CIDR and bridge, state dir,
+# containerd socket and kubelet cgroup root (see node_vars).
+MAX_NODES=6
+ZONES=(a b c d e f)
+# The node count `up` starts: $NODES, else the running cluster's, else 3.
+wanted_nodes() {
+	local n=${NODES:-}
+	if [[ -z $n && -f $STATE/nodes ]]; then n=$(<"$STATE/nodes"); fi
+	n=${n:-3}
+	[[ $n =~ ^[1-9]$ ]] && ((n <= MAX_NODES)) || die "NODES=$n: pick 1 to $MAX_NODES"
+	echo "$n"
+}
+
+# node_vars I: set the N_* variables of node I (1-based).
+node_vars() {
+	local i=$1
+	N_IP=10.201.0.$i
+	N_CIDR=10.88.$((i - 1)).0/24
+	N_GW=10.88.$((i - 1)).1
+	N_BRIDGE=cni$((i - 1))
+	N_ZONE=${ZONES[i - 1]}
+	if ((i == 1)); then
+		N_NAME=$NODE_NAME N_SUFFIX="" N_DIR=$STATE N_RUN=$RUN N_CNI_NET=$CNI_NET N_CGROOT=/
+	else
+		N_NAME=$NODE_NAME-$i N_SUFFIX=-$i N_DIR=$STATE/node$i N_RUN=$RUN/node$i N_CNI_NET=$CNI_NET-$i
+		# Its own kubepods tree: the kubelets must not manage each other's cgroups.
+		N_CGROOT=/$NODE_NAME-$i
+	fi
+	N_SOCK=$N_RUN/containerd/containerd.sock
+	N_CONTAINERD=containerd$N_SUFFIX
+	N_KUBELET=kubelet$N_SUFFIX
+}
+
+# node_socks: the containerd sockets of the nodes that have one.
+node_socks() {
+	local i
+	for ((i = 1; i <= MAX_NODES; i++)); do
+		node_vars "$i"
+		[[ -S $N_SOCK ]] && echo "$N_SOCK"
+	done
+	return 0
+}
+
+# Control-plane components in start order (each node adds its containerd
+# and kubelet).
+COMPONENTS=(etcd kube-apiserver registry registry-auth kube-controller-manager kube-scheduler kube-proxy metrics-server)
 
 log() { printf '[%s %s] %s\n' "${0##*/}" "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }

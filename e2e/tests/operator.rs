@@ -383,12 +383,17 @@ async fn two_operators_on_one_namespace_do_not_fight_silently() -> anyhow::Resul
     let status = csvcs.get("contested").await?.status.unwrap_or_default();
     let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").expect("Degraded");
     assert!(degraded.message.contains("another clustered operator"), "{}", degraded.message);
-    let generation = || async { anyhow::Ok(deployments.get("contested").await?.metadata.generation.unwrap_or_default()) };
+    let generation =
+        || async { anyhow::Ok(deployments.get("contested").await?.metadata.generation.unwrap_or_default()) };
     let (at_detection, started) = (generation().await?, tokio::time::Instant::now());
     tokio::time::sleep(Duration::from_secs(20)).await;
     let grown = generation().await? - at_detection;
     first.stop().await;
     second.stop().await;
-    assert!(grown <= 2, "the Deployment was rewritten {grown} times in {:?} after the contest was seen", started.elapsed());
+    assert!(
+        grown <= 2,
+        "the Deployment was rewritten {grown} times in {:?} after the contest was seen",
+        started.elapsed()
+    );
     Ok(())
 }

@@ -151,7 +151,10 @@ fn contested(repairs: &mut VecDeque<Instant>, now: Instant) -> bool {
 
 /// Who keeps changing a child, from its managed fields, and what to do.
 fn contest_message(kind: &str, managed: &[ManagedFieldsEntry]) -> String {
-    let last = managed.iter().filter(|m| m.operation.as_deref() == Some("Update")).max_by_key(|m| m.time.as_ref().map(|t| t.0));
+    let last = managed
+        .iter()
+        .filter(|m| m.operation.as_deref() == Some("Update"))
+        .max_by_key(|m| m.time.as_ref().map(|t| t.0));
     let writer = last.and_then(|m| m.manager.as_deref()).unwrap_or("unknown");
     let hint = if writer == MANAGER {
         "another clustered operator, with other settings, manages this namespace too (an old and a new one during an upgrade, or two releases): \

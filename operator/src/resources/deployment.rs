@@ -4,7 +4,8 @@ use clustered_api::v1alpha1::ClusteredService;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, Lifecycle, LifecycleHandler, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, SleepAction, Volume, VolumeMount,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, SleepAction, Toleration,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -62,6 +63,7 @@ pub fn deployment_for(
         .ok_or_else(|| TemplateError::UnknownAppContainer(app_name.clone()))?;
     wrap_app_container(app, csvc, image)?;
     inject_clusterd(pod, settings, spec.shutdown.drain_timeout_seconds);
+    place_pods(pod, csvc);
 
     let meta = template.metadata.get_or_insert_with(Default::default);
     meta.labels.get_or_insert_with(Default::default).extend(selector_labels(csvc));
@@ -191,6 +193,49 @@ fn inject_clusterd(pod: &mut PodSpec, settings: &Settings, drain_timeout_seconds
     }
 }
 
+/// Topology keys the pods spread over, nodes first.
+const SPREAD_TOPOLOGY_KEYS: [&str; 2] = ["kubernetes.io/hostname", "topology.kubernetes.io/zone"];
+/// The taints the node lifecycle controller puts on a node that stops
+/// reporting; pods tolerating them stay bound for `tolerationSeconds`.
+const NODE_LOSS_TAINTS: [&str; 2] = ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"];
+
+/// Where the pods go, unless the template says: spread one by one over
+/// nodes and zones (a preference, so a small cluster still runs them all),
+/// and moved off a lost node after `spec.nodeLossTolerationSeconds`.
+fn place_pods(pod: &mut PodSpec, csvc: &ClusteredService) {
+    if pod.topology_spread_constraints.as_ref().is_none_or(Vec::is_empty) {
+        pod.topology_spread_constraints = Some(
+            SPREAD_TOPOLOGY_KEYS
+                .iter()
+                .map(|key| TopologySpreadConstraint {
+                    max_skew: 1,
+                    topology_key: (*key).into(),
+                    when_unsatisfiable: "ScheduleAnyway".into(),
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(selector_labels(csvc)),
+                        ..Default::default()
+                    }),
+                    // Spread each rollout's pods, not old and new together.
+                    match_label_keys: Some(vec!["pod-template-hash".into()]),
+                    ..Default::default()
+                })
+                .collect(),
+        );
+    }
+    let tolerations = pod.tolerations.get_or_insert_with(Vec::new);
+    for key in NODE_LOSS_TAINTS {
+        if !tolerations.iter().any(|t| t.key.as_deref() == Some(key)) {
+            tolerations.push(Toleration {
+                key: Some(key.into()),
+                operator: Some("Exists".into()),
+                effect: Some("NoExecute".into()),
+                toleration_seconds: Some(csvc.spec.node_loss_toleration_seconds),
+                ..Default::default()
+            });
+        }
+    }
+}
+
 fn container_port(name: &str, port: i32) -> ContainerPort {
     ContainerPort { name: Some(name.into()), container_port: port, protocol: Some("TCP".into()), ..Default::default() }
 }
@@ -315,6 +360,66 @@ mod tests {
         assert_eq!(pod.termination_grace_period_seconds, Some(120));
         let readiness = pod.containers[0].readiness_probe.as_ref().and_then(|p| p.http_get.as_ref());
         assert_eq!(readiness.and_then(|h| h.path.as_deref()), Some("/mine"));
+    }
+
+    #[test]
+    fn pods_spread_over_nodes_and_zones_and_leave_a_lost_node_after_the_toleration() {
+        let d = deployment(&csvc(&format!("  nodeLossTolerationSeconds: 45\n{APP}")), &Settings::default())
+            .expect("deployment");
+        let pod = pod_spec(&d);
+        let spread = pod.topology_spread_constraints.as_ref().expect("spread");
+        let keys: Vec<_> = spread.iter().map(|c| c.topology_key.as_str()).collect();
+        assert_eq!(keys, SPREAD_TOPOLOGY_KEYS);
+        for c in spread {
+            assert_eq!((c.max_skew, c.when_unsatisfiable.as_str()), (1, "ScheduleAnyway"));
+            let selector = c.label_selector.as_ref().and_then(|s| s.match_labels.as_ref()).expect("selector");
+            assert_eq!(selector.get(SERVICE_LABEL).map(String::as_str), Some("web"));
+        }
+        let tolerations: Vec<_> = pod
+            .tolerations
+            .iter()
+            .flatten()
+            .map(|t| (t.key.as_deref(), t.effect.as_deref(), t.toleration_seconds))
+            .collect();
+        assert_eq!(
+            tolerations,
+            [
+                (Some(NODE_LOSS_TAINTS[0]), Some("NoExecute"), Some(45)),
+                (Some(NODE_LOSS_TAINTS[1]), Some("NoExecute"), Some(45))
+            ]
+        );
+        // Default: 30 s.
+        let d = deployment(&csvc(APP), &Settings::default()).expect("deployment");
+        assert!(pod_spec(&d).tolerations.iter().flatten().all(|t| t.toleration_seconds == Some(30)));
+    }
+
+    #[test]
+    fn the_template_s_own_spread_and_tolerations_win() {
+        let yaml = "  template:
+    spec:
+      topologySpreadConstraints:
+        - {maxSkew: 2, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule}
+      tolerations:
+        - {key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 600}
+        - {key: dedicated, operator: Equal, value: web, effect: NoSchedule}
+      containers:
+        - name: app
+          command: [node, server.js]
+";
+        let d = deployment(&csvc(yaml), &Settings::default()).expect("deployment");
+        let pod = pod_spec(&d);
+        let spread = pod.topology_spread_constraints.as_ref().expect("spread");
+        assert_eq!((spread.len(), spread[0].max_skew), (1, 2));
+        let tolerations: Vec<_> =
+            pod.tolerations.iter().flatten().map(|t| (t.key.as_deref(), t.toleration_seconds)).collect();
+        assert_eq!(
+            tolerations,
+            [
+                (Some("node.kubernetes.io/unreachable"), Some(600)),
+                (Some("dedicated"), None),
+                (Some("node.kubernetes.io/not-ready"), Some(30))
+            ]
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 
 use super::instances::{worker_oom_kill, workers_in};
+use super::node_loss;
 use super::pods::{deployment_condition, pod_trouble};
 use super::{AVAILABLE, DEGRADED, IMAGE_CONFIG_UNAVAILABLE, Observed, PROGRESSING, Problem};
 
@@ -59,7 +60,7 @@ pub(super) fn progressing(
 }
 
 /// Degraded when something needs a person: the operator's own work
-/// failing, pods that cannot be created, scheduled, pulled or kept
+/// failing, pods on a node that stopped reporting, pods that cannot be created, scheduled, pulled or kept
 /// running, a worker crash-looping, a rollout that stopped making progress,
 /// or a ready pod whose workers are not all serving. The first cause found
 /// wins, in that order.
@@ -74,8 +75,17 @@ pub(super) fn degraded(
         Some(Problem::InvalidSpec(why)) => return (DEGRADED, true, "InvalidSpec", why.clone()),
         Some(Problem::ReconcileError(why)) => return (DEGRADED, true, "ReconcileError", why.clone()),
         Some(Problem::ImageConfigUnavailable(why)) => return (DEGRADED, true, IMAGE_CONFIG_UNAVAILABLE, why.clone()),
-        Some(Problem::ContestedByAnotherWriter(why)) => return (DEGRADED, true, "ContestedByAnotherWriter", why.clone()),
+        Some(Problem::ContestedByAnotherWriter(why)) => {
+            return (DEGRADED, true, "ContestedByAnotherWriter", why.clone());
+        }
         None => {}
+    }
+    // Terminating pods count here: evicted from a lost node, they stay
+    // until it comes back.
+    let lost = node_loss::lost_nodes(&observed.pods);
+    if !lost.is_empty() {
+        let message = node_loss::message(&lost, csvc.spec.node_loss_toleration_seconds);
+        return (DEGRADED, true, node_loss::NODE_UNREACHABLE, message);
     }
     if let Some((reason, message)) = pod_trouble(observed.deployment, live, now) {
         return (DEGRADED, true, reason, message);

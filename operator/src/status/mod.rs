@@ -4,10 +4,12 @@
 //! * [`conditions`]: Available, Progressing and Degraded, with their reasons.
 //! * [`pods`]: why pods are missing or not running.
 //! * [`instances`]: each pod's workers, as its clusterd reports them.
+//! * [`node_loss`]: pods stranded on a node that stopped reporting.
 //! * here: the status as a whole, and when it is worth writing.
 
 mod conditions;
 mod instances;
+pub mod node_loss;
 mod pods;
 
 use std::collections::{BTreeMap, BTreeSet};

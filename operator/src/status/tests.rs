@@ -441,3 +441,42 @@ fn the_ready_column_never_shows_more_pods_than_wanted() {
     assert_eq!(status.summary.pods, "1/1");
     assert_eq!(status.ready_replicas, 2, "the count itself stays true");
 }
+
+#[test]
+fn pods_on_a_lost_node_degrade_with_the_node_and_pods_named_evicted_ones_included() {
+    let cr = csvc(&format!("  replicas: 3\n  nodeLossTolerationSeconds: 20\n{APP}"));
+    let healthy = |name: &str| {
+        let mut p = pod(name, true);
+        p.status.as_mut().and_then(|s| s.conditions.as_mut()).expect("conditions").push(PodCondition {
+            type_: "ContainersReady".into(),
+            status: "True".into(),
+            ..Default::default()
+        });
+        p
+    };
+    let (a, b) = (healthy("web-a"), healthy("web-b"));
+    // Marked not ready by the node lifecycle controller: Ready flipped,
+    // ContainersReady left as the kubelet last reported it.
+    let mut stranded = healthy("web-c");
+    stranded.spec.as_mut().expect("spec").node_name = Some("node-3".into());
+    stranded.status.as_mut().and_then(|s| s.conditions.as_mut()).expect("conditions")[0].status = "False".into();
+    let reports = BTreeMap::new();
+    let serving = routed(&[&a, &b, &stranded]);
+    let observe = |pods| Observed { deployment: None, pods, reports: &reports, problem: None, serving: &serving };
+    let status = compute(&cr, &observe(vec![&a, &b, &stranded]), Timestamp::UNIX_EPOCH);
+    let degraded = condition(&status, DEGRADED);
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", node_loss::NODE_UNREACHABLE));
+    assert!(degraded.message.contains("node node-3") && degraded.message.contains("web-c"), "{}", degraded.message);
+    assert!(degraded.message.contains("20 s"), "{}", degraded.message);
+
+    // Evicted (terminating) until its node comes back: still named.
+    let mut evicted = stranded.clone();
+    evicted.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
+    let status = compute(&cr, &observe(vec![&a, &b, &evicted]), Timestamp::UNIX_EPOCH);
+    assert_eq!(condition(&status, DEGRADED).reason, node_loss::NODE_UNREACHABLE);
+    assert_eq!(status.instances.len(), 2);
+
+    // Gone: clean again.
+    let status = compute(&cr, &observe(vec![&a, &b]), Timestamp::UNIX_EPOCH);
+    assert_eq!(condition(&status, DEGRADED).status, "False");
+}
