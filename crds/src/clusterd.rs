@@ -249,6 +249,13 @@ fn parse_route(s: &str) -> Result<(String, u32), String> {
     if prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!("a request path never contains white space or control characters: {prefix:?}"));
     }
+    if let Some(at) = prefix.find(['?', '#']) {
+        return Err(format!(
+            "a route matches the request's path only, never its query or fragment, so {prefix:?} could never \
+             match: give the path alone ({:?})",
+            &prefix[..at]
+        ));
+    }
     let workers: u32 = n.parse().map_err(|_| format!("route worker count must be a positive integer, got {n:?}"))?;
     if workers == 0 {
         return Err("a route needs at least 1 worker".into());

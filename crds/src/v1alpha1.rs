@@ -381,15 +381,16 @@ impl JsonSchema for WorkerCount {
 ]))]
 pub struct RoutePool {
     /// Requests whose path starts with this prefix use this pool (the
-    /// longest matching prefix wins). No `=` or white space.
+    /// longest matching prefix wins). No `=`, white space, `?` or `#`
+    /// (a route matches the path, never the query).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^/[^=\s]*$"), length(min = 1, max = 256))]
+    #[schemars(regex(pattern = r"^/[^=\s?#]*$"), length(min = 1, max = 256))]
     pub path_prefix: Option<String>,
     /// Requests for exactly this path use this pool; an exact match wins
-    /// over any prefix. `/` here means the root page only. No `=` or white
-    /// space.
+    /// over any prefix. `/` here means the root page only. No `=`, white
+    /// space, `?` or `#` (the query is ignored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^/[^=\s]*$"), length(min = 1, max = 256))]
+    #[schemars(regex(pattern = r"^/[^=\s?#]*$"), length(min = 1, max = 256))]
     pub path: Option<String>,
     /// Workers dedicated to this pool; the rest serve everything else.
     #[schemars(range(min = 1, max = 1024))]

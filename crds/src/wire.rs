@@ -34,7 +34,9 @@ pub struct ClusterdStatus {
     pub started_at: String,
     /// True once a shutdown has begun.
     pub draining: bool,
-    /// One entry per worker slot, ordered by id.
+    /// One entry per worker slot, ordered by id; then one per process that
+    /// left its slot (reload, recycle, scale-down) and still finishes its
+    /// requests, as `Draining`, under the id of the slot it served.
     pub workers: Vec<WorkerStatus>,
     /// Request queues of the route pools (proxy mode with `--max-concurrency`).
     pub pools: Vec<PoolStatus>,
@@ -79,8 +81,13 @@ pub struct WorkerStatus {
     /// Pid of the current process, if one is running.
     pub pid: Option<u32>,
     pub state: WorkerState,
-    /// How many times this slot's process has been replaced after exiting.
+    /// How many times this slot's process has been replaced after it
+    /// crashed (any exit but a clean one).
     pub restarts: u32,
+    /// Clean exits: status 0 after the process was Ready (e.g. an app that
+    /// exits after N requests). Restarted at once, without backoff, and not
+    /// counted in `restarts`.
+    pub clean_exits: u32,
     /// How the previous process ended, e.g. `exit code 1`, `killed by
     /// SIGKILL`, or starting with [`OOM_KILLED`] when the kernel killed it
     /// at the container's memory limit.

@@ -22,7 +22,10 @@ pub const DEFAULT_WORKER_CAP: u32 = 1024;
     name = "clusterd",
     version,
     about = "Runs one worker of <command> per CPU of the container's limit, shares one port between them and supervises them.",
-    override_usage = "clusterd [OPTIONS] -- <command> [args...]"
+    override_usage = "clusterd [OPTIONS] -- <command> [args...]",
+    // `--workers -1` is a bad value to explain, not a flag (clap's tip would
+    // be to pass it after `--`, which makes it the worker command).
+    allow_negative_numbers = true
 )]
 pub struct Config {
     /// `auto` (= the CPU limit, see --rounding) or a fixed number of workers.
@@ -285,6 +288,17 @@ impl Config {
         if self.port_mode != PortMode::Reuseport && self.port == 0 {
             return Err("--port must not be 0".into());
         }
+        self.validate_timings()?;
+        if self.admin_port == 0 {
+            return Err("--admin-port must not be 0: probes and the operator need a fixed port \
+                        (the default is 9901)"
+                .into());
+        }
+        if self.max_memory_mib == Some(0) {
+            return Err("--max-memory-mib 0 would recycle every worker as soon as it starts; give a limit \
+                        in MiB (e.g. 512), or leave the flag out"
+                .into());
+        }
         if self.hung_after.is_zero() {
             return Err("--hung-after 0s would kill every worker as it starts; give it a duration like 30s".into());
         }
@@ -305,6 +319,29 @@ impl Config {
             ));
         }
         self.validate_counts()
+    }
+
+    /// Probes and restarts: settings under which no worker could be Ready
+    /// or restart as documented.
+    fn validate_timings(&self) -> Result<(), String> {
+        if self.health_timeout.is_zero() {
+            return Err("--health-timeout 0s fails every probe, so no worker would ever be Ready; \
+                        give it a duration like 1s"
+                .into());
+        }
+        if self.crash_loop_threshold == 0 {
+            return Err("--crash-loop-threshold must be at least 1 (consecutive crashes before a slot \
+                        is reported as CrashLoop)"
+                .into());
+        }
+        if self.initial_backoff > self.max_backoff {
+            return Err(format!(
+                "--initial-backoff {} is above --max-backoff {}: lower --initial-backoff or raise --max-backoff",
+                human(self.initial_backoff),
+                human(self.max_backoff)
+            ));
+        }
+        Ok(())
     }
 
     /// --max-concurrency and its queue; --sticky.

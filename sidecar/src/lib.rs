@@ -151,11 +151,7 @@ pub fn install_self(dest: &std::path::Path) -> io::Result<()> {
     node::preload::install_beside(dest)
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartupError> {
-    TcpListener::bind(addr).await.map_err(|source| StartupError::Bind { what, addr, source })
-}
-
-/// The shared port, listening with `backlog` or the system's maximum
+/// The shared (or admin) port, listening with `backlog` or the system's maximum
 /// (net.core.somaxconn; tokio's default is 1024 and std's 128, and
 /// connections beyond the backlog wait for a client retransmit, ~1 s).
 pub(crate) fn listen_shared(addr: SocketAddr, backlog: Option<i32>) -> io::Result<std::net::TcpListener> {
@@ -190,7 +186,12 @@ pub async fn run(config: Config) -> Result<u8, StartupError> {
         .map_err(|source| StartupError::Command { command: command.clone(), source })?;
     let cpu = cgroup::detect(config.cpu_limit);
 
-    let admin_listener = bind("admin", SocketAddr::new(config.admin_bind, config.admin_port)).await?;
+    let admin_addr = SocketAddr::new(config.admin_bind, config.admin_port);
+    // The system's maximum backlog, as on the shared port: a burst of probes
+    // and scrapes must not wait for SYN retransmits.
+    let admin_listener = listen_shared(admin_addr, None)
+        .and_then(|l| l.set_nonblocking(true).and_then(|()| TcpListener::from_std(l)))
+        .map_err(|source| StartupError::Bind { what: "admin", addr: admin_addr, source })?;
     let shared_addr = SocketAddr::new(config.bind, config.port);
     let metrics = Arc::new(Metrics::new());
     let shared = Arc::new(Shared::default());

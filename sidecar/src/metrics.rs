@@ -40,6 +40,7 @@ pub struct Metrics {
     registry: Registry,
     pub workers: Family<StateLabels, Gauge>,
     pub restarts: Counter,
+    pub clean_exits: Counter,
     pub requests: Family<RequestLabels, Counter>,
     pub connections: Family<RequestLabels, Gauge>,
     pub in_flight: Gauge,
@@ -64,6 +65,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("clusterd");
         let workers = Family::<StateLabels, Gauge>::default();
         let restarts = Counter::default();
+        let clean_exits = Counter::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let connections = Family::<RequestLabels, Gauge>::default();
         let in_flight = Gauge::default();
@@ -78,7 +80,12 @@ impl Metrics {
         let desired_workers = Gauge::default();
         let log_lines_dropped = Counter::default();
         registry.register("workers", "Worker slots by state", workers.clone());
-        registry.register("worker_restarts", "Worker processes restarted after exiting", restarts.clone());
+        registry.register("worker_restarts", "Worker processes restarted after a crash", restarts.clone());
+        registry.register(
+            "worker_clean_exits",
+            "Workers that exited with status 0 after they were Ready, restarted at once without backoff",
+            clean_exits.clone(),
+        );
         registry.register("requests", "Requests proxied, by pool and worker id", requests.clone());
         registry.register(
             "upgraded_connections",
@@ -114,6 +121,7 @@ impl Metrics {
             registry,
             workers,
             restarts,
+            clean_exits,
             requests,
             connections,
             in_flight,

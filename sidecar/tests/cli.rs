@@ -39,6 +39,30 @@ fn bad_values_are_usage_errors() {
     }
 }
 
+/// Settings that parse but could never work (issue 21): exit 2 with what
+/// to fix, before any worker starts.
+#[test]
+fn impossible_settings_are_refused_with_what_to_fix() {
+    for (args, needle) in [
+        (&["--health-timeout", "0s"][..], "--health-timeout 0s fails every probe"),
+        (&["--max-memory-mib", "0"][..], "--max-memory-mib 0 would recycle every worker"),
+        (&["--crash-loop-threshold", "0"][..], "--crash-loop-threshold must be at least 1"),
+        (&["--initial-backoff", "20s", "--max-backoff", "5s"][..], "lower --initial-backoff or raise --max-backoff"),
+        (&["--route-exact", "/x?q=1"][..], "give the path alone (\"/x\")"),
+        (&["--route", "/x#top=1"][..], "never its query or fragment"),
+        (&["--admin-port", "0"][..], "--admin-port must not be 0"),
+        (&["--workers", "-1"][..], "expected `auto` or a positive integer, got \"-1\""),
+    ] {
+        let mut argv = args.to_vec();
+        argv.extend(["--", "true"]);
+        let output = run(&argv);
+        let err = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("tip:"), "{args:?}: clap's tip to pass it after `--`: {err}");
+    }
+}
+
 #[test]
 fn help_lists_the_contract_flags() {
     let output = run(&["--help"]);
@@ -192,5 +216,7 @@ fn shared_port_listens_with_the_system_backlog_or_the_one_given() {
         let clusterd = Launch::new(&argv, &["sleep", "30"]).start();
         clusterd.wait_ready(1);
         assert_eq!(backlog_of(clusterd.port), expected, "{args:?}");
+        // The admin port (kubelet probes, scrapes) gets the system's maximum too.
+        assert_eq!(backlog_of(clusterd.admin), somaxconn, "admin port, {args:?}");
     }
 }

@@ -48,6 +48,26 @@ fn grpc_unary_and_streaming_calls_are_balanced_over_h2c() {
     assert!(result["failed"]["details"].as_str().is_some_and(|d| d.contains("says no")), "{result}");
 }
 
+/// The default health check (`http`) probes h2c workers over HTTP/2: a
+/// grpc-js server, which answers no HTTP/1.1, is Ready and stays so.
+#[test]
+fn grpc_workers_pass_the_default_health_check() {
+    let _serial = serial();
+    let modules = npm_modules(GRPC);
+    let app = test_app("grpc.js");
+    let clusterd = Launch::new(&["--workers", "2", "--upstream-protocol", "h2c"], &["node", &app, "serve"])
+        .env("NODE_PATH", &modules.display().to_string())
+        .start();
+    clusterd.wait_ready(2);
+    let result = call(clusterd.port, &modules, 20);
+    assert!(result.get("error").is_none(), "{result}\nlogs:\n{}", clusterd.logs());
+    assert_eq!(result["unary"].as_array().map(Vec::len), Some(20), "{result}");
+    // Past a periodic probe (--health-period 5s): still Ready, never restarted.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let status = clusterd.wait_ready(2);
+    assert!(status.workers.iter().all(|w| w.restarts == 0), "{status:#?}\nlogs:\n{}", clusterd.logs());
+}
+
 #[test]
 fn a_grpc_method_gets_its_own_route_pool() {
     let _serial = serial();

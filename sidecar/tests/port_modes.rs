@@ -108,6 +108,27 @@ fn reuseport_mode_with_python() {
     assert_eq!(listening, vec![Some(Ipv4Addr::LOCALHOST); 2], "listening sockets on the shared port: {listening:?}");
 }
 
+/// A worker that serves from a process it started (a shell wrapper that
+/// does not exec, a pre-fork server) is Ready once that process listens,
+/// and is not killed at --hung-after.
+#[test]
+fn reuseport_readiness_sees_the_workers_process_tree() {
+    let _serial = serial();
+    let script = format!("python3 {}; exit $?", app("server.py"));
+    let clusterd = Launch::new(
+        &["--workers", "2", "--port-mode", "reuseport", "--startup-grace", "300ms", "--hung-after", "3s"],
+        &["sh", "-c", &script],
+    )
+    .start();
+    let status = clusterd.wait_ready(2);
+    assert!(distinct_workers(clusterd.port, "/?ms=10").len() >= 2);
+    // Past --hung-after: the same processes, still Ready.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let after = clusterd.wait_ready(2);
+    assert_eq!(worker_pids(&after), worker_pids(&status), "restarted: {after:#?}\nlogs:\n{}", clusterd.logs());
+    assert!(after.workers.iter().all(|w| w.restarts == 0), "{after:#?}");
+}
+
 /// An unmodified app (it listens on PORT itself) in the modes that need the
 /// app's help: the worker's last exit says what the mode needs.
 #[test]

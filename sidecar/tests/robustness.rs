@@ -221,3 +221,34 @@ fn sigterm_closes_keep_alive_connections_without_losing_requests() {
         assert!(run.answered >= 2, "{runs:?}");
     }
 }
+
+/// RFC 9112: a malformed chunked body and an HTTP/1.1 request without Host
+/// get 400 from clusterd; an
+/// HTTP/1.0 one reaches the app without a Host, never with the worker's
+/// loopback address; a Host given reaches the app as it was.
+#[test]
+fn malformed_requests_get_400_and_the_app_sees_the_clients_host_or_none() {
+    let _serial = serial();
+    let clusterd = Launch::misbehaving(&["--workers", "1"]).start();
+    clusterd.wait_ready(1);
+    let raw = |request: &str| -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", clusterd.port)).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        stream.write_all(request.as_bytes()).expect("send");
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response);
+        String::from_utf8_lossy(&response).into_owned()
+    };
+    // A bad chunk in a chunked body is the client's fault: 400, not 502.
+    let response = raw(
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\nbad\r\n0\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    let response = raw("GET /host HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    let response = raw("GET /host HTTP/1.0\r\n\r\n");
+    assert!(response.contains(" 200 ") && response.ends_with("\r\n\r\n(none)"), "{response}");
+    let response = raw("GET /host HTTP/1.1\r\nHost: shop.example:8443\r\nConnection: close\r\n\r\n");
+    assert!(response.starts_with("HTTP/1.1 200") && response.ends_with("shop.example:8443"), "{response}");
+}

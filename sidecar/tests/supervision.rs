@@ -181,6 +181,61 @@ fn a_worker_busy_on_long_requests_stays_in_rotation() {
     assert_eq!(clusterd.status().expect("status").workers[0].restarts, 0, "not killed as hung");
 }
 
+/// An app that exits 0 after N requests (issue 21): restarted at once,
+/// counted apart from crashes, never in Backoff or CrashLoop.
+#[test]
+fn a_clean_exit_under_load_restarts_at_once_without_crash_loop() {
+    let _serial = serial();
+    let clusterd = Launch::misbehaving(&["--workers", "2"]).env("EXIT_AFTER", "40").start();
+    clusterd.wait_ready(2);
+    // Paced, so that most of the load meets workers rather than the short
+    // moments when both restart together.
+    let started = std::time::Instant::now();
+    let mut backed_off = None;
+    let mut served = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        if get(clusterd.port, "/", SLOW).is_ok_and(|r| r.status == 200) {
+            served += 1;
+        }
+        if let Some(status) = clusterd.status()
+            && status.workers.iter().any(|w| matches!(w.state, WorkerState::CrashLoop | WorkerState::Backoff))
+        {
+            backed_off = Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(backed_off.is_none(), "a slot backed off: {backed_off:#?}");
+    let status = clusterd.status().expect("status");
+    let clean: u32 = status.workers.iter().map(|w| w.clean_exits).sum();
+    assert!(clean >= 4, "{clean} clean exits, {served} requests served: {status:#?}");
+    assert!(status.workers.iter().all(|w| w.restarts == 0), "clean exits counted as crashes: {status:#?}");
+    assert!(clusterd.metric("clusterd_worker_clean_exits_total").is_some_and(|n| n >= f64::from(clean) - 2.0));
+}
+
+/// A worker drained by a reload still serves its requests: /status lists
+/// it as Draining and the Draining gauge counts it, until it exits.
+#[test]
+fn a_draining_worker_stays_visible_while_it_serves() {
+    let _serial = serial();
+    let clusterd = Launch::node(&["--workers", "1"]).start();
+    let old = worker_pids(&clusterd.wait_ready(1))[0];
+    let port = clusterd.port;
+    let slow = std::thread::spawn(move || get(port, "/?ms=4000", SLOW).map(|r| r.status));
+    std::thread::sleep(Duration::from_millis(300));
+    clusterd.signal(Signal::SIGHUP);
+    let status = clusterd.wait_status("the old worker listed as Draining", SLOW, |s| {
+        s.workers.iter().any(|w| w.pid == Some(old) && w.state == WorkerState::Draining)
+    });
+    assert_eq!(status.desired_workers, 1, "{status:#?}");
+    let metrics = get(clusterd.admin, "/metrics", SLOW).expect("metrics");
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(text.contains("clusterd_workers{state=\"Draining\"} 1"), "{text}");
+    assert_eq!(slow.join().expect("client").expect("response"), 200);
+    clusterd.wait_status("the drained worker gone from the list", SLOW, |s| {
+        s.workers.len() == 1 && s.workers[0].state == WorkerState::Ready && s.workers[0].pid != Some(old)
+    });
+}
+
 #[test]
 fn crashing_command_backs_off_into_crash_loop() {
     let _serial = serial();

@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,9 @@ impl HttpProxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
+            // The client's Host goes through as it was (see `build_request`),
+            // never the worker's loopback address.
+            .set_host(false)
             .build(connector.clone());
         let h2c_client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -294,6 +297,9 @@ impl HttpProxy {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        if let Some(response) = missing_host(&req) {
+            return Ok(response);
+        }
         let pool = Arc::clone(self.router.route(req.uri().path()));
         let affinity = self.affinity(&pool, req.headers());
         if is_upgrade(req.headers()) {
@@ -309,7 +315,7 @@ impl HttpProxy {
                     return Ok(plain(StatusCode::BAD_REQUEST, format!("reading request body: {e}\n")));
                 }
             },
-            _ => RequestBody::Streaming(Some(body)),
+            _ => RequestBody::Streaming(Some(body), Arc::default()),
         };
         let mut response = self.forward(&pool, &parts, body, &affinity).await;
         if self.shutdown.is_cancelled() {
@@ -362,6 +368,9 @@ impl HttpProxy {
                     // retried by the client itself.)
                     let retry = e.is_connect() && body.is_replayable() && tried.len() < MAX_ATTEMPTS;
                     tracing::debug!(worker = backend.worker_id, pid = backend.pid, error = ?e, retry, "worker request failed");
+                    if body.malformed() {
+                        return plain(StatusCode::BAD_REQUEST, format!("clusterd: reading the request body: {e}\n"));
+                    }
                     if !retry {
                         return plain(StatusCode::BAD_GATEWAY, format!("worker {} failed: {e}\n", backend.worker_id));
                     }
@@ -515,7 +524,9 @@ async fn join(client: hyper::upgrade::OnUpgrade, worker: hyper::upgrade::OnUpgra
 
 enum RequestBody {
     Replayable(Bytes),
-    Streaming(Option<Incoming>),
+    /// Sent as it arrives; the flag says the client's body turned out
+    /// malformed (a bad chunk) while it was sent.
+    Streaming(Option<Incoming>, Arc<AtomicBool>),
 }
 
 impl RequestBody {
@@ -526,8 +537,44 @@ impl RequestBody {
     fn for_attempt(&mut self) -> Option<ProxyBody> {
         match self {
             RequestBody::Replayable(bytes) => Some(full(bytes.clone())),
-            RequestBody::Streaming(body) => body.take().map(UnsyncBoxBody::new),
+            RequestBody::Streaming(body, malformed) => {
+                let malformed = Arc::clone(malformed);
+                body.take().map(|inner| UnsyncBoxBody::new(ClientBody { inner, malformed }))
+            }
         }
+    }
+
+    /// Whether the failure was the client's: its body could not be read.
+    fn malformed(&self) -> bool {
+        matches!(self, RequestBody::Streaming(_, malformed) if malformed.load(Ordering::Relaxed))
+    }
+}
+
+/// A client's streamed request body, which notes a read error: the request
+/// then failed through the client's fault (400), not the worker's (502).
+struct ClientBody {
+    inner: Incoming,
+    malformed: Arc<AtomicBool>,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &frame {
+            self.malformed.store(true, Ordering::Relaxed);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -541,6 +588,17 @@ fn build_request(parts: &http::request::Parts, backend: &Backend, body: ProxyBod
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
     *request.headers_mut() = parts.headers.clone();
+    if !h2c && parts.version == http::Version::HTTP_10 {
+        // Passed on as it came: it may lack Host, which HTTP/1.1 requires.
+        *request.version_mut() = http::Version::HTTP_10;
+    }
+    if !h2c
+        && !parts.headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        // An HTTP/2 client names the host in `:authority`.
+        request.headers_mut().insert(header::HOST, authority);
+    }
     if h2c {
         *request.version_mut() = http::Version::HTTP_2;
         // gRPC servers require it; the only TE value HTTP/2 allows.
@@ -562,6 +620,21 @@ fn respond(response: Response<Incoming>, guard: InFlight) -> Response<ProxyBody>
     parts.headers.insert(X_CLUSTERD_WORKER.clone(), worker);
     let body = TrackedBody { inner: body, _guard: guard };
     Response::from_parts(parts, UnsyncBoxBody::new(body))
+}
+
+/// The Host the worker gets is the client's (see `build_request`): an
+/// HTTP/1.1 request without one is refused (RFC 9112, section 3.2); an
+/// HTTP/1.0 one goes without.
+fn missing_host(req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+    let missing = req.version() == http::Version::HTTP_11
+        && !req.headers().contains_key(header::HOST)
+        && req.uri().authority().is_none();
+    missing.then(|| {
+        plain(
+            StatusCode::BAD_REQUEST,
+            "clusterd: an HTTP/1.1 request needs a Host header (RFC 9112, section 3.2)\n".into(),
+        )
+    })
 }
 
 /// Removes headers that describe one connection, not the message.

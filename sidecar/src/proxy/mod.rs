@@ -273,10 +273,12 @@ impl Pool {
 
     /// The member `key` hashes to (rendezvous hashing: the highest
     /// hash(key, member) wins, so when a member leaves only its keys move).
+    /// Keyed on the worker slot, not the process: a restarted worker gets
+    /// its own keys back, and the other workers' keys never move.
     pub fn by_hash(&self, key: &[u8]) -> Option<Arc<Backend>> {
         use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
         let hasher = BuildHasherDefault::<DefaultHasher>::default();
-        self.members().iter().max_by_key(|b| hasher.hash_one((key, &*b.sticky_token))).cloned()
+        self.members().iter().max_by_key(|b| hasher.hash_one((key, b.worker_id))).cloned()
     }
 
     /// The queue's figures for /status.
@@ -441,6 +443,27 @@ mod tests {
         assert!(before.iter().zip(&after).all(|(x, y)| x == y || *y == 2), "only moves to the new member");
         pool.set_members(vec![Arc::clone(&b)]);
         assert!(pool.by_token(&a.sticky_token).is_none(), "a gone member's clients move on");
+    }
+
+    #[test]
+    fn a_restarted_worker_moves_no_other_workers_hashed_sessions() {
+        let pool = Pool::new("default", &Metrics::new());
+        let (a, b, c) = (backend(0, 0), backend(1, 0), backend(2, 0));
+        pool.set_members(vec![Arc::clone(&a), Arc::clone(&b), Arc::clone(&c)]);
+        let keys: Vec<String> = (0..200).map(|i| format!("session-{i}")).collect();
+        let owners = |pool: &Pool| -> Vec<u32> {
+            keys.iter().filter_map(|k| pool.by_hash(k.as_bytes())).map(|m| m.worker_id).collect()
+        };
+        let before = owners(&pool);
+        // Worker 1 restarts: out of rotation, then back as a new process
+        // (another pid and port).
+        pool.set_members(vec![Arc::clone(&a), Arc::clone(&c)]);
+        let during = owners(&pool);
+        assert!(before.iter().zip(&during).all(|(x, y)| x == y || *x == 1), "only worker 1's keys move");
+        let restarted =
+            Arc::new(Backend::new(1, 999, "127.0.0.1:45999".parse().expect("addr"), "default".into(), &Metrics::new()));
+        pool.set_members(vec![Arc::clone(&a), restarted, Arc::clone(&c)]);
+        assert_eq!(owners(&pool), before, "every session back where it was");
     }
 
     #[test]

@@ -7,16 +7,47 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::config::HealthCheck;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
-/// True if the worker answered within `timeout`: HTTP 2xx/3xx (like a
-/// Kubernetes httpGet probe), or an accepted TCP connection.
-pub async fn probe(kind: HealthCheck, addr: SocketAddr, path: &str, timeout: Duration) -> bool {
+use crate::config::{Config, HealthCheck, UpstreamProtocol};
+
+/// How workers are probed (proxy mode).
+#[derive(Debug, Clone)]
+pub struct ProbeSpec {
+    pub kind: HealthCheck,
+    pub path: String,
+    pub timeout: Duration,
+    /// The workers speak HTTP/2 only (`--upstream-protocol h2c`): the HTTP
+    /// probe does too.
+    pub http2: bool,
+}
+
+impl ProbeSpec {
+    pub fn new(config: &Config) -> ProbeSpec {
+        ProbeSpec {
+            kind: config.health_check,
+            path: config.health_path.clone(),
+            timeout: config.health_timeout,
+            http2: config.upstream_protocol == UpstreamProtocol::H2c,
+        }
+    }
+}
+
+/// True if the worker answered within the timeout: HTTP 2xx/3xx (like a
+/// Kubernetes httpGet probe), or an accepted TCP connection. Over h2c, an
+/// HTTP/2 answer below 500: gRPC servers answer a plain GET with 415 or a
+/// gRPC error, which still shows their HTTP/2 stack serving, while a 5xx
+/// is an app saying it cannot serve.
+pub async fn probe(spec: &ProbeSpec, addr: SocketAddr) -> bool {
     let attempt = async {
         let mut stream = TcpStream::connect(addr).await.ok()?;
-        if kind != HealthCheck::Http {
+        if spec.kind != HealthCheck::Http {
             return Some(true);
         }
+        if spec.http2 {
+            return probe_h2c(stream, addr, &spec.path).await;
+        }
+        let path = &spec.path;
         let request =
             format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: clusterd-probe\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
@@ -32,9 +63,24 @@ pub async fn probe(kind: HealthCheck, addr: SocketAddr, path: &str, timeout: Dur
         }
         Some(parse_status(&buf[..len]).is_some_and(|code| (200..400).contains(&code)))
     };
-    match kind {
+    match spec.kind {
         HealthCheck::None => true,
-        _ => tokio::time::timeout(timeout, attempt).await.ok().flatten().unwrap_or(false),
+        _ => tokio::time::timeout(spec.timeout, attempt).await.ok().flatten().unwrap_or(false),
+    }
+}
+
+/// `GET path` over HTTP/2 with prior knowledge (hyper's client); the
+/// connection is driven here and dropped with the probe (no task is left).
+async fn probe_h2c(stream: TcpStream, addr: SocketAddr, path: &str) -> Option<bool> {
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.ok()?;
+    let request = http::Request::get(format!("http://{addr}{path}"))
+        .header(http::header::USER_AGENT, "clusterd-probe")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .ok()?;
+    tokio::select! {
+        response = sender.send_request(request) => Some(response.ok()?.status().as_u16() < 500),
+        _ = conn => None,
     }
 }
 
@@ -45,16 +91,10 @@ const STARTING_RETRY: Duration = Duration::from_millis(20);
 
 /// Probes a starting worker again and again until it answers healthy or
 /// `window` has passed.
-pub async fn probe_starting(
-    kind: HealthCheck,
-    addr: SocketAddr,
-    path: &str,
-    timeout: Duration,
-    window: Duration,
-) -> bool {
+pub async fn probe_starting(spec: &ProbeSpec, addr: SocketAddr, window: Duration) -> bool {
     let deadline = Instant::now() + window;
     loop {
-        if probe(kind, addr, path, timeout).await {
+        if probe(spec, addr).await {
             return true;
         }
         if Instant::now() + STARTING_RETRY >= deadline {
@@ -109,19 +149,29 @@ mod tests {
 /// /proc/<pid>/net/tcp{,6}. In reuseport mode this tells, per worker,
 /// whether it has bound the shared port yet.
 pub fn listens_on(pid: u32, port: u16) -> bool {
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+    any_listens_on(&[pid], port)
+}
+
+/// True if one of `pids` holds a TCP socket listening on `port` (the first
+/// one's network namespace is the one looked at).
+pub fn any_listens_on(pids: &[u32], port: u16) -> bool {
+    let Some(first) = pids.first() else {
         return false;
     };
-    let inodes: Vec<u64> = fds
-        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-        .filter_map(|target| socket_inode(target.to_str()?))
+    let listening: Vec<u64> = ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(format!("/proc/{first}/net/{table}")).ok())
+        .flat_map(|content| listening_sockets(&content, port).map(|s| s.inode).collect::<Vec<_>>())
         .collect();
-    if inodes.is_empty() {
+    if listening.is_empty() {
         return false;
     }
-    ["tcp", "tcp6"].iter().any(|table| {
-        std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))
-            .is_ok_and(|content| listening_sockets(&content, port).any(|socket| inodes.contains(&socket.inode)))
+    pids.iter().any(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                .filter_map(|target| socket_inode(target.to_str()?))
+                .any(|inode| listening.contains(&inode))
+        })
     })
 }
 

@@ -38,6 +38,8 @@ pub enum SpawnKind {
     First,
     /// An empty slot's backoff is over.
     Restart,
+    /// A worker exited cleanly (status 0 after it was Ready): no backoff.
+    AfterCleanExit,
     /// A slot added because the CPU limit grew.
     ScaleUp,
     /// A process to take over from a running one (reload, recycle).
@@ -69,7 +71,8 @@ pub trait Observe {
     /// Requests that came back from the process (answered or failed).
     fn finished(&self, pid: u32) -> u64;
     fn rss_mib(&self, pid: u32) -> Option<u64>;
-    /// Whether the process listens on the shared port (reuseport mode).
+    /// Whether the process, or one it started (a wrapper's child, a
+    /// pre-fork server's workers), listens on the shared port (reuseport mode).
     fn listens(&self, pid: u32, port: u16) -> bool;
     /// Live processes the workers left behind, adopted by clusterd.
     fn orphans(&self) -> Vec<u32>;
@@ -146,6 +149,11 @@ impl Machine {
 
     pub fn slot(&self, id: u32) -> Option<&Slot> {
         self.slots.iter().find(|s| s.id == id)
+    }
+
+    /// Processes draining after they left their slot.
+    pub fn retired(&self) -> &[Proc] {
+        &self.retired
     }
 
     pub fn cpu(&self) -> &CpuLimit {
@@ -232,9 +240,13 @@ impl Machine {
             (Ok(pid), SpawnKind::Replacement) => slot.replacement = Some(Proc::new(pid, id, now)),
             (Ok(pid), kind) => {
                 slot.current = Some(Proc::new(pid, id, now));
-                if kind == SpawnKind::Restart {
-                    slot.restart_at = None;
-                    slot.restarts += 1;
+                match kind {
+                    SpawnKind::Restart => {
+                        slot.restart_at = None;
+                        slot.restarts += 1;
+                    }
+                    SpawnKind::AfterCleanExit => slot.restart_at = None,
+                    _ => {}
                 }
             }
             (Err(e), SpawnKind::First) => {
@@ -246,7 +258,7 @@ impl Machine {
                 slot.crashes = 1;
                 slot.restart_at = Some(now + config.initial_backoff);
             }
-            (Err(e), SpawnKind::Restart) => {
+            (Err(e), SpawnKind::Restart | SpawnKind::AfterCleanExit) => {
                 tracing::error!(worker = id, error = %e, "restarting worker failed");
                 schedule_restart(slot, &config, now);
             }
@@ -290,6 +302,16 @@ impl Machine {
                     tracing::warn!(worker = slot.id, pid, %exit, "worker exited; its replacement takes over");
                     slot.current = Some(replacement);
                     slot.reloading = false;
+                    return;
+                }
+                if proc.as_ref().is_some_and(|p| is_clean_exit(p, exit)) {
+                    // Done, not broken (e.g. an app that exits after N
+                    // requests): no backoff, and not a crash.
+                    slot.crashes = 0;
+                    slot.clean_exits += 1;
+                    slot.clean_exit_pending = true;
+                    slot.restart_at = Some(now);
+                    tracing::info!(worker = slot.id, pid, "worker exited cleanly after serving; restarting it at once");
                     return;
                 }
                 if proc.is_some_and(|p| now.duration_since(p.started) >= config.stable_after) {
@@ -526,7 +548,14 @@ impl Machine {
         self.slots
             .iter_mut()
             .filter(|s| s.current.is_none() && s.spawning.is_none() && s.restart_at.is_some_and(|at| at <= now))
-            .map(|slot| spawn(slot, SpawnKind::Restart))
+            .map(|slot| {
+                let kind = if std::mem::take(&mut slot.clean_exit_pending) {
+                    SpawnKind::AfterCleanExit
+                } else {
+                    SpawnKind::Restart
+                };
+                spawn(slot, kind)
+            })
             .collect()
     }
 
@@ -684,6 +713,13 @@ impl Machine {
 fn spawn(slot: &mut Slot, kind: SpawnKind) -> Action {
     slot.spawning = Some(kind);
     Action::Spawn { slot: slot.id, kind }
+}
+
+/// A clean exit: status 0 from a process that had been Ready. It restarts
+/// at once and is not counted as a crash. One that exits 0 before it was
+/// ever Ready is a crash like any other (a tight loop of exits backs off).
+fn is_clean_exit(proc: &Proc, exit: ExitInfo) -> bool {
+    exit == ExitInfo::Code(0) && proc.state != WorkerState::Starting
 }
 
 /// Counts a crash and sets when the slot restarts: exponential backoff, and

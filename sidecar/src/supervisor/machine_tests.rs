@@ -219,6 +219,43 @@ fn a_slot_that_could_not_start_retries_after_the_initial_backoff() {
 }
 
 #[test]
+fn a_clean_exit_after_serving_restarts_at_once_and_is_no_crash() {
+    let mut h = Harness::new(&["--workers", "1"]);
+    h.start();
+    h.all_healthy(h.at(200));
+    // Well within --stable-after, far more often than the crash-loop threshold.
+    let mut now = h.at(300);
+    for exit in 1..=10 {
+        h.machine.exited(h.pid(0), ExitInfo::Code(0), now);
+        assert_eq!(h.machine.slots[0].crashes, 0, "exit {exit}");
+        assert_eq!(h.state(0), WorkerState::Starting, "exit {exit}: no Backoff, no CrashLoop");
+        let spawned = spawns(&h.tick(now));
+        assert_eq!(spawned, vec![Action::Spawn { slot: 0, kind: SpawnKind::AfterCleanExit }], "exit {exit}");
+        now += ms(50);
+        h.all_healthy(now);
+        now += ms(50);
+    }
+    let slot = &h.machine.slots[0];
+    assert_eq!((slot.clean_exits, slot.restarts), (10, 0), "counted apart from crash restarts");
+}
+
+#[test]
+fn an_exit_0_before_ready_or_a_crash_after_a_clean_exit_still_backs_off() {
+    let mut h = Harness::new(&["--workers", "1"]);
+    h.start();
+    // Never Ready: a command that exits 0 at once must not spin.
+    h.machine.exited(h.pid(0), ExitInfo::Code(0), h.at(100));
+    assert_eq!((h.machine.slots[0].crashes, h.state(0)), (1, WorkerState::Backoff));
+    assert!(spawns(&h.tick(h.at(150))).is_empty());
+    assert_eq!(spawns(&h.tick(h.at(200))), vec![Action::Spawn { slot: 0, kind: SpawnKind::Restart }]);
+    // Ready, then killed by a signal: a crash, whatever came before.
+    h.all_healthy(h.at(300));
+    h.machine.exited(h.pid(0), ExitInfo::Signal(SIGKILL), h.at(400));
+    assert_eq!(h.state(0), WorkerState::Backoff);
+    assert_eq!(h.machine.slots[0].clean_exits, 0);
+}
+
+#[test]
 fn restarts_back_off_exponentially_then_the_slot_is_in_crash_loop() {
     let mut h = Harness::new(&["--workers", "1"]);
     h.start();

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use clustered_api::wire::{ClusterdStatus, CpuLimit, WorkerStatus};
+use clustered_api::wire::{ClusterdStatus, CpuLimit, WorkerState, WorkerStatus};
 use jiff::Timestamp;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
@@ -220,6 +220,9 @@ impl Supervisor {
                         Ok(_) if kind == SpawnKind::Restart => {
                             self.metrics.restarts.inc();
                         }
+                        Ok(_) if kind == SpawnKind::AfterCleanExit => {
+                            self.metrics.clean_exits.inc();
+                        }
                         Err(_) if kind == SpawnKind::First && slot == 0 => return result.map(drop),
                         _ => {}
                     }
@@ -327,16 +330,15 @@ impl Supervisor {
         let Some(addr) = self.backends.get(&pid).map(|b| b.addr) else {
             return;
         };
-        let config = &self.config;
-        let (kind, path, timeout) = (config.health_check, config.health_path.clone(), config.health_timeout);
+        let spec = health::ProbeSpec::new(&self.config);
         let events = self.events.clone();
         tokio::spawn(async move {
             let healthy = if starting {
                 // Keeps trying within the interval, so a (re)started worker is
                 // in rotation moments after it listens, not at the next tick.
-                health::probe_starting(kind, addr, &path, timeout, interval).await
+                health::probe_starting(&spec, addr, interval).await
             } else {
-                health::probe(kind, addr, &path, timeout).await
+                health::probe(&spec, addr).await
             };
             let _ = events.send(Event::Probe { pid, healthy });
         });
@@ -377,7 +379,7 @@ impl Supervisor {
     }
 
     pub fn status(&self) -> ClusterdStatus {
-        let workers: Vec<WorkerStatus> = self
+        let mut workers: Vec<WorkerStatus> = self
             .machine
             .slots()
             .iter()
@@ -389,6 +391,7 @@ impl Supervisor {
                     pid: proc.map(|p| p.pid),
                     state: self.machine.shown_state(slot),
                     restarts: slot.restarts,
+                    clean_exits: slot.clean_exits,
                     last_exit: slot.last_exit.clone(),
                     since: Some(proc.map_or(slot.since, |p| p.since).to_string()),
                     pool: Some(slot.pool.to_string()),
@@ -399,11 +402,30 @@ impl Supervisor {
                 }
             })
             .collect();
+        let desired_workers = workers.len() as u32;
+        // Processes that left their slot and still finish their requests
+        // (reload, recycle, scale-down): listed after the slots, under the
+        // id of the slot they served.
+        workers.extend(self.machine.retired().iter().map(|proc| {
+            let backend = self.backends.get(&proc.pid);
+            WorkerStatus {
+                id: proc.worker_id,
+                pid: Some(proc.pid),
+                state: WorkerState::Draining,
+                since: Some(proc.since.to_string()),
+                pool: backend.map(|b| b.pool.to_string()),
+                port: backend.map(|b| b.addr.port()),
+                in_flight: backend.map_or(0, |b| b.in_flight.load(Ordering::Relaxed)),
+                requests: backend.map_or(0, |b| b.requests.load(Ordering::Relaxed)),
+                connections: backend.map_or(0, |b| b.connections.load(Ordering::Relaxed)),
+                ..WorkerStatus::default()
+            }
+        }));
         ClusterdStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
             cpu: self.machine.cpu().clone(),
-            desired_workers: workers.len() as u32,
+            desired_workers,
             ready_workers: workers.iter().filter(|w| w.state.is_ready()).count() as u32,
             port_mode: self.config.port_mode.as_str().to_string(),
             port_mode_reason: self.config.port_mode_reason.clone(),
@@ -444,7 +466,7 @@ impl Observe for World<'_> {
     }
 
     fn listens(&self, pid: u32, port: u16) -> bool {
-        health::listens_on(pid, port)
+        health::any_listens_on(&orphans::process_tree(pid), port)
     }
 
     fn orphans(&self) -> Vec<u32> {

@@ -6,20 +6,23 @@
 //! [`MAX_LINE`] are cut into pieces; each piece after the first is labelled
 //! `[worker N+]` (text) or `continued: true` (JSON).
 
+use std::io::Write;
 use std::os::fd::OwnedFd;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 
 use crate::config::LogFormat;
-use crate::logging::{self, Stream};
+use crate::logging::{self, Room, Stream};
 
 /// The longest piece of output passed on as one line.
 pub const MAX_LINE: usize = 16 * 1024;
-/// Bytes read from a worker's pipe at once.
-const READ_CHUNK: usize = 8 * 1024;
+/// Bytes read from a worker's pipe at once: its lines are queued together.
+const READ_CHUNK: usize = 64 * 1024;
 
-/// Copies a worker pipe line by line until the worker closes it.
+/// Copies a worker pipe line by line until the worker closes it. While
+/// clusterd's output queue is full the pipe is not read (backpressure, see
+/// [`crate::logging`]).
 pub fn forward(fd: impl Into<OwnedFd>, worker: u32, stream: Stream, format: LogFormat) {
     let mut receiver = match pipe::Receiver::from_owned_fd(fd.into()) {
         Ok(receiver) => receiver,
@@ -30,43 +33,73 @@ pub fn forward(fd: impl Into<OwnedFd>, worker: u32, stream: Stream, format: LogF
     };
     tokio::spawn(async move {
         let mut lines = Splitter::default();
-        let mut emit = |line: &[u8], continued: bool| emit(line, continued, worker, stream, format);
         let mut buf = vec![0u8; READ_CHUNK];
+        let mut out = Vec::with_capacity(READ_CHUNK + 1024);
         loop {
-            match receiver.read(&mut buf).await {
+            let n = match receiver.read(&mut buf).await {
                 Ok(0) => break,
-                Ok(n) => lines.feed(&buf[..n], &mut emit),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::warn!(worker, stream = stream.as_str(), error = %e, "reading worker output failed");
                     break;
                 }
-            }
+            };
+            pass_on(format, worker, stream, &mut out, |emit| lines.feed(&buf[..n], emit), n).await;
         }
-        lines.finish(&mut emit);
+        pass_on(format, worker, stream, &mut out, |emit| lines.finish(emit), MAX_LINE).await;
     });
 }
 
-fn emit(line: &[u8], continued: bool, worker: u32, stream: Stream, format: LogFormat) {
+/// Passes on the lines `split` yields: in the text format as one write of
+/// whole, labelled lines; in the JSON format as log events, once there is
+/// room for about `len` bytes of them.
+async fn pass_on(
+    format: LogFormat,
+    worker: u32,
+    stream: Stream,
+    out: &mut Vec<u8>,
+    split: impl FnOnce(&mut dyn FnMut(&[u8], bool)),
+    len: usize,
+) {
     match format {
-        // Passed through with a prefix: cheap, and the app's own log format
+        // Passed through with a label: cheap, and the app's own log format
         // (and encoding) stays as it was.
         LogFormat::Text => {
-            let prefix = if continued { format!("[worker {worker}+] ") } else { format!("[worker {worker}] ") };
-            let mut out = Vec::with_capacity(prefix.len() + line.len() + 1);
-            out.extend_from_slice(prefix.as_bytes());
-            out.extend_from_slice(line);
-            out.push(b'\n');
-            logging::write(stream, &out);
+            out.clear();
+            split(&mut |line, continued| {
+                if continued {
+                    write!(out, "[worker {worker}+] ").ok();
+                } else {
+                    write!(out, "[worker {worker}] ").ok();
+                }
+                out.extend_from_slice(line);
+                out.push(b'\n');
+            });
+            if !out.is_empty() {
+                logging::write(stream, out).await;
+            }
+            if out.capacity() > 4 * READ_CHUNK {
+                *out = Vec::with_capacity(READ_CHUNK + 1024);
+            }
         }
         LogFormat::Json => {
-            let text = String::from_utf8_lossy(line);
-            let stream = stream.as_str();
-            if continued {
-                tracing::info!(target: "clusterd::worker", worker, stream, continued, "{text}");
-            } else {
-                tracing::info!(target: "clusterd::worker", worker, stream, "{text}");
+            // JSON escapes and the event's fields at most about double it.
+            if logging::wait_room(2 * len + 512).await == Room::Stalled {
+                let mut lines = 0;
+                split(&mut |_, _| lines += 1);
+                logging::count_dropped(lines);
+                return;
             }
+            split(&mut |line, continued| {
+                let text = String::from_utf8_lossy(line);
+                let stream = stream.as_str();
+                if continued {
+                    tracing::info!(target: logging::WORKER_TARGET, worker, stream, continued, "{text}");
+                } else {
+                    tracing::info!(target: logging::WORKER_TARGET, worker, stream, "{text}");
+                }
+            });
         }
     }
 }
@@ -82,7 +115,7 @@ struct Splitter {
 
 impl Splitter {
     /// Feeds `chunk`, calling `emit(piece, continued)` for each complete piece.
-    fn feed(&mut self, mut chunk: &[u8], emit: &mut impl FnMut(&[u8], bool)) {
+    fn feed(&mut self, mut chunk: &[u8], emit: &mut dyn FnMut(&[u8], bool)) {
         while !chunk.is_empty() {
             let room = MAX_LINE - self.partial.len();
             // One byte past the room may still be the newline that ends a
@@ -104,14 +137,14 @@ impl Splitter {
     }
 
     /// Passes on what is left when the stream ends without a newline.
-    fn finish(&mut self, emit: &mut impl FnMut(&[u8], bool)) {
+    fn finish(&mut self, emit: &mut dyn FnMut(&[u8], bool)) {
         if !self.partial.is_empty() {
             emit(&self.partial, self.continued);
             self.partial.clear();
         }
     }
 
-    fn emit_with_partial(&mut self, tail: &[u8], emit: &mut impl FnMut(&[u8], bool)) {
+    fn emit_with_partial(&mut self, tail: &[u8], emit: &mut dyn FnMut(&[u8], bool)) {
         if self.partial.is_empty() {
             emit(tail, self.continued);
         } else {

@@ -84,7 +84,12 @@ pub struct Slot {
     pub reloading: bool,
     /// A process was asked for and its spawn not reported yet.
     pub spawning: Option<SpawnKind>,
+    /// Restarts after crashes (not after clean exits).
     pub restarts: u32,
+    /// Exits with status 0 after the process was Ready: restarted at once.
+    pub clean_exits: u32,
+    /// The slot is empty after a clean exit: its restart has no backoff.
+    pub clean_exit_pending: bool,
     /// Crashes since the last process that stayed up for `stable_after`.
     pub crashes: u32,
     pub last_exit: Option<String>,
@@ -103,6 +108,8 @@ impl Slot {
             reloading: false,
             spawning: None,
             restarts: 0,
+            clean_exits: 0,
+            clean_exit_pending: false,
             crashes: 0,
             last_exit: None,
             restart_at: None,
@@ -114,6 +121,7 @@ impl Slot {
     pub fn state(&self, crash_loop_threshold: u32) -> WorkerState {
         match (&self.current, self.restart_at) {
             (Some(proc), _) => proc.state,
+            (None, Some(_)) if self.clean_exit_pending => WorkerState::Starting,
             (None, Some(_)) if self.crashes >= crash_loop_threshold => WorkerState::CrashLoop,
             (None, Some(_)) => WorkerState::Backoff,
             (None, None) => WorkerState::Stopped,

@@ -62,10 +62,17 @@ const server = http.createServer((req, res) => {
     const child = spawn('sleep', ['600'], { detached: true, stdio: 'ignore' });
     child.unref();
     body = String(child.pid);
+  } else if (path === '/host') {
+    body = req.headers.host ?? '(none)';
   }
   res.writeHead(200, { 'x-worker-id': worker, 'content-length': Buffer.byteLength(body) });
-  res.end(body);
+  res.end(body, () => {
+    // EXIT_AFTER=N: done after N requests, as some apps are (exit code 0).
+    if (exitAfter > 0 && ++served === exitAfter) process.exit(0);
+  });
 });
+const exitAfter = Number(process.env.EXIT_AFTER ?? 0);
+let served = 0;
 server.keepAliveTimeout = 65_000;
 
 if (process.env.LISTEN_FDS === '1') {
