@@ -40,3 +40,4 @@ down:
 bench: build
 	benches/run
 	benches/autoscale --if-cluster-up
+	benches/fleet --if-cluster-up
