@@ -44,3 +44,4 @@ down:
 bench: build
 	benches/run
 	benches/autoscale --if-cluster-up
+	benches/fleet --if-cluster-up

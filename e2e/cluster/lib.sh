@@ -34,6 +34,11 @@ REGISTRY="$NODE_IP:$REGISTRY_PORT"
 REGISTRY_AUTH="$NODE_IP:$REGISTRY_AUTH_PORT"
 REGISTRY_AUTH_CREDENTIALS="$STATE/registry-auth/credentials"   # "user:password"
 
+# Simulated nodes (e2e/cluster/kwok): their pods' addresses are on lo, so
+# nothing sent to them leaves this machine; the nodes' own address too.
+KWOK_CIDR=127.64.0.0/16
+KWOK_NODE_IP=127.63.0.1
+
 KUBECONFIG_PATH="$STATE/admin.kubeconfig"
 CONTAINERD_SOCK="$RUN/containerd/containerd.sock"   # node 1's
 LOGS="$STATE/logs"

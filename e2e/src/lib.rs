@@ -9,6 +9,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod fleet;
 pub mod load;
 
 use std::path::{Path, PathBuf};

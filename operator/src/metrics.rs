@@ -20,6 +20,9 @@ pub struct Metrics {
     pub reconciles: Family<ResultLabel, Counter>,
     pub reconcile_errors: Family<ErrorLabel, Counter>,
     pub reconcile_duration: Histogram,
+    /// Reconciles running now: the depth of the work queue being worked
+    /// (the controller runs every due reconcile at once).
+    pub reconciles_in_flight: Gauge,
     pub status_writes: Counter,
     /// Child objects created, replaced or deleted (desired changes and drift repairs).
     pub child_writes: Counter,
@@ -35,6 +38,7 @@ impl Metrics {
             reconciles: Family::default(),
             reconcile_errors: Family::default(),
             reconcile_duration: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            reconciles_in_flight: Gauge::default(),
             status_writes: Counter::default(),
             child_writes: Counter::default(),
             status_probe_failures: Counter::default(),
@@ -45,6 +49,7 @@ impl Metrics {
         r.register("reconciles", "Reconciles by result", metrics.reconciles.clone());
         r.register("reconcile_errors", "Failed reconciles by error kind", metrics.reconcile_errors.clone());
         r.register("reconcile_duration_seconds", "Time per reconcile", metrics.reconcile_duration.clone());
+        r.register("reconciles_in_flight", "Reconciles running now", metrics.reconciles_in_flight.clone());
         r.register("status_writes", "Status updates written to the API server", metrics.status_writes.clone());
         r.register(
             "child_writes",

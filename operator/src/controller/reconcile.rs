@@ -31,12 +31,14 @@ const RECONCILE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub(super) async fn reconcile(csvc: Arc<ClusteredService>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
+    ctx.metrics.reconciles_in_flight.inc();
     // A hung request must not stall this object for good: the retry sends
     // new requests.
     let result = tokio::time::timeout(RECONCILE_TIMEOUT, reconcile_inner(&csvc, &ctx))
         .await
         .unwrap_or(Err(Error::Timeout(RECONCILE_TIMEOUT)));
     ctx.metrics.observe_duration(started.elapsed());
+    ctx.metrics.reconciles_in_flight.dec();
     let outcome = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics.reconciles.get_or_create(&ResultLabel { result: outcome }).inc();
     if result.is_ok() {
