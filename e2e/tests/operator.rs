@@ -322,7 +322,7 @@ fn container_command(deployment: &Deployment) -> Vec<String> {
     pod.and_then(|p| p.containers[0].command.clone()).unwrap_or_default()
 }
 
-/// kube-proxy's default `minSyncPeriod` (iptables mode).
+/// kube-proxy's default `minSyncPeriod` (1 s, iptables mode) and the sync itself.
 const KUBE_PROXY_SYNC: Duration = Duration::from_millis(1500);
 
 /// `Available` means the Service answers: a user (or `make demo`) that
