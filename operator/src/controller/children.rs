@@ -87,6 +87,8 @@ where
         Some(live) => live,
         None => match api.create(&params(false), &desired).await {
             Ok(_) => {
+                let hash = content_hash(&desired);
+                ctx.memory.remember(csvc, |m| m.written.insert(kind.clone(), hash));
                 ctx.metrics.child_writes.inc();
                 info!(%kind, %ns, %name, "created");
                 return Ok(Ensured::Written);
@@ -115,11 +117,12 @@ where
         ctx.memory.remember(csvc, |m| m.verified.insert(kind, verified));
         return Ok(Ensured::Unchanged);
     }
-    // The same desired object was in sync before: someone changed the
-    // child. Undo it, unless that keeps happening.
+    // Writing what was written (or confirmed) before means someone changed
+    // the child since: undo it, unless that keeps happening.
     let now = Instant::now();
     let (repair, fight) = ctx.memory.remember(csvc, |m| {
-        let repair = m.verified.get(&kind).is_some_and(|(h, _)| *h == verified.0);
+        let ours = |h: Option<&String>| h == Some(&verified.0);
+        let repair = ours(m.written.get(&kind)) || ours(m.verified.get(&kind).map(|(h, _)| h));
         (repair, contested(m.repairs.entry(kind.clone()).or_default(), now))
     });
     if fight {
@@ -129,9 +132,12 @@ where
     }
     match api.replace(name, &params(false), &body).await {
         Ok(_) => {
-            if repair {
-                ctx.memory.remember(csvc, |m| m.repairs.entry(kind.clone()).or_default().push_back(now));
-            }
+            ctx.memory.remember(csvc, |m| {
+                if repair {
+                    m.repairs.entry(kind.clone()).or_default().push_back(now);
+                }
+                m.written.insert(kind.clone(), verified.0.clone());
+            });
             ctx.metrics.child_writes.inc();
             info!(%kind, %ns, %name, "replaced (desired state changed or drifted)");
             Ok(Ensured::Written)
@@ -151,9 +157,11 @@ fn contested(repairs: &mut VecDeque<Instant>, now: Instant) -> bool {
 
 /// Who keeps changing a child, from its managed fields, and what to do.
 fn contest_message(kind: &str, managed: &[ManagedFieldsEntry]) -> String {
+    // Writers of the object itself: the Deployment controller's status
+    // updates (subresource `status`) change nothing the operator owns.
     let last = managed
         .iter()
-        .filter(|m| m.operation.as_deref() == Some("Update"))
+        .filter(|m| m.operation.as_deref() == Some("Update") && m.subresource.is_none())
         .max_by_key(|m| m.time.as_ref().map(|t| t.0));
     let writer = last.and_then(|m| m.manager.as_deref()).unwrap_or("unknown");
     let hint = if writer == MANAGER {
@@ -261,7 +269,9 @@ mod tests {
             )),
             ..Default::default()
         };
-        let m = contest_message("Deployment", &[entry("kubectl-edit", 1), entry(MANAGER, 2)]);
+        let status_update =
+            ManagedFieldsEntry { subresource: Some("status".into()), ..entry("kube-controller-manager", 3) };
+        let m = contest_message("Deployment", &[entry("kubectl-edit", 1), entry(MANAGER, 2), status_update]);
         assert!(m.contains("field manager \"clustered-operator\"") && m.contains("another clustered operator"), "{m}");
         let m = contest_message("Deployment", &[entry(MANAGER, 1), entry("argocd-controller", 2)]);
         assert!(m.contains("stop \"argocd-controller\" from changing it"), "{m}");

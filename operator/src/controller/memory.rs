@@ -19,6 +19,9 @@ pub(super) struct Memory {
     /// `resourceVersion` the API server last confirmed it matches, so an
     /// unchanged child costs no API call.
     pub(super) verified: HashMap<String, (String, String)>,
+    /// Per child kind: the hash of the desired object last written, so
+    /// writing it again means someone changed the child in between.
+    pub(super) written: HashMap<String, String>,
     /// Per child kind: when the operator last undid someone else's change
     /// to it (see `children::contested`).
     pub(super) repairs: HashMap<String, VecDeque<Instant>>,
