@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// Why this replica stopped leading.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,7 @@ pub async fn run_while_leading<F: Future>(elector: &Elector, work: F) -> Result<
 
 pub struct Elector {
     api: Api<Lease>,
+    namespace: String,
     name: String,
     identity: String,
     lease_duration: Duration,
@@ -51,6 +52,7 @@ impl Elector {
     pub fn new(client: Client, namespace: &str, name: &str, identity: &str) -> Self {
         Self {
             api: Api::namespaced(client, namespace),
+            namespace: namespace.into(),
             name: name.into(),
             identity: identity.into(),
             lease_duration: Duration::from_secs(15),
@@ -64,6 +66,7 @@ impl Elector {
     /// standing by is what keeps two from writing the same objects.
     pub async fn acquire(&self) {
         let mut waiting_for = None;
+        let mut last_error = None;
         loop {
             match self.try_acquire_or_renew().await {
                 Ok(Holder::Us) => {
@@ -75,8 +78,18 @@ impl Elector {
                         info!(lease = %self.name, %holder, "another operator holds the lease; standing by");
                         waiting_for = Some(holder);
                     }
+                    last_error = None;
                 }
-                Err(e) => debug!(error = %e, "lease not taken"),
+                // Said at warn, once per distinct error: an operator that can
+                // never lead (no such namespace, no RBAC for leases) must not
+                // wait in silence.
+                Err(e) => {
+                    let error = e.to_string();
+                    if last_error.as_ref() != Some(&error) {
+                        warn!(lease = %self.name, namespace = %self.namespace, %error, "cannot take the lease; retrying");
+                        last_error = Some(error);
+                    }
+                }
             }
             tokio::time::sleep(self.retry_every).await;
         }

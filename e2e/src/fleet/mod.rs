@@ -165,7 +165,11 @@ impl OperatorProcess {
         let log = std::env::temp_dir().join(format!("clustered-fleet-operator-{namespace}.log"));
         let file = std::fs::File::create(&log)?;
         let child = tokio::process::Command::new(operator_bin()?)
-            .args(["--namespace", namespace, "--listen", &metrics.to_string(), "--log-format", "json"])
+            // Its own Lease, in the namespace it serves: an installed
+            // operator (`make demo`) holds the release's Lease and would
+            // keep this one standing by.
+            .args(["--namespace", namespace, "--lease-namespace", namespace])
+            .args(["--listen", &metrics.to_string(), "--log-format", "json"])
             .args(args)
             .env("KUBECONFIG", &cluster.kubeconfig)
             .stdin(Stdio::null())
@@ -176,10 +180,11 @@ impl OperatorProcess {
             .context("starting the operator")?;
         let pid = child.id().context("the operator exited at once")?;
         let operator = OperatorProcess { child, pid, metrics, log };
-        wait_for(Duration::from_secs(30), "the operator's metrics", || async {
-            Ok(operator.metrics().await.is_ok_and(|m| !m.is_empty()))
+        wait_for(Duration::from_secs(30), "the operator to lead (clustered_operator_leader 1)", || async {
+            Ok(operator.metric("clustered_operator_leader").await.is_ok_and(|leader| leader == 1.0))
         })
-        .await?;
+        .await
+        .with_context(|| format!("operator log: {}", operator.log.display()))?;
         Ok(operator)
     }
 
