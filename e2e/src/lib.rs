@@ -345,6 +345,7 @@ impl Operator {
                 clustered_operator::image::registry::RESOLVE_TIMEOUT,
             )),
             ready: ready.clone(),
+            concurrency: 32,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {

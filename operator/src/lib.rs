@@ -10,12 +10,14 @@
 //! * [`autoscale`]: `spec.autoscaling` in concurrency mode, and its status.
 //! * [`controller`]: the kube-runtime Controller that ties them together.
 //! * [`watches`]: the API client and watches that survive API server restarts.
+//! * [`index`]: the cached objects of each ClusteredService, without a scan.
 //! * [`leader`], [`server`], [`metrics`]: running it as a service.
 
 pub mod autoscale;
 pub mod controller;
 pub mod endpoints;
 pub mod image;
+pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod probe;

@@ -38,6 +38,9 @@ struct Args {
     /// Milliseconds a clusterd gets to answer.
     #[arg(long, default_value_t = 2000)]
     probe_timeout_ms: u64,
+    /// ClusteredServices reconciled at once (the others wait their turn).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    max_concurrent_reconciles: u16,
     /// Pods asked at once, over all ClusteredServices.
     #[arg(long, default_value_t = 64)]
     probe_concurrency: usize,
@@ -139,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
         status_interval,
         watches: watch_health,
         ready,
+        concurrency: args.max_concurrent_reconciles,
     };
     let run = controller::run(client, config, shutdown);
     match &elector {

@@ -46,6 +46,11 @@ impl Bookkeeping {
         result
     }
 
+    /// How many ClusteredServices are remembered: the fleet's size.
+    pub(super) fn len(&self) -> usize {
+        self.objects.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
+    }
+
     pub(super) fn forget(&self, csvc: &ClusteredService) {
         let mut objects = self.objects.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         objects.remove(&ObjectRef::from(csvc));

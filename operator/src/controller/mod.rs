@@ -8,6 +8,7 @@
 //! * [`app_image`]: the app image's config, for a container without command.
 //! * [`status_writes`], [`events`]: the status written, transitions announced.
 //! * [`memory`]: what the operator remembers per ClusteredService.
+//! * [`trim`]: what of the many cached pods and EndpointSlices is kept.
 
 mod app_image;
 mod children;
@@ -15,6 +16,7 @@ mod events;
 mod memory;
 mod reconcile;
 mod status_writes;
+mod trim;
 
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,10 +41,13 @@ use thiserror::Error;
 use tracing::{debug, info, warn};
 
 use crate::autoscale;
+use crate::endpoints;
 use crate::image::{self, Platform, registry::Resolver};
+use crate::index::{Index, KeyOf};
 use crate::metrics::{ErrorLabel, Metrics};
 use crate::probe::Prober;
 use crate::resources::{SERVICE_LABEL, Settings};
+use crate::status;
 use crate::watches::{self, Synced, WatchHealth};
 use memory::Bookkeeping;
 
@@ -96,13 +101,15 @@ pub struct Context {
 }
 
 /// Reflector caches of the children, filled by the controller's watches.
+/// Pods and EndpointSlices, several per ClusteredService, are indexed by
+/// it and trimmed to what the status reads.
 #[derive(Clone)]
 struct Stores {
-    pods: Store<Pod>,
+    pods: Index<Pod, ObjectRef<ClusteredService>>,
     deployments: Store<Deployment>,
     services: Store<Service>,
     /// The Services' EndpointSlices (they carry the Service's labels).
-    endpoint_slices: Store<EndpointSlice>,
+    endpoint_slices: Index<EndpointSlice, ObjectRef<ClusteredService>>,
     pdbs: Store<PodDisruptionBudget>,
     hpas: Store<HorizontalPodAutoscaler>,
 }
@@ -115,10 +122,10 @@ impl Stores {
     /// Awaited once, by [`Synced`]: each store wakes a single waiter.
     async fn listed(self) -> bool {
         futures::try_join!(
-            self.pods.wait_until_ready(),
+            self.pods.store().wait_until_ready(),
             self.deployments.wait_until_ready(),
             self.services.wait_until_ready(),
-            self.endpoint_slices.wait_until_ready(),
+            self.endpoint_slices.store().wait_until_ready(),
             self.pdbs.wait_until_ready(),
             self.hpas.wait_until_ready(),
         )
@@ -142,11 +149,14 @@ pub struct Config {
     /// Set once the stores are listed and reconciles run (the readiness
     /// of the leader).
     pub ready: Arc<AtomicBool>,
+    /// Reconciles at once; the rest wait in the queue.
+    pub concurrency: u16,
 }
 
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let Config { namespace, settings, prober, recorder, metrics, status_interval, watches, images, ready } = config;
+    let Config { namespace, settings, prober, recorder, metrics, status_interval, watches, images, ready, concurrency } =
+        config;
     let ours = watcher::Config::default().labels(SERVICE_LABEL);
 
     // Status writes do not change the generation, so they do not trigger
@@ -168,12 +178,18 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
     .applied_objects()
     .predicate_filter(predicates::generation, Default::default());
 
-    let (pods, pod_events) = reflect(&watches, scoped::<Pod>(&client, namespace.as_deref()), ours.clone());
+    let (pods, pod_events) =
+        reflect_indexed(&watches, scoped::<Pod>(&client, namespace.as_deref()), ours.clone(), trim::pod, service_of);
     let (deployments, deployment_events) =
         reflect(&watches, scoped::<Deployment>(&client, namespace.as_deref()), ours.clone());
     let (services, service_events) = reflect(&watches, scoped::<Service>(&client, namespace.as_deref()), ours.clone());
-    let (endpoint_slices, endpoint_slice_events) =
-        reflect(&watches, scoped::<EndpointSlice>(&client, namespace.as_deref()), ours.clone());
+    let (endpoint_slices, endpoint_slice_events) = reflect_indexed(
+        &watches,
+        scoped::<EndpointSlice>(&client, namespace.as_deref()),
+        ours.clone(),
+        trim::endpoint_slice,
+        service_of_slice,
+    );
     let (pdbs, pdb_events) =
         reflect(&watches, scoped::<PodDisruptionBudget>(&client, namespace.as_deref()), ours.clone());
     let (hpas, hpa_events) = reflect(&watches, scoped::<HorizontalPodAutoscaler>(&client, namespace.as_deref()), ours);
@@ -198,18 +214,18 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
     });
 
     Controller::for_stream(csvcs, csvc_reader)
+        // Unbounded, a fleet's first pass starts every reconcile at once:
+        // their API requests queue in the API server's fairness queues
+        // past the reconcile timeout, and the retries add to the queue
+        // (1,000 ClusteredServices never converged). Bounded, the queue
+        // stays here, where a deduplicated key waits at no cost.
+        .with_config(kube_controller::Config::default().concurrency(concurrency))
         .owns_stream(deployment_events)
         .owns_stream(service_events)
         .owns_stream(pdb_events)
         .owns_stream(hpa_events)
-        .watches_stream(pod_events, |pod: Pod| {
-            let name = pod.labels().get(SERVICE_LABEL)?.clone();
-            Some(ObjectRef::<ClusteredService>::new(&name).within(&pod.namespace()?))
-        })
-        .watches_stream(endpoint_slice_events, |slice: EndpointSlice| {
-            let name = slice.labels().get(SERVICE_LABEL)?.clone();
-            Some(ObjectRef::<ClusteredService>::new(&name).within(&slice.namespace()?))
-        })
+        .watches_stream(pod_events, |pod: Pod| service_of(&pod))
+        .watches_stream(endpoint_slice_events, |slice: EndpointSlice| service_of_slice(&slice))
         .trigger_backoff(watches::trigger_backoff())
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, error_policy, ctx)
@@ -243,6 +259,42 @@ where
     (reader, watches::watch(api, config, health).reflect(writer).touched_objects())
 }
 
+/// As [`reflect`], for a kind with several objects per ClusteredService:
+/// trimmed before it is cached, and indexed by its ClusteredService.
+fn reflect_indexed<K>(
+    health: &Arc<WatchHealth>,
+    api: Api<K>,
+    config: watcher::Config,
+    trim: fn(&mut K),
+    key: KeyOf<K, ObjectRef<ClusteredService>>,
+) -> (Index<K, ObjectRef<ClusteredService>>, impl Stream<Item = Result<K, watcher::Error>> + Send + use<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let index = Index::new(reader, key);
+    let indexed = index.clone();
+    let events = watches::watch(api, config, health)
+        .modify(trim)
+        .reflect(writer)
+        .inspect_ok(move |event| indexed.apply(event))
+        .touched_objects();
+    (index, events)
+}
+
+/// The ClusteredService a pod belongs to (its label).
+fn service_of(pod: &Pod) -> Option<ObjectRef<ClusteredService>> {
+    let name = pod.labels().get(SERVICE_LABEL)?;
+    Some(ObjectRef::new(name).within(&pod.namespace()?))
+}
+
+/// The ClusteredService whose Service an EndpointSlice lists (the
+/// Service has the ClusteredService's name).
+fn service_of_slice(slice: &EndpointSlice) -> Option<ObjectRef<ClusteredService>> {
+    let name = slice.labels().get(endpoints::SERVICE_NAME_LABEL)?;
+    Some(ObjectRef::new(name).within(&slice.namespace()?))
+}
+
 type RunResult = Result<(ObjectRef<ClusteredService>, Action), kube_controller::Error<Error, watcher::Error>>;
 
 /// Logs what the controller reports. Watch failures are logged (once per
@@ -272,6 +324,13 @@ fn error_policy(csvc: Arc<ClusteredService>, error: &Error, ctx: Arc<Context>) -
 /// reconcile: 1 s, 2 s, 4 s, … doubling up to [`MAX_BACKOFF`].
 fn retry_backoff(failures: u32) -> Duration {
     Duration::from_secs(1 << (failures.clamp(1, 9) - 1)).min(MAX_BACKOFF)
+}
+
+impl Context {
+    /// When `csvc`'s unchanged status is written again, in this fleet.
+    fn heartbeat(&self, csvc: &ClusteredService) -> status::Heartbeat {
+        status::Heartbeat::of(self.memory.len(), csvc.metadata.uid.as_deref().unwrap_or_default())
+    }
 }
 
 /// The autoscaler runs on the controller's memory, client and recorder.

@@ -18,7 +18,7 @@ use super::children::{Ensured, ensure, scaled_from};
 use super::status_writes::write_status;
 use super::{Context, Error};
 use crate::metrics::ResultLabel;
-use crate::resources::{self, SERVICE_LABEL};
+use crate::resources;
 use crate::status::{self, Observed, Problem};
 use crate::{autoscale, endpoints};
 
@@ -107,12 +107,8 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
         problem = problem.or(Some(Problem::ReconcileError(why)));
     }
 
-    let pods: Vec<Arc<Pod>> = stores
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| p.namespace().as_deref() == Some(&ns) && p.labels().get(SERVICE_LABEL) == Some(&name))
-        .collect();
+    let key = ObjectRef::from(csvc);
+    let pods: Vec<Arc<Pod>> = stores.pods.get(&key);
     let askable: Vec<&Pod> =
         pods.iter().map(AsRef::as_ref).filter(|p| p.metadata.deletion_timestamp.is_none() && has_started(p)).collect();
     let admin_port = u16::try_from(csvc.spec.admin_port).unwrap_or(clustered_api::clusterd::defaults::ADMIN_PORT);
@@ -121,10 +117,8 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
     ctx.metrics.status_probe_failures.inc_by(failed as u64);
 
     let deployment = stores.deployments.get(&ObjectRef::new(&name).within(&ns));
-    let slices = stores.endpoint_slices.state();
-    let serving = endpoints::serving_pods(slices.iter().map(AsRef::as_ref).filter(|slice| {
-        slice.namespace().as_deref() == Some(&ns) && slice.labels().get(endpoints::SERVICE_NAME_LABEL) == Some(&name)
-    }));
+    let slices = stores.endpoint_slices.get(&key);
+    let serving = endpoints::serving_pods(slices.iter().map(AsRef::as_ref));
     let observed = Observed {
         deployment: deployment.as_deref(),
         pods: pods.iter().map(AsRef::as_ref).collect(),
@@ -153,7 +147,7 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
     // Worker states change without any Kubernetes event: ask clusterd again.
     // Without running pods, watch events trigger every reconcile that
     // matters; the heartbeat only keeps `observedAt` current.
-    let next = if askable.is_empty() { status::HEARTBEAT } else { ctx.status_interval };
+    let next = if askable.is_empty() { ctx.heartbeat(csvc).until_next(Timestamp::now()) } else { ctx.status_interval };
     // The concurrency autoscaler samples clusterd at its own pace.
     let next = if autoscale::scales_on_concurrency(csvc) { next.min(autoscale::SAMPLE_INTERVAL) } else { next };
     Ok(Action::requeue(next))

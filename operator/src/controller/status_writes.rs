@@ -26,7 +26,7 @@ pub(super) async fn write_status(
     ctx: &Context,
 ) -> Result<Option<Duration>, Error> {
     let old = csvc.status.as_ref();
-    if !status::changed(old, &new, now) {
+    if !status::changed(old, &new, now, ctx.heartbeat(csvc)) {
         return Ok(None);
     }
     let since_last = ctx.memory.remember(csvc, |m| m.last_status_write.map(|t| t.elapsed()));

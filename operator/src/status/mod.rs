@@ -13,6 +13,7 @@ pub mod node_loss;
 mod pods;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use clustered_api::v1alpha1::{ClusteredService, ClusteredServiceStatus, Instance, Summary, WorkerTotals};
 use clustered_api::wire::ClusterdStatus;
@@ -135,17 +136,69 @@ fn transition_time(previous: &[Condition], type_: &str, status: bool, now: Times
         .unwrap_or(Time(now))
 }
 
-/// How often a status that has not changed is written anyway, to refresh
-/// its `observedAt`: while the operator is down the time ages, a sign that
-/// the figures may be stale (`kubectl get csvc` shows it as `OBSERVED`).
-pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The shortest heartbeat period: how often a status that has not changed
+/// is written anyway in a small fleet, to refresh its `observedAt` (while
+/// the operator is down the time ages, a sign that the figures may be
+/// stale; `kubectl get csvc` shows it as `OBSERVED`).
+pub const MIN_HEARTBEAT: Duration = Duration::from_secs(60);
+
+/// Over the whole fleet, at most one heartbeat write in this time.
+pub const FLEET_HEARTBEAT_SPACING: Duration = Duration::from_secs(1);
+
+/// When a ClusteredService's unchanged status is rewritten: once a
+/// `period`, at its own `phase` within the period, so a fleet's heartbeats
+/// are spread evenly instead of falling due together after a cold start.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Heartbeat {
+    pub period: Duration,
+    pub phase: Duration,
+}
+
+impl Heartbeat {
+    /// The heartbeat of one of `fleet` ClusteredServices (`uid` places it
+    /// in the period). The period is a minute, or longer in a fleet so
+    /// large that a minute would cost the API server more than
+    /// a write every [`FLEET_HEARTBEAT_SPACING`] (and its watchers as many
+    /// events) for news of nothing. The operator's own liveness does not
+    /// depend on it: its Lease is renewed every 5 s whatever the fleet's
+    /// size, as the kubelet's Lease took over from its node status.
+    pub fn of(fleet: usize, uid: &str) -> Self {
+        let period =
+            MIN_HEARTBEAT.max(FLEET_HEARTBEAT_SPACING.saturating_mul(u32::try_from(fleet).unwrap_or(u32::MAX)));
+        // FNV-1a: stable across processes and versions, unlike std's hasher.
+        let hash = uid.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        Self { period, phase: Duration::from_secs(hash % period.as_secs()) }
+    }
+
+    /// The index of the period slot `t` (seconds) falls in.
+    fn slot(&self, t: i64) -> i64 {
+        (t - self.phase.as_secs() as i64).div_euclid(self.period.as_secs().max(1) as i64)
+    }
+
+    /// True when one of this service's heartbeat moments lies after
+    /// `written` and no later than `now`.
+    pub fn due(&self, written: Timestamp, now: Timestamp) -> bool {
+        self.slot(now.as_second()) > self.slot(written.as_second())
+    }
+
+    /// How long from `now` until the next heartbeat moment.
+    pub fn until_next(&self, now: Timestamp) -> Duration {
+        let period = self.period.as_secs().max(1) as i64;
+        let next = (self.slot(now.as_second()) + 1) * period + self.phase.as_secs() as i64;
+        Duration::from_secs((next - now.as_second()).max(1) as u64)
+    }
+}
 
 /// True when `new` (computed at `now`) must be written: it differs from
-/// `old` in anything but `observedAt`, or `old` is a heartbeat old.
-pub fn changed(old: Option<&ClusteredServiceStatus>, new: &ClusteredServiceStatus, now: Timestamp) -> bool {
+/// `old` in anything but `observedAt`, or a heartbeat fell due since `old`.
+pub fn changed(
+    old: Option<&ClusteredServiceStatus>,
+    new: &ClusteredServiceStatus,
+    now: Timestamp,
+    heartbeat: Heartbeat,
+) -> bool {
     let Some(old) = old else { return true };
-    let observed_long_ago =
-        old.observed_at.as_ref().is_none_or(|t| now.as_second() - t.0.as_second() >= HEARTBEAT.as_secs() as i64);
+    let observed_long_ago = old.observed_at.as_ref().is_none_or(|t| heartbeat.due(t.0, now));
     // Field by field, without copying the instances; a new field is a
     // compile error here until it is compared.
     let ClusteredServiceStatus {

@@ -193,16 +193,18 @@ fn transition_time_moves_only_when_status_flips() {
         Observed { deployment: Some(&d), pods: vec![&a], reports: &reports, problem: None, serving: &routed(&[&a]) };
     let t1 = Timestamp::from_second(1_000).expect("t1");
     let t2 = Timestamp::from_second(1_030).expect("t2");
+    // Its heartbeat moments are t1, t1 + 1 min, …
+    let every_minute = Heartbeat { period: MIN_HEARTBEAT, phase: Duration::from_secs(1_000 % 60) };
     let mut cr = cr;
     cr.status = Some(compute(&cr, &observed, t1));
     let again = compute(&cr, &observed, t2);
-    assert!(!changed(cr.status.as_ref(), &again, t2), "nothing changed, nothing to write");
+    assert!(!changed(cr.status.as_ref(), &again, t2, every_minute), "nothing changed, nothing to write");
     assert_eq!(condition(&again, AVAILABLE).last_transition_time, Time(t1));
     // A minute on, the same figures are written again: observedAt says
     // they are current.
-    let t3 = Timestamp::from_second(1_000 + HEARTBEAT.as_secs() as i64).expect("t3");
+    let t3 = Timestamp::from_second(1_000 + MIN_HEARTBEAT.as_secs() as i64).expect("t3");
     let later = compute(&cr, &observed, t3);
-    assert!(changed(cr.status.as_ref(), &later, t3), "heartbeat");
+    assert!(changed(cr.status.as_ref(), &later, t3, every_minute), "heartbeat");
     assert_eq!(later.observed_at, Some(Time(t3)));
 
     let down = pod("web-a", false);
@@ -216,10 +218,10 @@ fn transition_time_moves_only_when_status_flips() {
     let flipped = compute(&cr, &observed, t2);
     assert_eq!(condition(&flipped, AVAILABLE).status, "False");
     assert_eq!(condition(&flipped, AVAILABLE).last_transition_time, Time(t2));
-    assert!(changed(cr.status.as_ref(), &flipped, t2));
+    assert!(changed(cr.status.as_ref(), &flipped, t2, every_minute));
     let mut moved = again.clone();
     moved.port_mode = Some("node".into());
-    assert!(changed(cr.status.as_ref(), &moved, t2), "any field but observedAt counts");
+    assert!(changed(cr.status.as_ref(), &moved, t2, every_minute), "any field but observedAt counts");
 }
 
 #[test]
@@ -479,4 +481,33 @@ fn pods_on_a_lost_node_degrade_with_the_node_and_pods_named_evicted_ones_include
     // Gone: clean again.
     let status = compute(&cr, &observe(vec![&a, &b]), Timestamp::UNIX_EPOCH);
     assert_eq!(condition(&status, DEGRADED).status, "False");
+}
+
+#[test]
+fn heartbeats_cost_the_same_whatever_the_fleet_size() {
+    assert_eq!(Heartbeat::of(1, "a").period, MIN_HEARTBEAT);
+    assert_eq!(Heartbeat::of(60, "a").period, MIN_HEARTBEAT, "up to 60 services: every minute");
+    for fleet in [1_000, 10_000, 100_000] {
+        let per_second = fleet as f64 / Heartbeat::of(fleet, "a").period.as_secs_f64();
+        assert!((per_second - 1.0 / FLEET_HEARTBEAT_SPACING.as_secs_f64()).abs() < 1e-9, "{fleet}: {per_second}/s");
+    }
+}
+
+#[test]
+fn a_fleet_written_at_once_has_its_heartbeats_spread_over_the_period() {
+    let fleet = 600;
+    let written = Timestamp::from_second(100_000).expect("cold start");
+    let mut due_per_minute = [0; 10];
+    for i in 0..fleet {
+        let heartbeat = Heartbeat::of(fleet, &format!("uid-{i}"));
+        assert_eq!(heartbeat.period, Duration::from_secs(600));
+        let first = (1..=600).find(|s| heartbeat.due(written, Timestamp::from_second(100_000 + s).expect("t")));
+        let first = first.expect("due within one period");
+        due_per_minute[((first - 1) / 60) as usize] += 1;
+        let next = Timestamp::from_second(100_000 + first).expect("t");
+        assert!(!heartbeat.due(next, Timestamp::from_second(100_000 + first + 599).expect("t")), "once a period");
+        assert_eq!(heartbeat.until_next(next), Duration::from_secs(600));
+    }
+    // 60 a minute on average; no minute holds the whole fleet.
+    assert!(due_per_minute.iter().all(|&n| (30..=90).contains(&n)), "{due_per_minute:?}");
 }
