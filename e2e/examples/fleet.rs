@@ -117,9 +117,11 @@ async fn run(cluster: &Cluster, ns: &str, sim: &Arc<Simulator>, services: usize)
     let (churn, latencies) = churn(&client, ns, &operator, sim, services, Duration::from_secs(churn_seconds)).await?;
 
     // Cold start: every pod's status changes while the operator is down.
+    // The churn's last crashes and spec changes are reported first: once
+    // the operator is stopped, nothing converges.
     eprintln!("fleet: cold start");
-    operator.stop().await?;
     converge(&csvcs, services, 0, Duration::from_secs(600)).await?;
+    operator.stop().await?;
     sim.restart_all(1);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let started = Instant::now();
