@@ -59,6 +59,20 @@ pub use crate::wire::WorkerState;
     ),
     printcolumn(name = "Port", type_ = "integer", json_path = ".spec.port", priority = "1"),
     printcolumn(
+        name = "CPU",
+        type_ = "string",
+        json_path = ".status.summary.cpu",
+        description = "CPU the workers of all pods use, in cores (as kubectl top writes it)",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Memory",
+        type_ = "string",
+        json_path = ".status.summary.memory",
+        description = "Resident memory of the workers of all pods",
+        priority = "1"
+    ),
+    printcolumn(
         name = "Desired",
         type_ = "integer",
         json_path = ".status.autoscaling.desiredReplicas",
@@ -705,6 +719,14 @@ pub struct Summary {
     pub pods: String,
     /// `ready/desired` workers.
     pub workers: String,
+    /// CPU the workers of all pods use, as `kubectl top` writes it
+    /// (`1250m`: one and a quarter cores); absent while no pod reports it.
+    /// Refreshed with the status' other changes and at least every minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Their resident memory (`312Mi`); absent while no pod reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
 }
 
 /// One pod and its workers.
@@ -734,13 +756,19 @@ pub struct Instance {
     /// Why that mode: the spec's choice, or what `auto` saw in the command.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_mode_reason: Option<String>,
+    /// CPU the pod's workers use, in cores (the sum of theirs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_cores: Option<f64>,
+    /// Resident memory of the pod's workers, in bytes (the sum of theirs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<i64>,
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
     pub workers: Vec<InstanceWorker>,
 }
 
 /// One worker slot of a pod.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InstanceWorker {
     /// Stable id of the slot (`WORKER_ID`), kept across restarts.
@@ -756,6 +784,14 @@ pub struct InstanceWorker {
     /// When the worker entered its state (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
+    /// CPU the worker and the processes it started use, in cores, over
+    /// clusterd's last sample (2 s); absent from a clusterd without the figure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_cores: Option<f64>,
+    /// Their resident memory (RSS) in bytes: what `restart.maxMemoryMib`
+    /// recycles on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<i64>,
 }
 
 /// The schema of `spec.template`: the fields the operator and the CEL rules

@@ -105,6 +105,17 @@ pub struct WorkerStatus {
     /// Upgraded connections (e.g. WebSocket) open to the current process
     /// (proxy mode, `http` protocol).
     pub connections: u64,
+    /// When the current process started (RFC 3339): its uptime.
+    pub started_at: Option<String>,
+    /// CPU used by the process and every process it started (its
+    /// descendants and its process group, as readiness sees them), in
+    /// cores over the last sample interval (2 s): `1.0` is one core busy
+    /// the whole time. Absent until two samples were taken (and from a
+    /// clusterd older than these figures).
+    pub cpu_cores: Option<f64>,
+    /// Resident memory (RSS) of the same processes, in bytes; the figure
+    /// `--max-memory-mib` recycles on.
+    pub memory_bytes: Option<u64>,
 }
 
 /// Lifecycle of a worker slot.
@@ -147,6 +158,62 @@ mod tests {
         assert_eq!(status.workers[0].id, 2);
         assert!(status.workers[0].state.is_ready());
         assert_eq!(status.workers[0].restarts, 0);
+    }
+
+    /// `WorkerStatus` as clusterd and the operator knew it before the usage
+    /// figures: what an older reader deserializes into.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase", default)]
+    struct WorkerStatusBeforeUsage {
+        id: u32,
+        pid: Option<u32>,
+        state: WorkerState,
+        restarts: u32,
+        requests: u64,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase", default)]
+    struct ClusterdStatusBeforeUsage {
+        version: String,
+        workers: Vec<WorkerStatusBeforeUsage>,
+    }
+
+    #[test]
+    fn an_older_reader_reads_a_document_with_usage_figures() {
+        let new = ClusterdStatus {
+            version: "0.2.0".into(),
+            workers: vec![WorkerStatus {
+                id: 1,
+                pid: Some(42),
+                state: WorkerState::Ready,
+                restarts: 2,
+                requests: 7,
+                started_at: Some("2026-12-07T08:00:00Z".into()),
+                cpu_cores: Some(0.98),
+                memory_bytes: Some(50 << 20),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&new).expect("serialize");
+        assert!(json.contains("\"cpuCores\":0.98") && json.contains("\"memoryBytes\":52428800"), "{json}");
+        let old: ClusterdStatusBeforeUsage = serde_json::from_str(&json).expect("an older reader parses it");
+        assert_eq!(old.version, "0.2.0");
+        let w = &old.workers[0];
+        assert_eq!((w.id, w.pid, w.state, w.restarts, w.requests), (1, Some(42), WorkerState::Ready, 2, 7));
+    }
+
+    #[test]
+    fn a_document_without_usage_figures_reads_as_unknown_figures() {
+        // What a clusterd older than the figures serves.
+        let old = r#"{"version":"0.1.0","pid":1,"workers":[{"id":0,"pid":42,"state":"Ready","restarts":1,
+            "cleanExits":0,"lastExit":null,"since":"2026-12-07T08:00:00Z","pool":"default","port":40000,
+            "inFlight":0,"requests":3,"connections":0}],"pools":[]}"#;
+        let status: ClusterdStatus = serde_json::from_str(old).expect("parse");
+        let w = &status.workers[0];
+        assert_eq!((w.pid, w.restarts, w.requests), (Some(42), 1, 3));
+        assert_eq!((w.started_at.as_deref(), w.cpu_cores, w.memory_bytes), (None, None, None));
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub const DEFAULT_WORKER_CAP: u32 = 1024;
     name = "clusterd",
     version,
     about = "Runs one worker of <command> per CPU of the container's limit, shares one port between them and supervises them.",
-    override_usage = "clusterd [OPTIONS] -- <command> [args...]",
+    override_usage = "clusterd [OPTIONS] -- <command> [args...]\n       clusterd ls [-o table|json|yaml] [-w] [--admin-port N]",
+    after_help = "`clusterd ls --help`: the workers of a running clusterd as a table, like `pm2 ls`.",
     // `--workers -1` is a bad value to explain, not a flag (clap's tip would
     // be to pass it after `--`, which makes it the worker command).
     allow_negative_numbers = true

@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod config;
 pub mod lifeline;
 pub mod logging;
+pub mod ls;
 pub mod metrics;
 pub mod node;
 pub mod policy;
@@ -66,6 +67,11 @@ impl StartupError {
 
 /// Entry point of the binary.
 pub fn main_entry() -> ExitCode {
+    // `clusterd ls …`: the worker command always follows `--`, so a first
+    // argument `ls` cannot be meant as one.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "ls") {
+        return ls::main(std::env::args_os().skip(1));
+    }
     let config = Config::from_args();
     if let Some(dest) = &config.install_to {
         return match install_self(dest) {
@@ -267,6 +273,7 @@ pub async fn run(config: Config) -> Result<u8, StartupError> {
         spawn_proxy(&config, listener, router, Arc::clone(&metrics), proxy_shutdown, events_tx.clone());
     }
     tokio::spawn(logging::watch_drops(Arc::clone(&metrics)));
+    tokio::spawn(supervisor::usage::run(supervisor.worker_pids(), events_tx.clone()));
     let admin = Arc::new(admin::Admin { shared, events: events_tx.clone(), metrics, min_ready: config.min_ready });
     tokio::spawn(admin.serve(admin_listener));
     if config.cpu_limit.is_none() {

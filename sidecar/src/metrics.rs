@@ -8,7 +8,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
@@ -18,6 +18,12 @@ pub struct StateLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub pool: String,
+}
+
+/// A worker slot's id: bounded by the worker count, unlike a pid.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,6 +58,8 @@ pub struct Metrics {
     pub cpu_limit: Gauge<f64, AtomicU64>,
     pub desired_workers: Gauge,
     pub log_lines_dropped: Counter,
+    pub worker_cpu: Family<WorkerLabels, Counter<f64, AtomicU64>>,
+    pub worker_memory: Family<WorkerLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -79,6 +87,8 @@ impl Metrics {
         let cpu_limit = Gauge::<f64, AtomicU64>::default();
         let desired_workers = Gauge::default();
         let log_lines_dropped = Counter::default();
+        let worker_cpu = Family::<WorkerLabels, Counter<f64, AtomicU64>>::default();
+        let worker_memory = Family::<WorkerLabels, Gauge>::default();
         registry.register("workers", "Worker slots by state", workers.clone());
         registry.register("worker_restarts", "Worker processes restarted after a crash", restarts.clone());
         registry.register(
@@ -117,6 +127,18 @@ impl Metrics {
             "Output lines (clusterd's or its workers') dropped because stdout/stderr was not read",
             log_lines_dropped.clone(),
         );
+        registry.register_with_unit(
+            "worker_cpu",
+            "CPU time used by each worker slot: the worker and the processes it started, across its restarts",
+            Unit::Seconds,
+            worker_cpu.clone(),
+        );
+        registry.register_with_unit(
+            "worker_resident_memory",
+            "Resident memory (RSS) of each worker slot's processes (the worker and what it started)",
+            Unit::Bytes,
+            worker_memory.clone(),
+        );
         Metrics {
             registry,
             workers,
@@ -133,6 +155,25 @@ impl Metrics {
             cpu_limit,
             desired_workers,
             log_lines_dropped,
+            worker_cpu,
+            worker_memory,
+        }
+    }
+
+    /// Adds CPU time to a worker slot's counter.
+    pub fn add_worker_cpu(&self, worker: u32, seconds: f64) {
+        self.worker_cpu.get_or_create(&WorkerLabels { worker: worker.to_string() }).inc_by(seconds);
+    }
+
+    /// Sets the resident memory of each slot in `bytes`, and drops the
+    /// series of slots no longer measured (removed by a scale-down).
+    pub fn set_worker_memory(&self, bytes: &std::collections::BTreeMap<u32, u64>, before: &[u32]) {
+        for gone in before.iter().filter(|id| !bytes.contains_key(id)) {
+            self.worker_memory.remove(&WorkerLabels { worker: gone.to_string() });
+        }
+        for (id, bytes) in bytes {
+            let bytes = i64::try_from(*bytes).unwrap_or(i64::MAX);
+            self.worker_memory.get_or_create(&WorkerLabels { worker: id.to_string() }).set(bytes);
         }
     }
 

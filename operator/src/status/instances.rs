@@ -39,13 +39,77 @@ pub(super) fn instance(pod: &Pod, report: Option<&Report>) -> Instance {
                     restarts: w.restarts as i32,
                     last_exit: w.last_exit.clone(),
                     since: w.since.clone(),
+                    cpu_cores: w.cpu_cores.map(round_cores),
+                    memory_bytes: w.memory_bytes.map(|b| i64::try_from(b).unwrap_or(i64::MAX)),
                 })
                 .collect();
+            instance.cpu_cores = sum(instance.workers.iter().map(|w| w.cpu_cores)).map(round_cores);
+            instance.memory_bytes = sum(instance.workers.iter().map(|w| w.memory_bytes));
         }
         Some(Err(why)) => instance.message = Some(why.clone()),
         None => instance.message = Some(pending_reason(pod)),
     }
     instance
+}
+
+/// Cores to the millicore, as Kubernetes counts CPU.
+fn round_cores(cores: f64) -> f64 {
+    (cores * 1000.0).round() / 1000.0
+}
+
+/// The sum of the figures that are known; `None` when none is.
+fn sum<T: std::iter::Sum<T>>(figures: impl Iterator<Item = Option<T>>) -> Option<T> {
+    let mut known = figures.flatten().peekable();
+    known.peek().is_some().then(|| known.sum())
+}
+
+/// The CPU and memory of every pod's workers, as `kubectl top` writes them
+/// (`1250m`, `312Mi`): the CPU and MEMORY columns of `kubectl get csvc -o wide`.
+pub(super) fn usage_summary(instances: &[Instance]) -> (Option<String>, Option<String>) {
+    let cores = sum(instances.iter().map(|i| i.cpu_cores));
+    let bytes = sum(instances.iter().map(|i| i.memory_bytes));
+    (cores.map(|c| format!("{}m", (c * 1000.0).round() as i64)), bytes.map(|b| format!("{}Mi", b >> 20)))
+}
+
+/// Equal but for the CPU and memory figures, which move at every poll: a
+/// status is not written for them alone (they ride along with any other
+/// change, and with the heartbeat at least every minute), or every pod's
+/// every poll would cost a write. Field by field: a new field is a compile
+/// error here until it is placed.
+pub(super) fn same_but_usage(a: &[Instance], b: &[Instance]) -> bool {
+    let same_worker = |x: &InstanceWorker, y: &InstanceWorker| {
+        let InstanceWorker { id, pid, state, restarts, last_exit, since, cpu_cores: _, memory_bytes: _ } = x;
+        (id, pid, state, restarts, last_exit, since) == (&y.id, &y.pid, &y.state, &y.restarts, &y.last_exit, &y.since)
+    };
+    let same_instance = |x: &Instance, y: &Instance| {
+        let Instance {
+            pod,
+            node,
+            cpu_limit,
+            desired_workers,
+            ready_workers,
+            message,
+            port_mode,
+            port_mode_reason,
+            workers,
+            cpu_cores: _,
+            memory_bytes: _,
+        } = x;
+        (pod, node, cpu_limit, desired_workers, ready_workers, message, port_mode, port_mode_reason)
+            == (
+                &y.pod,
+                &y.node,
+                &y.cpu_limit,
+                &y.desired_workers,
+                &y.ready_workers,
+                &y.message,
+                &y.port_mode,
+                &y.port_mode_reason,
+            )
+            && workers.len() == y.workers.len()
+            && workers.iter().zip(&y.workers).all(|(w, v)| same_worker(w, v))
+    };
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same_instance(x, y))
 }
 
 fn pending_reason(pod: &Pod) -> String {

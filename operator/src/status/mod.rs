@@ -26,7 +26,7 @@ use kube::ResourceExt;
 use crate::resources::selector_string;
 pub use conditions::NO_CPU_LIMIT;
 use conditions::{available, degraded, progressing};
-use instances::{instance, port_modes};
+use instances::{instance, port_modes, same_but_usage, usage_summary};
 pub use instances::{pod_ready, workers_in};
 pub use pods::pod_trouble;
 
@@ -88,6 +88,7 @@ pub fn compute(csvc: &ClusteredService, observed: &Observed<'_>, now: Timestamp)
         ready: instances.iter().map(|i| i.ready_workers).sum(),
     };
     let desired_replicas = csvc.spec.replicas;
+    let (cpu, memory) = usage_summary(&instances);
 
     let previous = csvc.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let conditions = [
@@ -116,6 +117,8 @@ pub fn compute(csvc: &ClusteredService, observed: &Observed<'_>, now: Timestamp)
             // READY column says whether the wanted count serves, never 2/1.
             pods: format!("{}/{desired_replicas}", ready_replicas.min(desired_replicas)),
             workers: format!("{}/{}", workers.ready, workers.desired),
+            cpu,
+            memory,
         },
         workers,
         conditions,
@@ -214,10 +217,20 @@ pub fn changed(
         autoscaling,
         port_mode,
     } = new;
-    let same = (observed_generation, replicas, ready_replicas, selector, workers, summary)
-        == (&old.observed_generation, &old.replicas, &old.ready_replicas, &old.selector, &old.workers, &old.summary)
-        && (instances, conditions, autoscaling, port_mode)
-            == (&old.instances, &old.conditions, &old.autoscaling, &old.port_mode);
+    // CPU and memory alone do not make a write (see `same_but_usage`).
+    let Summary { pods, workers: worker_summary, cpu: _, memory: _ } = summary;
+    let same = (observed_generation, replicas, ready_replicas, selector, workers, pods, worker_summary)
+        == (
+            &old.observed_generation,
+            &old.replicas,
+            &old.ready_replicas,
+            &old.selector,
+            &old.workers,
+            &old.summary.pods,
+            &old.summary.workers,
+        )
+        && (conditions, autoscaling, port_mode) == (&old.conditions, &old.autoscaling, &old.port_mode)
+        && same_but_usage(instances, &old.instances);
     observed_long_ago || !same
 }
 

@@ -90,7 +90,7 @@ fn healthy_service_is_available_settled_and_not_degraded() {
     assert_eq!((status.replicas, status.ready_replicas), (2, 2));
     assert_eq!(status.selector, "clustered.dev/service=web");
     assert_eq!(status.workers, WorkerTotals { desired: 4, ready: 4 });
-    assert_eq!(status.summary, Summary { pods: "2/2".into(), workers: "4/4".into() });
+    assert_eq!(status.summary, Summary { pods: "2/2".into(), workers: "4/4".into(), cpu: None, memory: None });
     assert_eq!(status.instances.iter().map(|i| i.pod.as_str()).collect::<Vec<_>>(), ["web-a", "web-b"]);
     let first = &status.instances[0];
     assert_eq!((first.cpu_limit, first.node.as_deref()), (Some(2.0), Some("node-1")));
@@ -510,4 +510,76 @@ fn a_fleet_written_at_once_has_its_heartbeats_spread_over_the_period() {
     }
     // 60 a minute on average; no minute holds the whole fleet.
     assert!(due_per_minute.iter().all(|&n| (30..=90).contains(&n)), "{due_per_minute:?}");
+/// A report whose workers use `usage` (cores, MiB) each.
+fn report_using(usage: &[(f64, u64)]) -> Report {
+    let mut status = report(&vec![WorkerState::Ready; usage.len()])?;
+    for (worker, &(cores, mib)) in status.workers.iter_mut().zip(usage) {
+        worker.cpu_cores = Some(cores);
+        worker.memory_bytes = Some(mib << 20);
+    }
+    Ok(status)
+}
+
+#[test]
+fn workers_cpu_and_memory_pass_through_and_add_up_per_pod_and_service() {
+    let cr = csvc(&format!("  replicas: 2\n{APP}"));
+    let (a, b, c) = (pod("web-a", true), pod("web-b", true), pod("web-c", false));
+    let reports = BTreeMap::from([
+        ("web-a".to_string(), report_using(&[(0.98412, 52), (0.25, 40)])),
+        ("web-b".to_string(), report_using(&[(0.0171, 30)])),
+        // An older clusterd, without the figures: unknown, not zero.
+        ("web-c".to_string(), report(&[WorkerState::Ready])),
+    ]);
+    let d = settled_deployment(2);
+    let observed = Observed {
+        deployment: Some(&d),
+        pods: vec![&a, &b, &c],
+        reports: &reports,
+        problem: None,
+        serving: &routed(&[&a, &b]),
+    };
+    let status = compute(&cr, &observed, Timestamp::UNIX_EPOCH);
+    let first = &status.instances[0];
+    assert_eq!(first.workers[0].cpu_cores, Some(0.984), "to the millicore");
+    assert_eq!(first.workers[0].memory_bytes, Some(52 << 20));
+    assert_eq!((first.cpu_cores, first.memory_bytes), (Some(1.234), Some(92 << 20)));
+    let older = &status.instances[2];
+    assert_eq!((older.cpu_cores, older.memory_bytes, older.workers[0].cpu_cores), (None, None, None));
+    assert_eq!((status.summary.cpu.as_deref(), status.summary.memory.as_deref()), (Some("1251m"), Some("122Mi")));
+
+    // Nobody reports figures: no column value rather than a false zero.
+    let reports = BTreeMap::from([("web-a".to_string(), report(&[WorkerState::Ready]))]);
+    let observed = Observed { reports: &reports, pods: vec![&a], ..observed };
+    let status = compute(&cr, &observed, Timestamp::UNIX_EPOCH);
+    assert_eq!((status.summary.cpu, status.summary.memory), (None, None));
+}
+
+#[test]
+fn cpu_and_memory_alone_do_not_make_a_write() {
+    let mut cr = csvc(APP);
+    let a = pod("web-a", true);
+    let d = settled_deployment(1);
+    let serving = routed(&[&a]);
+    let at = |reports| {
+        let observed = Observed { deployment: Some(&d), pods: vec![&a], reports, problem: None, serving: &serving };
+        move |cr: &ClusteredService, t| compute(cr, &observed, t)
+    };
+    let t1 = Timestamp::from_second(1_000).expect("t1");
+    let t2 = Timestamp::from_second(1_030).expect("t2");
+    // Its heartbeat moments are t1, t1 + 1 min, …
+    let every_minute = Heartbeat { period: MIN_HEARTBEAT, phase: Duration::from_secs(1_000 % 60) };
+    let before = BTreeMap::from([("web-a".to_string(), report_using(&[(0.5, 100)]))]);
+    cr.status = Some(at(&before)(&cr, t1));
+    let busier = BTreeMap::from([("web-a".to_string(), report_using(&[(0.9, 180)]))]);
+    let new = at(&busier)(&cr, t2);
+    assert_eq!(new.summary.cpu.as_deref(), Some("900m"));
+    assert!(!changed(cr.status.as_ref(), &new, t2, every_minute), "figures alone wait for the heartbeat");
+    let t3 = Timestamp::from_second(1_000 + MIN_HEARTBEAT.as_secs() as i64).expect("t3");
+    assert!(changed(cr.status.as_ref(), &at(&busier)(&cr, t3), t3, every_minute), "the heartbeat carries them");
+    // With any other change they go along at once.
+    let mut restarted = busier.clone();
+    if let Some(Ok(status)) = restarted.get_mut("web-a") {
+        status.workers[0].restarts += 1;
+    }
+    assert!(changed(cr.status.as_ref(), &at(&restarted)(&cr, t2), t2, every_minute));
 }

@@ -110,20 +110,6 @@ fn parse_status(head: &[u8]) -> Option<u16> {
     rest.get(2..5)?.parse().ok()
 }
 
-/// Resident set size of `pid` in MiB, from /proc/<pid>/status.
-pub fn rss_mib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    parse_vm_rss_kib(&status).map(|kib| kib / 1024)
-}
-
-fn parse_vm_rss_kib(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,13 +120,6 @@ mod tests {
         assert_eq!(parse_status(b"HTTP/1.0 503 Service"), Some(503));
         assert_eq!(parse_status(b"SSH-2.0-OpenSSH"), None);
         assert_eq!(parse_status(b"HTTP/1.1"), None);
-    }
-
-    #[test]
-    fn vm_rss() {
-        let status = "Name:\tnode\nVmPeak:\t  1000 kB\nVmRSS:\t   52428 kB\nThreads:\t7\n";
-        assert_eq!(parse_vm_rss_kib(status), Some(52428));
-        assert_eq!(parse_vm_rss_kib("Name:\tzombie\n"), None);
     }
 }
 

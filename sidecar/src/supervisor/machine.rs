@@ -70,6 +70,8 @@ pub trait Observe {
     fn requests(&self, pid: u32) -> u64;
     /// Requests that came back from the process (answered or failed).
     fn finished(&self, pid: u32) -> u64;
+    /// Resident memory of the process and those it started, in MiB (the
+    /// figure /status shows).
     fn rss_mib(&self, pid: u32) -> Option<u64>;
     /// Whether the process, or one it started (a wrapper's child, a
     /// pre-fork server's workers), listens on the shared port (reuseport mode).
@@ -182,7 +184,9 @@ impl Machine {
         self.slots.iter().filter_map(|s| s.current.as_ref().filter(|p| p.state.is_ready()).map(|p| (s, p)))
     }
 
-    fn all_procs(&self) -> impl Iterator<Item = &Proc> {
+    /// Every worker process: each slot's current one and replacement, and
+    /// those draining after they left their slot.
+    pub fn procs(&self) -> impl Iterator<Item = &Proc> {
         self.slots.iter().flat_map(Slot::procs).chain(self.retired.iter())
     }
 
@@ -353,7 +357,7 @@ impl Machine {
 
     /// Whether `pid` is a worker process that has not exited.
     pub fn is_live(&self, pid: u32) -> bool {
-        self.all_procs().any(|p| p.pid == pid)
+        self.procs().any(|p| p.pid == pid)
     }
 
     /// A probe's result. A failed probe of a worker with requests in
@@ -518,13 +522,13 @@ impl Machine {
     }
 
     fn signal_all(&self, signal: Signal) -> Vec<Action> {
-        self.all_procs().map(|p| Action::Signal { pid: p.pid, signal }).collect()
+        self.procs().map(|p| Action::Signal { pid: p.pid, signal }).collect()
     }
 
     /// Once shutdown is complete: the exit code.
     pub fn finished(&self, now: Instant) -> Option<u8> {
         let shutdown = self.shutdown.as_ref()?;
-        if self.all_procs().next().is_none() {
+        if self.procs().next().is_none() {
             return (shutdown.orphans == OrphanStop::Done).then_some(shutdown.exit_code);
         }
         match shutdown.phase {
@@ -576,7 +580,7 @@ impl Machine {
     }
 
     fn tick_shutdown(&mut self, now: Instant, world: &dyn Observe) -> Vec<Action> {
-        let workers_gone = self.all_procs().next().is_none();
+        let workers_gone = self.procs().next().is_none();
         let Some(shutdown) = &mut self.shutdown else {
             return Vec::new();
         };

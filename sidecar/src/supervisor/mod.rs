@@ -12,9 +12,10 @@ pub mod orphans;
 pub mod output;
 pub mod reaper;
 pub mod spawn;
+pub mod usage;
 pub mod worker;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener};
 use std::os::fd::AsRawFd;
@@ -57,6 +58,8 @@ pub enum Event {
         pid: u32,
         report: node::channel::Report,
     },
+    /// CPU and memory of each worker process ([`usage::run`]).
+    Usage(HashMap<u32, usage::Usage>),
 }
 
 /// What the admin server reads without asking the supervisor.
@@ -98,6 +101,12 @@ pub struct Supervisor {
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
     started_at: Timestamp,
+    /// The worker processes, for [`usage::run`] to measure.
+    pids: tokio::sync::watch::Sender<Vec<u32>>,
+    /// The last sample's figures per worker process.
+    usage: HashMap<u32, usage::Usage>,
+    /// Slots whose memory the metrics show.
+    measured_slots: Vec<u32>,
 }
 
 /// Why the first workers could not be started.
@@ -128,7 +137,15 @@ impl Supervisor {
             shared,
             metrics,
             started_at: Timestamp::now(),
+            pids: tokio::sync::watch::Sender::new(Vec::new()),
+            usage: HashMap::new(),
+            measured_slots: Vec::new(),
         }
+    }
+
+    /// The worker processes to measure, kept up to date by the supervisor.
+    pub fn worker_pids(&self) -> tokio::sync::watch::Receiver<Vec<u32>> {
+        self.pids.subscribe()
     }
 
     /// Starts the first workers; fails only if the command cannot be run at all.
@@ -179,7 +196,7 @@ impl Supervisor {
                 Vec::new()
             }
             Event::Probe { pid, healthy } => {
-                let world = World { backends: &self.backends };
+                let world = World { backends: &self.backends, usage: &self.usage };
                 self.machine.probed(pid, healthy, &world, now);
                 Vec::new()
             }
@@ -190,6 +207,10 @@ impl Supervisor {
                 Vec::new()
             }
             Event::ProxyDrained => self.machine.proxy_drained(),
+            Event::Usage(usage) => {
+                self.record_usage(usage);
+                Vec::new()
+            }
         };
         // Only the first workers' spawns can fail the whole of clusterd.
         let _ = self.execute(actions, now);
@@ -200,7 +221,7 @@ impl Supervisor {
         // Restarts first, so the new processes are checked in this tick.
         let restarts = self.machine.restart_due(now);
         let _ = self.execute(restarts, now);
-        let world = World { backends: &self.backends };
+        let world = World { backends: &self.backends, usage: &self.usage };
         let actions = self.machine.tick(now, &world);
         let _ = self.execute(actions, now);
         self.publish();
@@ -358,8 +379,29 @@ impl Supervisor {
 
     // ---- views ----------------------------------------------------------
 
+    /// A sample of the workers' CPU and memory: kept for /status and the
+    /// memory recycling, added to the metrics per slot.
+    fn record_usage(&mut self, usage: HashMap<u32, usage::Usage>) {
+        let mut memory = BTreeMap::new();
+        for proc in self.machine.procs() {
+            if let Some(u) = usage.get(&proc.pid) {
+                self.metrics.add_worker_cpu(proc.worker_id, u.cpu_seconds);
+                *memory.entry(proc.worker_id).or_insert(0) += u.rss_bytes;
+            }
+        }
+        self.metrics.set_worker_memory(&memory, &self.measured_slots);
+        self.measured_slots = memory.into_keys().collect();
+        self.usage = usage;
+    }
+
     /// Pushes the rotation to the proxy and the counters to the admin server.
     fn publish(&self) {
+        self.pids.send_if_modified(|pids| {
+            let live: Vec<u32> = self.machine.procs().map(|p| p.pid).collect();
+            let changed = *pids != live;
+            *pids = live;
+            changed
+        });
         let ready = self.machine.in_rotation().count();
         self.shared.ready.store(ready as u32, Ordering::SeqCst);
         self.metrics.cpu_limit.set(self.machine.cores());
@@ -399,6 +441,9 @@ impl Supervisor {
                     in_flight: backend.map_or(0, |b| b.in_flight.load(Ordering::Relaxed)),
                     requests: backend.map_or(0, |b| b.requests.load(Ordering::Relaxed)),
                     connections: backend.map_or(0, |b| b.connections.load(Ordering::Relaxed)),
+                    started_at: proc.map(|p| p.started_at.to_string()),
+                    cpu_cores: proc.and_then(|p| self.usage.get(&p.pid)?.cpu_cores),
+                    memory_bytes: proc.and_then(|p| Some(self.usage.get(&p.pid)?.rss_bytes)),
                 }
             })
             .collect();
@@ -418,6 +463,9 @@ impl Supervisor {
                 in_flight: backend.map_or(0, |b| b.in_flight.load(Ordering::Relaxed)),
                 requests: backend.map_or(0, |b| b.requests.load(Ordering::Relaxed)),
                 connections: backend.map_or(0, |b| b.connections.load(Ordering::Relaxed)),
+                started_at: Some(proc.started_at.to_string()),
+                cpu_cores: self.usage.get(&proc.pid).and_then(|u| u.cpu_cores),
+                memory_bytes: self.usage.get(&proc.pid).map(|u| u.rss_bytes),
                 ..WorkerStatus::default()
             }
         }));
@@ -444,6 +492,7 @@ impl Supervisor {
 /// What the machine reads from the world: the proxy's counters and /proc.
 struct World<'a> {
     backends: &'a HashMap<u32, Arc<Backend>>,
+    usage: &'a HashMap<u32, usage::Usage>,
 }
 
 impl Observe for World<'_> {
@@ -461,8 +510,9 @@ impl Observe for World<'_> {
         self.backends.get(&pid).map_or(0, |b| b.finished.load(Ordering::Relaxed))
     }
 
+    /// The worker's whole tree, as /status shows it (last sample).
     fn rss_mib(&self, pid: u32) -> Option<u64> {
-        health::rss_mib(pid)
+        self.usage.get(&pid).map(|u| u.rss_bytes >> 20)
     }
 
     fn listens(&self, pid: u32, port: u16) -> bool {

@@ -44,7 +44,7 @@ pub fn process_tree(root: u32) -> Vec<u32> {
 
 /// `root` and the processes of `procs` (pid, parent, group) below it or in
 /// its group.
-fn tree_of(root: u32, procs: &[(u32, u32, u32)]) -> Vec<u32> {
+pub(super) fn tree_of(root: u32, procs: &[(u32, u32, u32)]) -> Vec<u32> {
     let mut tree = vec![root];
     tree.extend(procs.iter().filter(|&&(pid, _, group)| group == root && pid != root).map(|&(pid, _, _)| pid));
     // Parents before children is not guaranteed: repeat until nothing joins.

@@ -18,6 +18,8 @@ pub struct Proc {
     pub state: WorkerState,
     pub since: Timestamp,
     pub started: Instant,
+    /// When it started, as /status shows it.
+    pub started_at: Timestamp,
     /// When the next probe (or readiness check) is due.
     pub next_check: Instant,
     pub probing: bool,
@@ -40,6 +42,7 @@ impl Proc {
             state: WorkerState::Starting,
             since: Timestamp::now(),
             started: now,
+            started_at: Timestamp::now(),
             next_check: now,
             probing: false,
             failures: 0,
