@@ -29,9 +29,15 @@ pub(super) fn instance(pod: &Pod, report: Option<&Report>) -> Instance {
             instance.port_mode = Some(status.port_mode.clone()).filter(|m| !m.is_empty());
             instance.port_mode_reason = Some(status.port_mode_reason.clone()).filter(|r| !r.is_empty());
             instance.ready_workers = status.workers.iter().filter(|w| w.state.is_ready()).count() as i32;
+            // One entry per slot: the list is keyed by id in the CRD, and
+            // the API server refuses a status with an id twice. clusterd
+            // lists a process still draining after a reload under its old
+            // slot's id, after the slots.
+            let mut slots = BTreeSet::new();
             instance.workers = status
                 .workers
                 .iter()
+                .filter(|w| slots.insert(w.id))
                 .map(|w| InstanceWorker {
                     id: w.id as i32,
                     pid: w.pid.map(i64::from),

@@ -510,6 +510,8 @@ fn a_fleet_written_at_once_has_its_heartbeats_spread_over_the_period() {
     }
     // 60 a minute on average; no minute holds the whole fleet.
     assert!(due_per_minute.iter().all(|&n| (30..=90).contains(&n)), "{due_per_minute:?}");
+}
+
 /// A report whose workers use `usage` (cores, MiB) each.
 fn report_using(usage: &[(f64, u64)]) -> Report {
     let mut status = report(&vec![WorkerState::Ready; usage.len()])?;
@@ -582,4 +584,22 @@ fn cpu_and_memory_alone_do_not_make_a_write() {
         status.workers[0].restarts += 1;
     }
     assert!(changed(cr.status.as_ref(), &at(&restarted)(&cr, t2), t2, every_minute));
+}
+
+#[test]
+fn a_process_draining_after_a_reload_does_not_repeat_its_slot() {
+    let cr = csvc(APP);
+    let a = pod("web-a", true);
+    let Ok(mut status) = report(&[WorkerState::Ready, WorkerState::Ready]) else { unreachable!() };
+    // The old process of slot 0 still finishes its requests.
+    status.workers.push(WorkerStatus { id: 0, pid: Some(99), state: WorkerState::Draining, ..Default::default() });
+    let reports = BTreeMap::from([("web-a".to_string(), Ok(status))]);
+    let d = settled_deployment(1);
+    let observed =
+        Observed { deployment: Some(&d), pods: vec![&a], reports: &reports, problem: None, serving: &routed(&[&a]) };
+    let status = compute(&cr, &observed, Timestamp::UNIX_EPOCH);
+    let workers = &status.instances[0].workers;
+    let ids: Vec<i32> = workers.iter().map(|w| w.id).collect();
+    assert_eq!(ids, [0, 1], "the CRD keys workers by id: an id twice is refused");
+    assert_eq!(workers[0].pid, Some(100), "the slot's current process is shown");
 }
