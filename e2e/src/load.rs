@@ -43,6 +43,15 @@ pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
     Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector)
 }
 
+/// A client that keeps its connections alive between requests, as an
+/// ingress controller does to the pods behind it: a stopping pod must close
+/// them itself without cutting off a request.
+pub fn keepalive_client() -> Client<HttpConnector, Empty<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector)
+}
+
 /// One GET; an error for anything but a 2xx answer.
 pub async fn get(client: &Client<HttpConnector, Empty<Bytes>>, url: &str) -> anyhow::Result<Answer> {
     let request = async {
@@ -60,14 +69,37 @@ pub async fn get(client: &Client<HttpConnector, Empty<Bytes>>, url: &str) -> any
 
 /// Runs `clients` sequential request loops against `url` until `stop` is
 /// set, `max_requests` were sent, or `max_time` passed, whichever is first.
+/// Each loop opens a new connection per request ([`client`]).
 pub async fn run(url: &str, clients: usize, max_requests: u64, max_time: Duration, stop: Arc<AtomicBool>) -> Report {
+    run_with(client, url, clients, max_requests, max_time, stop).await
+}
+
+/// [`run`] with each loop on one kept-alive connection ([`keepalive_client`]).
+pub async fn run_keepalive(
+    url: &str,
+    clients: usize,
+    max_requests: u64,
+    max_time: Duration,
+    stop: Arc<AtomicBool>,
+) -> Report {
+    run_with(keepalive_client, url, clients, max_requests, max_time, stop).await
+}
+
+async fn run_with(
+    make_client: fn() -> Client<HttpConnector, Empty<Bytes>>,
+    url: &str,
+    clients: usize,
+    max_requests: u64,
+    max_time: Duration,
+    stop: Arc<AtomicBool>,
+) -> Report {
     let report = Arc::new(Mutex::new(Report::default()));
     let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let deadline = tokio::time::Instant::now() + max_time;
     let loops = (0..clients).map(|_| {
         let (url, report, sent, stop) = (url.to_string(), report.clone(), sent.clone(), stop.clone());
         tokio::spawn(async move {
-            let client = client();
+            let client = make_client();
             while !stop.load(Ordering::Relaxed)
                 && tokio::time::Instant::now() < deadline
                 && sent.fetch_add(1, Ordering::Relaxed) < max_requests

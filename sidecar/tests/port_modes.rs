@@ -129,6 +129,60 @@ fn reuseport_readiness_sees_the_workers_process_tree() {
     assert!(after.workers.iter().all(|w| w.restarts == 0), "{after:#?}");
 }
 
+/// gunicorn, a pre-fork server (its master binds, its workers serve), from
+/// PyPI, pinned.
+const GUNICORN: &str = "gunicorn==27.0.1";
+
+/// gunicorn under clusterd: `command` runs it (from a shell that stays, or
+/// not) with 2 sync workers and the WSGI app of tests/apps. Each clusterd
+/// worker becomes Ready and serves, and none is killed at --hung-after.
+fn gunicorn_serves(mode: &str, command: &[&str]) {
+    let packages = pip_packages(&[GUNICORN]);
+    let clusterd = Launch::new(
+        &["--workers", "2", "--port-mode", mode, "--startup-grace", "300ms", "--hung-after", "3s"],
+        command,
+    )
+    .env("PYTHONPATH", &packages.display().to_string())
+    .env("PATH", &format!("{}:{}", packages.join("bin").display(), std::env::var("PATH").unwrap_or_default()))
+    .current_dir(&std::path::PathBuf::from(test_app("")))
+    .start();
+    let status = clusterd.wait_ready(2);
+    assert_eq!(status.port_mode, mode);
+    assert!(distinct_workers(clusterd.port, "/").len() >= 2, "logs:\n{}", clusterd.logs());
+    std::thread::sleep(Duration::from_secs(4));
+    let after = clusterd.wait_ready(2);
+    assert_eq!(worker_pids(&after), worker_pids(&status), "restarted: {after:#?}\nlogs:\n{}", clusterd.logs());
+    assert!(after.workers.iter().all(|w| w.restarts == 0), "{after:#?}");
+    let response = get(clusterd.port, "/", Duration::from_secs(10)).expect("request");
+    let served_by = response.json()["pid"].as_u64().expect("pid") as u32;
+    assert!(!worker_pids(&after).contains(&served_by), "a gunicorn worker, not its master, served");
+}
+
+/// `gunicorn --reuse-port` as the worker command: it binds the shared port
+/// (`PORT`, gunicorn's default bind when set) with SO_REUSEPORT.
+#[test]
+fn gunicorn_with_reuse_port_in_reuseport_mode() {
+    let _serial = serial();
+    gunicorn_serves("reuseport", &["gunicorn", "--reuse-port", "--workers", "2", "wsgi_app:app"]);
+}
+
+/// The same behind a shell that does not exec it (`sh -c '…; exit $?'`):
+/// gunicorn's master is the worker's child.
+#[test]
+fn gunicorn_behind_a_shell_in_reuseport_mode() {
+    let _serial = serial();
+    let script = r#"gunicorn --reuse-port --bind "$HOST:$PORT" --workers 2 wsgi_app:app; exit $?"#;
+    gunicorn_serves("reuseport", &["sh", "-c", script]);
+}
+
+/// In inherit mode gunicorn takes the shared socket from `LISTEN_FDS` by
+/// itself, with no `--bind` (the README's advice).
+#[test]
+fn gunicorn_takes_the_inherited_socket_without_bind() {
+    let _serial = serial();
+    gunicorn_serves("inherit", &["gunicorn", "--workers", "2", "wsgi_app:app"]);
+}
+
 /// An unmodified app (it listens on PORT itself) in the modes that need the
 /// app's help: the worker's last exit says what the mode needs.
 #[test]

@@ -4,11 +4,16 @@
 //! The supervisor decides which workers are in rotation and publishes them
 //! per pool; the proxy only reads those lists and the per-worker counters.
 
+pub mod choice;
 pub mod http;
+mod request;
+mod router;
 pub mod tcp;
 
+pub use router::Router;
+
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use ::http::uri::Authority;
@@ -17,9 +22,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::Notify;
 
-use crate::config::{RouteMatch, RouteSpec};
 use crate::metrics::Metrics;
-use crate::policy::DEFAULT_POOL;
 
 /// Takes the connections already queued in the listener's backlog when
 /// shutdown begins: closing the listener would reset them.
@@ -173,6 +176,9 @@ pub struct Pool {
     pub name: Arc<str>,
     members: RwLock<Arc<[Arc<Backend>]>>,
     next: AtomicUsize,
+    /// A worker of the pool is on its way into rotation (see
+    /// `Machine::back_soon`): a request that finds no member waits for it.
+    back_soon: AtomicBool,
     /// Requests waiting for a worker (admission control only).
     pub queue: Queue,
 }
@@ -180,7 +186,8 @@ pub struct Pool {
 /// A pool's admission queue and its figures (`--max-concurrency`).
 #[derive(Debug)]
 pub struct Queue {
-    /// Told when a request frees its place or workers join.
+    /// Told when a request frees its place, workers join or leave, or the
+    /// pool stops expecting one back soon.
     pub freed: Notify,
     /// Requests waiting now (`clusterd_queue_depth{pool}`).
     depth: Gauge,
@@ -251,6 +258,7 @@ impl Pool {
             name: name.into(),
             members: RwLock::new(Arc::from(Vec::new())),
             next: AtomicUsize::new(0),
+            back_soon: AtomicBool::new(false),
             queue: Queue::new(name, metrics),
         }
     }
@@ -264,6 +272,17 @@ impl Pool {
             // New workers have room: queued requests look again.
             self.queue.freed.notify_waiters();
         }
+    }
+
+    pub fn set_back_soon(&self, back_soon: bool) {
+        if self.back_soon.swap(back_soon, Ordering::SeqCst) && !back_soon {
+            // Requests held for that worker stop waiting.
+            self.queue.freed.notify_waiters();
+        }
+    }
+
+    pub fn back_soon(&self) -> bool {
+        self.back_soon.load(Ordering::SeqCst)
     }
 
     /// The member whose sticky token is `token`, if it is still in rotation.
@@ -328,47 +347,6 @@ impl Pool {
     }
 }
 
-/// Request path → pool: an exact path route first, then the longest
-/// matching prefix, else `default`.
-#[derive(Debug)]
-pub struct Router {
-    exact: Vec<(String, Arc<Pool>)>,
-    /// Sorted by prefix length, longest first.
-    prefixes: Vec<(String, Arc<Pool>)>,
-    default: Arc<Pool>,
-}
-
-impl Router {
-    pub fn new(routes: &[RouteSpec], metrics: &Metrics) -> Router {
-        let (mut exact, mut prefixes) = (Vec::new(), Vec::new());
-        for route in routes {
-            let pool = Arc::new(Pool::new(&route.pool_name(), metrics));
-            match &route.matcher {
-                RouteMatch::Exact(path) => exact.push((path.clone(), pool)),
-                RouteMatch::Prefix(prefix) => prefixes.push((prefix.clone(), pool)),
-            }
-        }
-        prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
-        Router { exact, prefixes, default: Arc::new(Pool::new(DEFAULT_POOL, metrics)) }
-    }
-
-    /// The pool for a request path (without the query).
-    pub fn route(&self, path: &str) -> &Arc<Pool> {
-        let exact = self.exact.iter().find(|(p, _)| p == path);
-        let prefix = || self.prefixes.iter().find(|(p, _)| path.starts_with(p.as_str()));
-        exact.or_else(prefix).map_or(&self.default, |(_, pool)| pool)
-    }
-
-    /// The pool named `name` (see [`RouteSpec::pool_name`]) or `default`.
-    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
-        self.pools().find(|pool| &*pool.name == name)
-    }
-
-    pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
-        self.exact.iter().chain(&self.prefixes).map(|(_, pool)| pool).chain(std::iter::once(&self.default))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,12 +397,6 @@ mod tests {
         assert_eq!(pool.pick(&[100]).map(|b| b.worker_id), Some(1));
         assert!(pool.pick(&[100, 101]).is_none());
         assert!(Pool::new("empty", &Metrics::new()).pick(&[]).is_none());
-    }
-
-    impl Router {
-        fn new_for_test(routes: &[RouteSpec]) -> Router {
-            Router::new(routes, &Metrics::new())
-        }
     }
 
     #[test]
@@ -487,31 +459,5 @@ mod tests {
         assert!(pool.queue.enter(2).is_some(), "a place left");
         assert_eq!(pool.status().waited, 1);
         assert!(Pool::new("x", &Metrics::new()).queue.enter(0).is_none(), "no queue");
-    }
-
-    fn routes(prefixes: &[&str], exact: &[&str]) -> Vec<RouteSpec> {
-        let spec = |matcher| RouteSpec { matcher, workers: 1 };
-        let prefixes = prefixes.iter().map(|p| spec(RouteMatch::Prefix(p.to_string())));
-        prefixes.chain(exact.iter().map(|p| spec(RouteMatch::Exact(p.to_string())))).collect()
-    }
-
-    #[test]
-    fn longest_prefix_wins() {
-        let router = Router::new_for_test(&routes(&["/api", "/api/reports", "/report"], &[]));
-        assert_eq!(&*router.route("/api/reports/1").name, "/api/reports");
-        assert_eq!(&*router.route("/api/users").name, "/api");
-        assert_eq!(&*router.route("/reports").name, "/report");
-        assert_eq!(&*router.route("/light").name, "default");
-        assert!(router.pool("default").is_some());
-        assert!(router.pool("/nope").is_none());
-    }
-
-    #[test]
-    fn exact_paths_win_over_prefixes() {
-        let router = Router::new_for_test(&routes(&["/"], &["/", "/report"]));
-        assert_eq!(&*router.route("/").name, "=/");
-        assert_eq!(&*router.route("/report").name, "=/report");
-        assert_eq!(&*router.route("/report/1").name, "/");
-        assert!(router.pool("=/report").is_some());
     }
 }

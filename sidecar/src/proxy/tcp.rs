@@ -8,6 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::choice::Hold;
 use super::{InFlight, Pool};
 use crate::metrics::Metrics;
 
@@ -17,6 +18,7 @@ const MAX_ATTEMPTS: usize = 3;
 /// Serves until `shutdown`, then waits for open connections to end.
 pub async fn serve(listener: TcpListener, pool: Arc<Pool>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
+    let hold = Arc::new(Hold::default());
     loop {
         let client = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -30,19 +32,19 @@ pub async fn serve(listener: TcpListener, pool: Arc<Pool>, metrics: Arc<Metrics>
             },
         };
         let _ = client.set_nodelay(true);
-        tracker.spawn(relay(client, Arc::clone(&pool), Arc::clone(&metrics)));
+        tracker.spawn(relay(client, Arc::clone(&pool), Arc::clone(&metrics), Arc::clone(&hold)));
     }
     for (client, _) in super::drain_backlog(listener) {
-        tracker.spawn(relay(client, Arc::clone(&pool), Arc::clone(&metrics)));
+        tracker.spawn(relay(client, Arc::clone(&pool), Arc::clone(&metrics), Arc::clone(&hold)));
     }
     tracker.close();
     tracker.wait().await;
 }
 
-async fn relay(mut client: TcpStream, pool: Arc<Pool>, metrics: Arc<Metrics>) {
+async fn relay(mut client: TcpStream, pool: Arc<Pool>, metrics: Arc<Metrics>, hold: Arc<Hold>) {
     let mut tried = Vec::new();
     while tried.len() < MAX_ATTEMPTS {
-        let Some(backend) = pool.pick(&tried) else {
+        let Some(backend) = hold.pick(&pool, !tried.is_empty(), || pool.pick(&tried)).await else {
             break;
         };
         tried.push(backend.pid);

@@ -184,6 +184,21 @@ impl Machine {
         self.slots.iter().filter_map(|s| s.current.as_ref().filter(|p| p.state.is_ready()).map(|p| (s, p)))
     }
 
+    /// Whether `slot`, out of rotation or not, will have a process in
+    /// rotation within `within` unless it fails: one is starting (after a
+    /// clean exit, a scale-up, a short backoff) or its restart is due by
+    /// then. Not in a crash loop nor at shutdown. The proxy holds a request
+    /// that finds its pool empty for such a slot rather than answer 503.
+    pub fn back_soon(&self, slot: &Slot, now: Instant, within: Duration) -> bool {
+        if self.shutdown.is_some() || slot.crashes >= self.config.crash_loop_threshold {
+            return false;
+        }
+        match &slot.current {
+            Some(proc) => proc.state == WorkerState::Starting,
+            None => slot.spawning.is_some() || slot.restart_at.is_some_and(|at| at <= now + within),
+        }
+    }
+
     /// Every worker process: each slot's current one and replacement, and
     /// those draining after they left their slot.
     pub fn procs(&self) -> impl Iterator<Item = &Proc> {

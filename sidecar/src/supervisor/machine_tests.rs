@@ -240,6 +240,42 @@ fn a_clean_exit_after_serving_restarts_at_once_and_is_no_crash() {
 }
 
 #[test]
+fn a_slot_is_back_soon_while_it_restarts_at_once_or_after_a_short_backoff() {
+    let mut h = Harness::new(&["--workers", "1"]);
+    let within = ms(2000);
+    let back_soon = |h: &Harness, now| h.machine.back_soon(&h.machine.slots[0], now, within);
+    h.start();
+    assert!(back_soon(&h, h.at(0)), "starting");
+    h.all_healthy(h.at(200));
+    assert!(!back_soon(&h, h.at(200)), "in rotation: nothing to wait for");
+    // A clean exit: restarted at once.
+    h.machine.exited(h.pid(0), ExitInfo::Code(0), h.at(300));
+    assert!(back_soon(&h, h.at(300)), "restart due now");
+    h.tick(h.at(300));
+    assert!(back_soon(&h, h.at(300)), "its new process is starting");
+    h.all_healthy(h.at(400));
+    // Crashes: back soon while the backoff ends within the bound (100, 200,
+    // 400 ms here), never once in a crash loop (threshold 3).
+    let mut now = h.at(500);
+    for crash in 1..=3 {
+        h.exit(h.pid(0), now);
+        assert_eq!(back_soon(&h, now), crash < 3, "crash {crash}");
+        now += ms(1000);
+        h.tick(now);
+    }
+    assert!(!back_soon(&h, now), "crash loop: its starting process may well crash again");
+    // A backoff that ends past the bound: not yet (100 ms here, against 50).
+    let mut h = Harness::new(&["--workers", "1"]);
+    h.start();
+    h.all_healthy(h.at(200));
+    h.exit(h.pid(0), h.at(300));
+    assert!(!h.machine.back_soon(&h.machine.slots[0], h.at(300), ms(50)), "a backoff past the bound");
+    assert!(h.machine.back_soon(&h.machine.slots[0], h.at(360), ms(50)), "…until it is within it");
+    h.signal(SIGTERM, h.at(360));
+    assert!(!h.machine.back_soon(&h.machine.slots[0], h.at(360), ms(50)), "shutting down");
+}
+
+#[test]
 fn an_exit_0_before_ready_or_a_crash_after_a_clean_exit_still_backs_off() {
     let mut h = Harness::new(&["--workers", "1"]);
     h.start();

@@ -35,7 +35,7 @@ use crate::config::Config;
 use crate::logging::Stream;
 use crate::metrics::Metrics;
 use crate::node;
-use crate::proxy::{Backend, Router};
+use crate::proxy::{self, Backend, Router};
 use machine::{Action, Machine, Observe, SpawnKind};
 use reaper::ExitInfo;
 use spawn::{CommandSpec, WorkerSetup};
@@ -417,6 +417,9 @@ impl Supervisor {
                 .filter_map(|(_, proc)| self.backends.get(&proc.pid).cloned())
                 .collect();
             pool.set_members(members);
+            let now = Instant::now();
+            let mut slots = self.machine.slots().iter().filter(|slot| *slot.pool == *pool.name);
+            pool.set_back_soon(slots.any(|slot| self.machine.back_soon(slot, now, proxy::choice::HOLD)));
         }
     }
 

@@ -65,10 +65,17 @@ const server = http.createServer((req, res) => {
   } else if (path === '/host') {
     body = req.headers.host ?? '(none)';
   }
-  res.writeHead(200, { 'x-worker-id': worker, 'content-length': Buffer.byteLength(body) });
+  // EXIT_AFTER=N: done after N requests, as some apps are (exit code 0),
+  // and gracefully: from the Nth request on each answer closes its
+  // connection, the server stops listening, and the process exits once its
+  // connections are closed (an exit at once would cut off more requests
+  // on the wire).
+  const last = exitAfter > 0 && ++served >= exitAfter;
+  const headers = { 'x-worker-id': worker, 'content-length': Buffer.byteLength(body) };
+  if (last) headers.connection = 'close';
+  res.writeHead(200, headers);
   res.end(body, () => {
-    // EXIT_AFTER=N: done after N requests, as some apps are (exit code 0).
-    if (exitAfter > 0 && ++served === exitAfter) process.exit(0);
+    if (last && server.listening) server.close(() => process.exit(0));
   });
 });
 const exitAfter = Number(process.env.EXIT_AFTER ?? 0);

@@ -468,6 +468,43 @@ pub fn npm_modules(packages: &[&str]) -> PathBuf {
     dir.join("node_modules")
 }
 
+/// Installs pinned PyPI packages (e.g. `gunicorn==27.0.1`) once into
+/// `~/.cache/clustered/pip/<packages>` with pip's `--target` and returns
+/// that directory (for PYTHONPATH; console scripts are in its `bin`). A file
+/// lock keeps parallel tests from racing; once installed, no network is
+/// needed.
+pub fn pip_packages(packages: &[&str]) -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let root = PathBuf::from(home).join(".cache/clustered/pip");
+    std::fs::create_dir_all(&root).expect("pip cache dir");
+    let dir = root.join(packages.join("+"));
+    let done = dir.join(".installed");
+    let lock = std::fs::File::create(root.join(".lock")).expect("pip cache lock");
+    lock.lock().expect("lock the pip cache");
+    if !done.exists() {
+        let status = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-input",
+                "--upgrade",
+                "--root-user-action=ignore",
+            ])
+            .arg("--target")
+            .arg(&dir)
+            .args(packages)
+            .stdin(Stdio::null())
+            .status()
+            .expect("run python3 -m pip");
+        assert!(status.success(), "pip install {packages:?} failed: {status}");
+        std::fs::write(&done, packages.join("\n")).expect("mark installed");
+    }
+    dir
+}
+
 /// A test app under tests/apps.
 pub fn test_app(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/apps").join(name).display().to_string()
