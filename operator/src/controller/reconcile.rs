@@ -147,7 +147,7 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
     // Worker states change without any Kubernetes event: ask clusterd again.
     // Without running pods, watch events trigger every reconcile that
     // matters; the heartbeat only keeps `observedAt` current.
-    let next = if askable.is_empty() { ctx.heartbeat(csvc).until_next(Timestamp::now()) } else { ctx.status_interval };
+    let next = if askable.is_empty() { ctx.heartbeat(csvc).until_next(now) } else { ctx.status_interval };
     // The concurrency autoscaler samples clusterd at its own pace.
     let next = if autoscale::scales_on_concurrency(csvc) { next.min(autoscale::SAMPLE_INTERVAL) } else { next };
     Ok(Action::requeue(next))

@@ -289,20 +289,23 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(100), "no wait: {:?}", started.elapsed());
     }
 
+    /// A request held in a task: whether it got a worker, and how long it waited.
+    fn held_pick(hold: &Arc<Hold>, pool: &Arc<Pool>) -> tokio::task::JoinHandle<(bool, Duration)> {
+        let (hold, pool) = (Arc::clone(hold), Arc::clone(pool));
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let picked = hold.pick(&pool, false, || pool.pick(&[])).await;
+            (picked.is_some(), started.elapsed())
+        })
+    }
+
     #[tokio::test]
     async fn the_hold_is_bounded_in_time_and_in_places() {
         let pool = Arc::new(Pool::new("default", &Metrics::new()));
         pool.set_back_soon(true);
         let hold = Arc::new(Hold::new(1, Duration::from_millis(300)));
         // One place: the first waits out the bound, the second is not held.
-        let first = {
-            let (hold, pool) = (Arc::clone(&hold), Arc::clone(&pool));
-            tokio::spawn(async move {
-                let started = Instant::now();
-                let picked = hold.pick(&pool, false, || pool.pick(&[])).await;
-                (picked.is_some(), started.elapsed())
-            })
-        };
+        let first = held_pick(&hold, &pool);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let started = Instant::now();
         assert!(hold.pick(&pool, false, || pool.pick(&[])).await.is_none());
@@ -310,14 +313,7 @@ mod tests {
         let (picked, waited) = first.await.expect("task");
         assert!(!picked && waited >= Duration::from_millis(300) && waited < Duration::from_secs(2), "{waited:?}");
         // The worker stops coming back (it crash-loops): waiters give up at once.
-        let waiter = {
-            let (hold, pool) = (Arc::clone(&hold), Arc::clone(&pool));
-            tokio::spawn(async move {
-                let started = Instant::now();
-                let picked = hold.pick(&pool, false, || pool.pick(&[])).await;
-                (picked.is_some(), started.elapsed())
-            })
-        };
+        let waiter = held_pick(&hold, &pool);
         tokio::time::sleep(Duration::from_millis(50)).await;
         pool.set_back_soon(false);
         let (picked, waited) = waiter.await.expect("task");

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -443,63 +443,56 @@ impl Load {
 
 /// Installs pinned npm packages (e.g. `ws@8.23.0`) once into
 /// `~/.cache/clustered/npm/<packages>` and returns its `node_modules` (for
-/// NODE_PATH). A file lock keeps parallel tests from racing; once installed,
-/// no network is needed.
+/// NODE_PATH).
 pub fn npm_modules(packages: &[&str]) -> PathBuf {
-    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let root = PathBuf::from(home).join(".cache/clustered/npm");
-    std::fs::create_dir_all(&root).expect("npm cache dir");
-    let dir = root.join(packages.join("+").replace('/', "%"));
-    let done = dir.join(".installed");
-    let lock = std::fs::File::create(root.join(".lock")).expect("npm cache lock");
-    lock.lock().expect("lock the npm cache");
-    if !done.exists() {
-        std::fs::create_dir_all(&dir).expect("package dir");
-        let status = Command::new("npm")
-            .args(["install", "--no-audit", "--no-fund", "--no-save", "--loglevel=error", "--prefix"])
-            .arg(&dir)
-            .args(packages)
-            .stdin(Stdio::null())
-            .status()
-            .expect("run npm");
-        assert!(status.success(), "npm install {packages:?} failed: {status}");
-        std::fs::write(&done, packages.join("\n")).expect("mark installed");
-    }
+    let dir = install_once("npm", packages, |dir| {
+        let mut npm = Command::new("npm");
+        npm.args(["install", "--no-audit", "--no-fund", "--no-save", "--loglevel=error", "--prefix"])
+            .arg(dir)
+            .args(packages);
+        npm
+    });
     dir.join("node_modules")
 }
 
 /// Installs pinned PyPI packages (e.g. `gunicorn==27.0.1`) once into
 /// `~/.cache/clustered/pip/<packages>` with pip's `--target` and returns
-/// that directory (for PYTHONPATH; console scripts are in its `bin`). A file
-/// lock keeps parallel tests from racing; once installed, no network is
-/// needed.
+/// that directory (for PYTHONPATH; console scripts are in its `bin`).
 pub fn pip_packages(packages: &[&str]) -> PathBuf {
+    install_once("pip", packages, |dir| {
+        let mut pip = Command::new("python3");
+        pip.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--upgrade",
+            "--root-user-action=ignore",
+        ])
+        .arg("--target")
+        .arg(dir)
+        .args(packages);
+        pip
+    })
+}
+
+/// Runs the `installer` command made for `~/.cache/clustered/<tool>/<packages>`
+/// once, and returns that directory. A file lock keeps parallel tests from
+/// racing; once installed, no network is needed.
+fn install_once(tool: &str, packages: &[&str], installer: impl FnOnce(&Path) -> Command) -> PathBuf {
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let root = PathBuf::from(home).join(".cache/clustered/pip");
-    std::fs::create_dir_all(&root).expect("pip cache dir");
-    let dir = root.join(packages.join("+"));
+    let root = PathBuf::from(home).join(".cache/clustered").join(tool);
+    std::fs::create_dir_all(&root).unwrap_or_else(|e| panic!("{tool} cache dir: {e}"));
+    let dir = root.join(packages.join("+").replace('/', "%"));
     let done = dir.join(".installed");
-    let lock = std::fs::File::create(root.join(".lock")).expect("pip cache lock");
-    lock.lock().expect("lock the pip cache");
+    let lock = std::fs::File::create(root.join(".lock")).unwrap_or_else(|e| panic!("{tool} cache lock: {e}"));
+    lock.lock().unwrap_or_else(|e| panic!("lock the {tool} cache: {e}"));
     if !done.exists() {
-        let status = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-input",
-                "--upgrade",
-                "--root-user-action=ignore",
-            ])
-            .arg("--target")
-            .arg(&dir)
-            .args(packages)
-            .stdin(Stdio::null())
-            .status()
-            .expect("run python3 -m pip");
-        assert!(status.success(), "pip install {packages:?} failed: {status}");
+        std::fs::create_dir_all(&dir).expect("package dir");
+        let status = installer(&dir).stdin(Stdio::null()).status().unwrap_or_else(|e| panic!("run {tool}: {e}"));
+        assert!(status.success(), "{tool} install {packages:?} failed: {status}");
         std::fs::write(&done, packages.join("\n")).expect("mark installed");
     }
     dir
