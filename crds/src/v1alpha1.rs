@@ -90,6 +90,20 @@ pub use crate::wire::WorkerState;
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Degraded\")].reason",
         priority = "1"
+    ),
+    printcolumn(
+        name = "Clusterd",
+        type_ = "string",
+        json_path = ".status.clusterd.version",
+        description = "The version the pods' clusterd report",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Update",
+        type_ = "string",
+        json_path = ".status.clusterd.pending.reason",
+        description = "Why the operator's newer clusterd has not reached the pods yet (Queued, Stopped, Manual)",
+        priority = "1"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -701,6 +715,39 @@ pub struct ClusteredServiceStatus {
     /// while pods of different specs run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_mode: Option<String>,
+    /// The clusterd the pods run, and a newer one waiting to reach them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clusterd: Option<ClusterdState>,
+}
+
+/// The clusterd the pods run. A new operator brings a new clusterd image;
+/// services roll onto it a few at a time (chart value `clusterdUpdates`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterdState {
+    /// The clusterd image the pods are made with (the Deployment's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The version the pods' clusterd report; several, comma-separated,
+    /// while pods of two versions run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Set while the operator's clusterd waits to reach these pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingClusterdUpdate>,
+}
+
+/// A clusterd update that has not reached a service's pods yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingClusterdUpdate {
+    /// The image the pods will get.
+    pub image: String,
+    /// `Queued` (its turn has not come), `Stopped` (another service's
+    /// update failed) or `Manual` (automatic updates are off).
+    pub reason: String,
+    /// The same for humans, with what to do.
+    pub message: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -762,6 +809,9 @@ pub struct Instance {
     /// Resident memory of the pod's workers, in bytes (the sum of theirs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<i64>,
+    /// The version of the pod's clusterd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clusterd_version: Option<String>,
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
     pub workers: Vec<InstanceWorker>,

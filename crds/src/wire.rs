@@ -138,6 +138,10 @@ pub enum WorkerState {
     CrashLoop,
     /// Not running and not going to be restarted.
     Stopped,
+    /// A state this side does not know: a newer clusterd's. Read as not
+    /// ready, so an older operator still reads the rest of the document.
+    #[serde(other)]
+    Unknown,
 }
 
 impl WorkerState {
@@ -214,6 +218,37 @@ mod tests {
         let w = &status.workers[0];
         assert_eq!((w.pid, w.restarts, w.requests), (Some(42), 1, 3));
         assert_eq!((w.started_at.as_deref(), w.cpu_cores, w.memory_bytes), (None, None, None));
+    }
+
+    /// What the previous release's clusterd served (captured from a real
+    /// run in proxy mode with a route pool): this operator reads all of it.
+    #[test]
+    fn the_previous_releases_document_is_read_whole() {
+        let doc = include_str!("../tests/fixtures/wire/clusterd-0.1.0-status.json");
+        let status: ClusterdStatus = serde_json::from_str(doc).expect("the 0.1.0 document parses");
+        assert_eq!((status.version.as_str(), status.port_mode.as_str()), ("0.1.0", "proxy"));
+        assert_eq!((status.desired_workers, status.ready_workers, status.workers.len()), (2, 2, 2));
+        assert!(status.workers.iter().all(|w| w.state.is_ready() && w.pid.is_some() && w.memory_bytes.is_some()));
+        assert_eq!(status.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["=/heavy", "default"]);
+        // Nothing in it is lost: written back, it is the same document.
+        let reread: serde_json::Value = serde_json::to_value(&status).expect("serialize");
+        let original: serde_json::Value = serde_json::from_str(doc).expect("json");
+        assert_eq!(reread, original);
+    }
+
+    /// A newer clusterd adds fields anywhere and may know worker states
+    /// this release does not: the document is still read, the unknown
+    /// state as not ready.
+    #[test]
+    fn a_newer_document_with_unknown_fields_and_states_is_read() {
+        let doc = include_str!("../tests/fixtures/wire/clusterd-newer-status.json");
+        let status: ClusterdStatus = serde_json::from_str(doc).expect("the newer document parses");
+        assert_eq!(status.version, "0.2.0");
+        assert_eq!(status.workers.len(), 2);
+        assert_eq!(status.workers[0].state, WorkerState::Ready);
+        assert_eq!(status.workers[1].state, WorkerState::Unknown);
+        assert!(!status.workers[1].state.is_ready());
+        assert_eq!(status.workers[1].requests, 1);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use clustered_e2e::{Cluster, load, repo_root, wait_for};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 
 const RELEASE_NS: &str = "clustered-system";
@@ -183,16 +184,87 @@ async fn seed_scenario_end_to_end() -> anyhow::Result<()> {
     assert_eq!(report.failed, 0, "failed requests during the rolling update: {:?}", report.errors);
     assert!(report.ok > 0);
 
-    step("helm upgrade to the default single operator with a new clusterd image: one rollout, never two writers");
+    step("7 more ClusteredServices beside the demo, for the clusterd update");
+    let example: ClusteredService = serde_yaml::from_str(&std::fs::read_to_string(&example)?)?;
+    let others: Vec<String> = (1..=7).map(|i| format!("svc-{i}")).collect();
+    for name in &others {
+        let mut csvc = example.clone();
+        csvc.metadata.name = Some(name.clone());
+        csvc.spec.replicas = 1;
+        csvcs.create(&Default::default(), &csvc).await?;
+    }
+    wait_for(SLOW, "the 7 Available", || async {
+        let listed = csvcs.list(&ListParams::default()).await?.items;
+        Ok(listed.iter().filter(|c| c.status.as_ref().is_some_and(|s| condition(s, "Available"))).count() == 8)
+    })
+    .await?;
+
+    step(
+        "helm upgrade to the default single operator with a new clusterd image: paced, 2 services at a time, never two writers",
+    );
     // The previous chart ran one replica without leader election and a
     // RollingUpdate: the new operator started beside the old one, and the
     // two rewrote every Deployment back and forth (generation 1 → 14).
     let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), &ns);
     let replica_sets: Api<ReplicaSet> = Api::namespaced(cluster.client.clone(), &ns);
+    let demo_sets = ListParams::default().labels("clustered.dev/service=demo");
     let generation = |d: Deployment| d.metadata.generation.unwrap_or_default();
     let before = generation(deployments.get("demo").await?);
-    let sets_before = replica_sets.list(&ListParams::default()).await?.items.len();
+    let sets_before = replica_sets.list(&demo_sets).await?.items.len();
+    let old_clusterd = "clustered.dev/clusterd:dev";
     let clusterd = format!("{}/clustered/clusterd:dev", clustered_e2e::registries()[0]);
+    let upgrade = helm_in_background(
+        &cluster,
+        &["upgrade", "clustered", chart, "--namespace", RELEASE_NS, "--reuse-values", "--set", "replicas=1"],
+        &[format!("clusterdImage={clusterd}")],
+    );
+    let started = std::time::Instant::now();
+    let mut seen = WaveSeen::default();
+    let report = under_load(&format!("{base}/light"), async {
+        seen = watch_wave(&deployments, &csvcs, &clusterd, 8).await?;
+        upgrade.await?
+    })
+    .await?;
+    let took = started.elapsed();
+    eprintln!("e2e: clusterd update of 8 services took {took:.1?}; at most {} rolling at once", seen.max_rolling);
+    assert_eq!(report.failed, 0, "failed requests during the clusterd update: {:?}", report.errors);
+    assert!(report.ok > 0);
+    assert!(seen.max_rolling <= 2, "{} services rolled at once", seen.max_rolling);
+    assert!(seen.queued_said, "no waiting service said Queued in its status");
+    wait_for(SLOW, "every pod on the new clusterd, and every status saying so", || async {
+        let on_new = pods.list(&ListParams::default()).await?.items.iter().all(|p| clusterd_of(p) == Some(&clusterd));
+        let said = csvcs.list(&ListParams::default()).await?.items.iter().all(|c| {
+            c.status
+                .as_ref()
+                .and_then(|s| s.clusterd.as_ref())
+                .is_some_and(|d| d.image.as_deref() == Some(&clusterd) && d.pending.is_none() && d.version.is_some())
+        });
+        Ok(on_new && said)
+    })
+    .await?;
+    // Settled: a second writer would keep changing it.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = generation(deployments.get("demo").await?);
+    let sets_after = replica_sets.list(&demo_sets).await?.items.len();
+    assert_eq!((after - before, sets_after - sets_before), (1, 1), "the demo's generations and ReplicaSets added");
+
+    step("helm rollback: back to the previous clusterd, paced the same way");
+    let rollback = helm_in_background(&cluster, &["rollback", "clustered", "--namespace", RELEASE_NS, "--wait"], &[]);
+    let started = std::time::Instant::now();
+    let report = under_load(&format!("{base}/light"), async {
+        seen = watch_wave(&deployments, &csvcs, old_clusterd, 8).await?;
+        rollback.await?
+    })
+    .await?;
+    eprintln!(
+        "e2e: clusterd rollback of 8 services took {:.1?}; at most {} rolling at once",
+        started.elapsed(),
+        seen.max_rolling
+    );
+    assert_eq!(report.failed, 0, "failed requests during the rollback: {:?}", report.errors);
+    assert!(seen.max_rolling <= 2, "{} services rolled at once", seen.max_rolling);
+
+    step("automatic clusterd updates off: nothing rolls, the status says why; a spec change takes the new clusterd");
     cluster.helm(&[
         "upgrade",
         "clustered",
@@ -201,28 +273,38 @@ async fn seed_scenario_end_to_end() -> anyhow::Result<()> {
         RELEASE_NS,
         "--reuse-values",
         "--set",
-        "replicas=1",
+        "clusterdUpdates.automatic=false",
         "--set",
         &format!("clusterdImage={clusterd}"),
         "--wait",
         "--timeout",
         "4m",
     ])?;
-    wait_for(SLOW, "the demo rolled onto the new clusterd image", || async {
-        let d = deployments.get("demo").await?;
-        let init = d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).and_then(|p| p.init_containers.clone());
-        let st = d.status.clone().unwrap_or_default();
-        Ok(init.unwrap_or_default().iter().any(|c| c.image.as_deref() == Some(clusterd.as_str()))
-            && st.updated_replicas == Some(3)
-            && st.ready_replicas == Some(3)
-            && st.replicas == Some(3))
+    wait_for(SLOW, "every service says Manual", || async {
+        let listed = csvcs.list(&ListParams::default()).await?.items;
+        Ok(listed.iter().all(|c| {
+            c.status.as_ref().and_then(|s| s.clusterd.as_ref()?.pending.as_ref()).is_some_and(|p| {
+                p.reason == "Manual" && p.image == clusterd && p.message.contains("clusterdUpdates.automatic")
+            })
+        }))
     })
     .await?;
-    // Settled: a second writer would keep changing it.
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let after = generation(deployments.get("demo").await?);
-    let sets_after = replica_sets.list(&ListParams::default()).await?.items.len();
-    assert_eq!((after - before, sets_after - sets_before), (1, 1), "Deployment generations and ReplicaSets added");
+    let on_old = |d: &Deployment| clusterd_of_template(d) == Some(old_clusterd);
+    assert!(deployments.list(&ListParams::default()).await?.items.iter().all(on_old), "a Deployment rolled");
+    let env =
+        r#"[{"op":"add","path":"/spec/template/spec/containers/0/env/-","value":{"name":"CHANGED","value":"1"}}]"#;
+    cluster.kubectl(&["patch", "csvc", "svc-1", "-n", &ns, "--type", "json", "-p", env])?;
+    wait_for(SLOW, "svc-1 rolled onto the new clusterd with its change", || async {
+        Ok(clusterd_of_template(&deployments.get("svc-1").await?) == Some(clusterd.as_str()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let listed = deployments.list(&ListParams::default()).await?.items;
+    let still_old: Vec<String> = listed.iter().filter(|d| on_old(d)).map(|d| d.name_any()).collect();
+    assert_eq!(still_old.len(), 7, "only the changed service takes the new clusterd: {still_old:?}");
+    for name in &others {
+        csvcs.delete(name, &Default::default()).await?;
+    }
 
     step("an invalid ClusteredService is rejected with its message");
     let invalid = repo_root().join("crds/tests/fixtures/invalid/routes-without-proxy.yaml");
@@ -308,6 +390,80 @@ fn ready_workers(instance: &clustered_api::v1alpha1::Instance) -> usize {
 
 fn condition(status: &ClusteredServiceStatus, type_: &str) -> bool {
     status.conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
+}
+
+/// Runs helm on a blocking thread, so the load and the sampling go on.
+fn helm_in_background(cluster: &Cluster, args: &[&str], set: &[String]) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let cluster = cluster.clone();
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    for value in set {
+        args.extend(["--set".into(), value.clone()]);
+    }
+    if args[0] == "upgrade" {
+        args.extend(["--wait", "--timeout", "4m"].map(String::from));
+    }
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cluster.helm(&args).map(drop)
+    })
+}
+
+/// What a clusterd update looked like from outside.
+#[derive(Debug, Default)]
+struct WaveSeen {
+    /// The most Deployments on the new clusterd and not yet rolled out, at
+    /// one moment.
+    max_rolling: usize,
+    /// Whether a waiting service said `Queued` in its status.
+    queued_said: bool,
+}
+
+/// Samples the namespace until its `count` Deployments are all on
+/// `clusterd` and rolled out, as `kubectl rollout status` judges it.
+async fn watch_wave(
+    deployments: &Api<Deployment>,
+    csvcs: &Api<ClusteredService>,
+    clusterd: &str,
+    count: usize,
+) -> anyhow::Result<WaveSeen> {
+    let mut seen = WaveSeen::default();
+    let deadline = tokio::time::Instant::now() + SLOW;
+    loop {
+        let listed = deployments.list(&ListParams::default()).await?.items;
+        let on_new: Vec<&Deployment> = listed.iter().filter(|d| clusterd_of_template(d) == Some(clusterd)).collect();
+        let rolling = on_new.iter().filter(|d| !rolled_out(d)).count();
+        seen.max_rolling = seen.max_rolling.max(rolling);
+        seen.queued_said |= csvcs.list(&ListParams::default()).await?.items.iter().any(|c| {
+            c.status.as_ref().and_then(|s| s.clusterd.as_ref()?.pending.as_ref()).is_some_and(|p| p.reason == "Queued")
+        });
+        if on_new.len() == count && rolling == 0 {
+            return Ok(seen);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {count} Deployments on {clusterd}, {rolling} rolling, after {SLOW:?}",
+            on_new.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn rolled_out(d: &Deployment) -> bool {
+    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let st = d.status.clone().unwrap_or_default();
+    st.observed_generation >= d.metadata.generation
+        && st.updated_replicas == Some(want)
+        && st.replicas == Some(want)
+        && st.available_replicas == Some(want)
+}
+
+fn clusterd_of_template(d: &Deployment) -> Option<&str> {
+    let init = d.spec.as_ref()?.template.spec.as_ref()?.init_containers.as_ref()?;
+    init.iter().find(|c| c.name == "clusterd-install")?.image.as_deref()
+}
+
+fn clusterd_of(pod: &Pod) -> Option<&String> {
+    pod.spec.as_ref()?.init_containers.as_ref()?.iter().find(|c| c.name == "clusterd-install")?.image.as_ref()
 }
 
 fn image_of(pod: &Pod) -> Option<String> {

@@ -7,6 +7,7 @@
 //! * [`probe`]: asks each pod's clusterd for its `/status`.
 //! * [`image`]: an app container without `command` runs its image's
 //!   ENTRYPOINT/CMD, read from the registry.
+//! * [`updates`]: a new clusterd paced across the fleet, a few services at a time.
 //! * [`autoscale`]: `spec.autoscaling` in concurrency mode, and its status.
 //! * [`controller`]: the kube-runtime Controller that ties them together.
 //! * [`watches`]: the API client and watches that survive API server restarts.
@@ -24,4 +25,11 @@ pub mod probe;
 pub mod resources;
 pub mod server;
 pub mod status;
+pub mod updates;
 pub mod watches;
+
+/// FNV-1a of `bytes`: stable across processes, builds and Rust versions,
+/// unlike std's hasher, for hashes that are stored or shared.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}

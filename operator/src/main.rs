@@ -12,7 +12,7 @@ use clustered_operator::{
     metrics::Metrics,
     probe::Prober,
     resources::Settings,
-    server, watches,
+    server, updates, watches,
 };
 use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
@@ -26,6 +26,13 @@ struct Args {
     /// Image with the clusterd binary, copied into every pod.
     #[arg(long, env = "CLUSTERD_IMAGE", default_value = "clustered.dev/clusterd:dev")]
     clusterd_image: String,
+    /// Roll existing services onto a new `--clusterd-image` by themselves,
+    /// a few at a time; when false, each takes it with its next spec change.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    automatic_clusterd_updates: bool,
+    /// Services rolling onto a new clusterd at once.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    max_clusterd_rollouts: u16,
     /// Watch one namespace only (default: all).
     #[arg(long, env = "WATCH_NAMESPACE")]
     namespace: Option<String>,
@@ -121,8 +128,14 @@ async fn main() -> anyhow::Result<()> {
 
     let recorder =
         Recorder::new(client.clone(), Reporter { controller: "clustered-operator".into(), instance: Some(identity) });
-    let settings =
-        Settings { clusterd_image: args.clusterd_image, pre_stop_delay_seconds: args.pre_stop_delay_seconds };
+    let settings = Settings {
+        clusterd_image: args.clusterd_image,
+        pre_stop_delay_seconds: args.pre_stop_delay_seconds,
+        clusterd_updates: updates::Policy {
+            automatic: args.automatic_clusterd_updates,
+            max_rolling: usize::from(args.max_clusterd_rollouts),
+        },
+    };
     let prober = Prober::new(args.probe_concurrency, Duration::from_millis(args.probe_timeout_ms));
     info!(namespace = ?args.namespace, "starting controller");
 

@@ -16,6 +16,11 @@ pub struct ErrorLabel {
     pub error: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
 pub struct Metrics {
     pub reconciles: Family<ResultLabel, Counter>,
     pub reconcile_errors: Family<ErrorLabel, Counter>,
@@ -30,6 +35,9 @@ pub struct Metrics {
     pub leader: Gauge,
     /// ClusteredServices this process keeps per-object bookkeeping for.
     pub tracked_objects: Gauge,
+    /// The clusterd update's wave: services `waiting`, `rolling`, and
+    /// `stopped` (1 while a failed rollout holds the wave).
+    pub clusterd_updates: Family<StateLabel, Gauge>,
 }
 
 impl Metrics {
@@ -44,6 +52,7 @@ impl Metrics {
             status_probe_failures: Counter::default(),
             leader: Gauge::default(),
             tracked_objects: Gauge::default(),
+            clusterd_updates: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("clustered_operator");
         r.register("reconciles", "Reconciles by result", metrics.reconciles.clone());
@@ -67,7 +76,22 @@ impl Metrics {
             "ClusteredServices with in-memory bookkeeping (write coalescing, backoff)",
             metrics.tracked_objects.clone(),
         );
+        r.register(
+            "clusterd_updates",
+            "Services waiting for and rolling onto the operator's clusterd; stopped is 1 while a failed rollout holds the update",
+            metrics.clusterd_updates.clone(),
+        );
         metrics
+    }
+
+    /// Publishes the clusterd update's wave.
+    pub fn observe_wave(&self, wave: &crate::updates::Wave) {
+        let set = |state, n: usize| {
+            self.clusterd_updates.get_or_create(&StateLabel { state }).set(i64::try_from(n).unwrap_or(i64::MAX));
+        };
+        set("waiting", wave.waiting.len());
+        set("rolling", wave.rolling.len());
+        set("stopped", usize::from(wave.failed.is_some()));
     }
 
     pub fn observe_duration(&self, took: Duration) {

@@ -209,7 +209,7 @@ fn state_colour(state: WorkerState) -> &'static str {
         WorkerState::Ready => "32",
         WorkerState::Starting | WorkerState::Draining | WorkerState::Backoff => "33",
         WorkerState::Unhealthy | WorkerState::CrashLoop => "31",
-        WorkerState::Stopped => "2",
+        WorkerState::Stopped | WorkerState::Unknown => "2",
     }
 }
 

@@ -187,8 +187,8 @@ fn stale_or(e: kube::Error) -> Result<Ensured, Error> {
 }
 
 /// The body of a replace: the live object (its resourceVersion, server-set
-/// metadata, others' labels) with the desired spec, the desired labels on
-/// top and the desired owner references.
+/// metadata, others' labels) with the desired spec, the desired labels and
+/// annotations on top and the desired owner references.
 fn onto_live(live: &serde_json::Value, desired: &serde_json::Value) -> serde_json::Value {
     let mut body = live.clone();
     if let Some(object) = body.as_object_mut() {
@@ -199,9 +199,11 @@ fn onto_live(live: &serde_json::Value, desired: &serde_json::Value) -> serde_jso
         };
     }
     let meta = &mut body["metadata"];
-    if let Some(labels) = desired["metadata"]["labels"].as_object() {
-        for (key, value) in labels {
-            meta["labels"][key] = value.clone();
+    for field in ["labels", "annotations"] {
+        if let Some(ours) = desired["metadata"][field].as_object() {
+            for (key, value) in ours {
+                meta[field][key] = value.clone();
+            }
         }
     }
     if let Some(annotations) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
@@ -213,13 +215,16 @@ fn onto_live(live: &serde_json::Value, desired: &serde_json::Value) -> serde_jso
 
 /// True when `rendered` (the API server's rendering of the desired object)
 /// and `live` differ in anything the operator owns: the whole spec, its
-/// labels' values, the owner references.
+/// labels' and annotations' values, the owner references.
 fn drifted(rendered: &serde_json::Value, live: &serde_json::Value) -> bool {
-    let labels_differ = rendered["metadata"]["labels"]
-        .as_object()
-        .is_some_and(|labels| labels.iter().any(|(k, v)| live["metadata"]["labels"].get(k) != Some(v)));
+    let differ = |field: &str| {
+        rendered["metadata"][field]
+            .as_object()
+            .is_some_and(|ours| ours.iter().any(|(k, v)| live["metadata"][field].get(k) != Some(v)))
+    };
     rendered.get("spec") != live.get("spec")
-        || labels_differ
+        || differ("labels")
+        || differ("annotations")
         || rendered["metadata"]["ownerReferences"] != live["metadata"]["ownerReferences"]
 }
 
@@ -328,6 +333,18 @@ mod tests {
         let mut live = live_service();
         live["spec"]["sessionAffinity"] = json!("ClientIP");
         assert!(drifted(&rendered, &live), "a field someone added");
+        // An older operator wrote no spec hash: writing it is a change.
+        let mut ours = rendered.clone();
+        ours["metadata"]["annotations"]["clustered.dev/spec-hash"] = json!("0123");
+        assert!(drifted(&ours, &live_service()), "an annotation of ours missing");
+    }
+
+    #[test]
+    fn the_replace_body_carries_our_annotations_beside_others() {
+        let mut desired = desired_service();
+        desired["metadata"]["annotations"] = json!({"clustered.dev/spec-hash": "0123"});
+        let body = onto_live(&live_service(), &desired);
+        assert_eq!(body["metadata"]["annotations"], json!({"note": "keep", "clustered.dev/spec-hash": "0123"}));
     }
 
     fn deployment(replicas: i32, replicas_owner: &str) -> Deployment {

@@ -48,6 +48,7 @@ use crate::metrics::{ErrorLabel, Metrics};
 use crate::probe::Prober;
 use crate::resources::{SERVICE_LABEL, Settings};
 use crate::status;
+use crate::updates;
 use crate::watches::{self, Synced, WatchHealth};
 use memory::Bookkeeping;
 
@@ -213,6 +214,7 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
         memory,
     });
 
+    let wave = tokio::spawn(publish_wave(Arc::clone(&ctx)));
     Controller::for_stream(csvcs, csvc_reader)
         // Unbounded, a fleet's first pass starts every reconcile at once:
         // their API requests queue in the API server's fairness queues
@@ -231,6 +233,24 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
         .run(reconcile::reconcile, error_policy, ctx)
         .for_each(|result| async move { log_outcome(result) })
         .await;
+    wave.abort();
+}
+
+/// How often the clusterd update's metrics are refreshed.
+const WAVE_METRICS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Keeps the clusterd update's metrics current, from the listed caches.
+async fn publish_wave(ctx: Arc<Context>) {
+    if !ctx.synced.wait().await {
+        return;
+    }
+    let mut tick = tokio::time::interval(WAVE_METRICS_INTERVAL);
+    loop {
+        tick.tick().await;
+        let deployments = ctx.stores.deployments.state();
+        let wave = updates::Wave::observe(deployments.iter().map(AsRef::as_ref), &ctx.settings.clusterd_image);
+        ctx.metrics.observe_wave(&wave);
+    }
 }
 
 /// `K`s in one namespace, or in all.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clustered_api::v1alpha1::ClusteredService;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -20,10 +21,14 @@ use super::{Context, Error};
 use crate::metrics::ResultLabel;
 use crate::resources;
 use crate::status::{self, Observed, Problem};
+use crate::updates::{self, Template};
 use crate::{autoscale, endpoints};
 
 /// How soon to look again when the cache was behind the API server.
 const STALE_RETRY: Duration = Duration::from_secs(1);
+
+/// How soon a service whose clusterd update waits looks at the wave again.
+const TURN_RECHECK: Duration = Duration::from_secs(5);
 
 /// Longest a reconcile may take: a few API requests and a probe of each
 /// pod's clusterd (each bounded by the probe timeout).
@@ -73,15 +78,29 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
             (None, Some(why))
         }
     };
+    let previous = stores.deployments.get(&ObjectRef::new(&name).within(&ns));
+    let target = ctx.settings.clusterd_image.as_str();
+    let template = updates::template(csvc, previous.as_deref(), target, &ctx.settings.clusterd_updates, || {
+        updates::Wave::observe(stores.deployments.state().iter().map(AsRef::as_ref), target)
+    });
     match resources::deployment_for(csvc, &ctx.settings, image.as_ref()) {
         _ if image_failure.is_some() => {}
-        Ok(deployment) => {
-            let previous = stores.deployments.get(&ObjectRef::new(&name).within(&ns));
+        Ok(mut deployment) => {
+            if let (Template::KeepLive(_), Some(live)) = (&template, &previous) {
+                keep_live_template(&mut deployment, live);
+            }
             let result = ensure(ctx, csvc, &stores.deployments, &ns, &name, Some(deployment)).await;
-            if let (Ok(Ensured::Written), Some(previous)) = (&result, previous)
-                && let Some(from) = scaled_from(&previous, csvc.spec.replicas)
-            {
-                ctx.event(csvc, EventType::Normal, "Scaled", format!("pods {from} → {}", csvc.spec.replicas)).await;
+            if let (Ok(Ensured::Written), Some(previous)) = (&result, previous) {
+                if let Some(from) = scaled_from(&previous, csvc.spec.replicas) {
+                    let note = format!("pods {from} → {}", csvc.spec.replicas);
+                    ctx.event(csvc, EventType::Normal, "Scaled", note).await;
+                }
+                if let (Template::Render, Some(old)) = (&template, updates::clusterd_image(&previous))
+                    && old != target
+                {
+                    let note = format!("pods roll onto clusterd {target} (from {old})");
+                    ctx.event(csvc, EventType::Normal, "ClusterdUpdate", note).await;
+                }
             }
             results.push(("Deployment", result));
         }
@@ -125,6 +144,10 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
         reports: &reports,
         problem,
         serving: &serving,
+        clusterd_update: match &template {
+            Template::KeepLive(held) => Some((target, held)),
+            Template::Render => None,
+        },
     };
     let now = Timestamp::now();
     let mut new_status = status::compute(csvc, &observed, now);
@@ -150,7 +173,17 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
     let next = if askable.is_empty() { ctx.heartbeat(csvc).until_next(now) } else { ctx.status_interval };
     // The concurrency autoscaler samples clusterd at its own pace.
     let next = if autoscale::scales_on_concurrency(csvc) { next.min(autoscale::SAMPLE_INTERVAL) } else { next };
+    // Nothing about a waiting service changes when its turn comes.
+    let next = if matches!(template, Template::KeepLive(_)) { next.min(TURN_RECHECK) } else { next };
     Ok(Action::requeue(next))
+}
+
+/// The pods stay as they are while the clusterd update waits: the live pod
+/// template replaces the rendered one (everything else is the spec's).
+fn keep_live_template(deployment: &mut Deployment, live: &Deployment) {
+    if let (Some(desired), Some(live)) = (deployment.spec.as_mut(), live.spec.as_ref()) {
+        desired.template = live.template.clone();
+    }
 }
 
 /// The API server's own message for a refused request.

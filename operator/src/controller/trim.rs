@@ -73,6 +73,7 @@ mod tests {
                 pods: pods.iter().collect(),
                 reports: &Default::default(),
                 problem: None,
+                clusterd_update: None,
                 serving: &Default::default(),
             };
             compute(&csvc, &observed, Timestamp::from_second(1_000).expect("now"))

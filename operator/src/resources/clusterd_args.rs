@@ -185,6 +185,70 @@ mod tests {
         assert!(!args.iter().any(|a| a.starts_with("--health-path")), "TCP checks have no path");
     }
 
+    /// The flags clusterd 0.1.0 took, and the values it allowed where it
+    /// listed them, from its `--help` (kept as a fixture).
+    fn previous_clusterd_flags() -> std::collections::BTreeMap<String, Option<Vec<String>>> {
+        let help = include_str!("../../tests/fixtures/clusterd-0.1.0-help.txt");
+        let mut flags = std::collections::BTreeMap::new();
+        let mut last: Option<String> = None;
+        for line in help.lines() {
+            let line = line.trim();
+            if let Some(flag) = line.strip_prefix("--").and_then(|f| f.split([' ', '=']).next()) {
+                flags.insert(flag.to_string(), None);
+                last = Some(flag.to_string());
+            }
+            if let (Some(flag), Some((_, values))) = (&last, line.split_once("[possible values: ")) {
+                let values = values.trim_end_matches(']').split(", ").map(str::to_string).collect();
+                flags.insert(flag.clone(), Some(values));
+            }
+        }
+        flags
+    }
+
+    /// An operator upgraded beside a pinned, older `clusterdImage` (or a
+    /// rollback of the clusterd alone) renders flags for the previous
+    /// clusterd: every setting it had must still come out in a form it takes.
+    #[test]
+    fn the_previous_clusterd_takes_every_flag_rendered_for_its_settings() {
+        let flags = previous_clusterd_flags();
+        assert!(flags.len() > 30 && flags["port-mode"].as_ref().is_some_and(|v| v.contains(&"node".into())));
+        let specs = [
+            "  port: 3000
+  portMode: inherit
+  protocol: TCP
+  adminPort: 9100
+  workers: {count: auto, min: 2, max: 6, rounding: Ceil}
+  healthCheck: {type: TCP, periodSeconds: 3, timeoutSeconds: 1, failureThreshold: 2, hungAfterSeconds: 20}
+  restart: {initialBackoffMillis: 200, maxBackoffMillis: 9000, stableAfterSeconds: 20, crashLoopThreshold: 4, maxRequests: 1000, maxMemoryMib: 300}
+  shutdown: {drainTimeoutSeconds: 7}
+",
+            "  portMode: proxy
+  upstreamProtocol: h2c
+  sticky: cookie=SRV
+  workers: {count: 4, maxConcurrency: 8, maxQueue: 50, queueTimeoutSeconds: 3}
+  routes:
+    - {pathPrefix: /report, workers: 2}
+    - {path: /, workers: 1}
+  healthCheck: {type: HTTP, path: /healthz}
+",
+            "  portMode: node\n  workers: {count: auto, rounding: Round}\n",
+            "  portMode: reuseport\n  sticky: header=X-User\n  upstreamProtocol: auto\n",
+        ];
+        for spec in specs {
+            let args = clusterd_args(&csvc(&format!("{spec}{APP}")).spec).to_args();
+            for arg in &args {
+                let (flag, value) = arg.trim_start_matches("--").split_once('=').expect("--flag=value");
+                let allowed = flags.get(flag).unwrap_or_else(|| panic!("clusterd 0.1.0 has no --{flag} ({args:?})"));
+                if let Some(allowed) = allowed {
+                    assert!(
+                        allowed.iter().any(|a| a == value),
+                        "clusterd 0.1.0 takes --{flag} {allowed:?}, not {value}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn numbers_the_schema_forbids_fall_back() {
         assert_eq!(port(70_000, 9901), 9901);

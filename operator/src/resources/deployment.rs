@@ -14,11 +14,14 @@ use thiserror::Error;
 
 use super::{Settings, child_meta, clusterd_args, selector_labels};
 use crate::image::{self, ResolvedImage};
+use crate::updates::{SPEC_HASH, spec_hash};
 
 /// Where the init container puts clusterd, inside the app container.
 pub const CLUSTERD_BIN: &str = "/clustered/bin/clusterd";
 const CLUSTERD_DIR: &str = "/clustered/bin";
 const CLUSTERD_VOLUME: &str = "clusterd-bin";
+/// The init container that copies clusterd into every pod.
+pub const INSTALL_CONTAINER: &str = "clusterd-install";
 pub const APP_PORT_NAME: &str = "http";
 pub const ADMIN_PORT_NAME: &str = "clusterd-admin";
 
@@ -68,8 +71,11 @@ pub fn deployment_for(
     let meta = template.metadata.get_or_insert_with(Default::default);
     meta.labels.get_or_insert_with(Default::default).extend(selector_labels(csvc));
 
+    let mut metadata = child_meta(csvc);
+    // Tells the user's changes apart from the operator's (a new clusterd).
+    metadata.annotations = Some([(SPEC_HASH.to_string(), spec_hash(csvc))].into());
     Ok(Deployment {
-        metadata: child_meta(csvc),
+        metadata,
         spec: Some(DeploymentSpec {
             replicas: Some(spec.replicas),
             selector: LabelSelector { match_labels: Some(selector_labels(csvc)), ..Default::default() },
@@ -148,7 +154,7 @@ fn inject_clusterd(pod: &mut PodSpec, settings: &Settings, drain_timeout_seconds
     pod.init_containers.get_or_insert_with(Vec::new).insert(
         0,
         Container {
-            name: "clusterd-install".into(),
+            name: INSTALL_CONTAINER.into(),
             image: Some(settings.clusterd_image.clone()),
             image_pull_policy: Some("IfNotPresent".into()),
             command: Some(vec!["/clusterd".into(), "--install-to".into(), CLUSTERD_BIN.into()]),

@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::{Resource, ResourceExt};
 
 pub use clusterd_args::clusterd_args;
-pub use deployment::{ADMIN_PORT_NAME, APP_PORT_NAME, CLUSTERD_BIN, deployment, deployment_for};
+pub use deployment::{ADMIN_PORT_NAME, APP_PORT_NAME, CLUSTERD_BIN, INSTALL_CONTAINER, deployment, deployment_for};
 pub use extras::{hpa, pod_disruption_budget, service};
 
 /// Label that ties every child object and pod to its ClusteredService.
@@ -30,11 +30,17 @@ pub struct Settings {
     /// Seconds the pod waits after it is told to stop, before clusterd gets
     /// SIGTERM, so that endpoints and kube-proxy stop sending it traffic first.
     pub pre_stop_delay_seconds: i64,
+    /// How a new `clusterd_image` reaches the pods of existing services.
+    pub clusterd_updates: crate::updates::Policy,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { clusterd_image: "clustered.dev/clusterd:dev".into(), pre_stop_delay_seconds: 3 }
+        Self {
+            clusterd_image: "clustered.dev/clusterd:dev".into(),
+            pre_stop_delay_seconds: 3,
+            clusterd_updates: crate::updates::Policy::default(),
+        }
     }
 }
 

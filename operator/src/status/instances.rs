@@ -16,6 +16,12 @@ pub(super) fn port_modes(instances: &[Instance]) -> Option<String> {
     (!modes.is_empty()).then(|| modes.into_iter().collect::<Vec<_>>().join(","))
 }
 
+/// The versions the pods' clusterd report, as [`port_modes`].
+pub(super) fn clusterd_versions(instances: &[Instance]) -> Option<String> {
+    let versions: BTreeSet<&str> = instances.iter().filter_map(|i| i.clusterd_version.as_deref()).collect();
+    (!versions.is_empty()).then(|| versions.into_iter().collect::<Vec<_>>().join(","))
+}
+
 pub(super) fn instance(pod: &Pod, report: Option<&Report>) -> Instance {
     let mut instance = Instance {
         pod: pod.name_any(),
@@ -27,6 +33,7 @@ pub(super) fn instance(pod: &Pod, report: Option<&Report>) -> Instance {
             instance.cpu_limit = status.cpu.cores;
             instance.desired_workers = status.desired_workers as i32;
             instance.port_mode = Some(status.port_mode.clone()).filter(|m| !m.is_empty());
+            instance.clusterd_version = Some(status.version.clone()).filter(|v| !v.is_empty());
             instance.port_mode_reason = Some(status.port_mode_reason.clone()).filter(|r| !r.is_empty());
             instance.ready_workers = status.workers.iter().filter(|w| w.state.is_ready()).count() as i32;
             // One entry per slot: the list is keyed by id in the CRD, and
@@ -100,8 +107,9 @@ pub(super) fn same_but_usage(a: &[Instance], b: &[Instance]) -> bool {
             workers,
             cpu_cores: _,
             memory_bytes: _,
+            clusterd_version,
         } = x;
-        (pod, node, cpu_limit, desired_workers, ready_workers, message, port_mode, port_mode_reason)
+        (pod, node, cpu_limit, desired_workers, ready_workers, message, port_mode, port_mode_reason, clusterd_version)
             == (
                 &y.pod,
                 &y.node,
@@ -111,6 +119,7 @@ pub(super) fn same_but_usage(a: &[Instance], b: &[Instance]) -> bool {
                 &y.message,
                 &y.port_mode,
                 &y.port_mode_reason,
+                &y.clusterd_version,
             )
             && workers.len() == y.workers.len()
             && workers.iter().zip(&y.workers).all(|(w, v)| same_worker(w, v))

@@ -15,7 +15,9 @@ mod pods;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use clustered_api::v1alpha1::{ClusteredService, ClusteredServiceStatus, Instance, Summary, WorkerTotals};
+use clustered_api::v1alpha1::{
+    ClusterdState, ClusteredService, ClusteredServiceStatus, Instance, PendingClusterdUpdate, Summary, WorkerTotals,
+};
 use clustered_api::wire::ClusterdStatus;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
@@ -24,9 +26,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use crate::resources::selector_string;
+use crate::updates::{self, Held};
 pub use conditions::NO_CPU_LIMIT;
 use conditions::{available, degraded, progressing};
-use instances::{instance, port_modes, same_but_usage, usage_summary};
+use instances::{clusterd_versions, instance, port_modes, same_but_usage, usage_summary};
 pub use instances::{pod_ready, workers_in};
 pub use pods::pod_trouble;
 
@@ -50,6 +53,9 @@ pub struct Observed<'a> {
     pub serving: &'a BTreeSet<String>,
     /// Why the operator could not do its own part, if it could not.
     pub problem: Option<Problem>,
+    /// The operator's clusterd image, and why it does not reach the pods
+    /// yet, if it does not.
+    pub clusterd_update: Option<(&'a str, &'a Held)>,
 }
 
 /// A failure of the operator's own work, as opposed to the pods'.
@@ -124,10 +130,24 @@ pub fn compute(csvc: &ClusteredService, observed: &Observed<'_>, now: Timestamp)
         conditions,
         observed_at: Some(Time(now)),
         port_mode: port_modes(&instances),
+        clusterd: clusterd_state(observed, &instances),
         instances,
         // Filled in by the autoscaler (see `autoscale::reconcile`).
         autoscaling: None,
     }
+}
+
+fn clusterd_state(observed: &Observed<'_>, instances: &[Instance]) -> Option<ClusterdState> {
+    let state = ClusterdState {
+        image: observed.deployment.and_then(updates::clusterd_image).map(str::to_string),
+        version: clusterd_versions(instances),
+        pending: observed.clusterd_update.map(|(image, held)| PendingClusterdUpdate {
+            image: image.to_string(),
+            reason: held.reason.to_string(),
+            message: held.message.clone(),
+        }),
+    };
+    (state != ClusterdState::default()).then_some(state)
 }
 
 fn transition_time(previous: &[Condition], type_: &str, status: bool, now: Timestamp) -> Time {
@@ -168,8 +188,7 @@ impl Heartbeat {
     pub fn of(fleet: usize, uid: &str) -> Self {
         let period =
             MIN_HEARTBEAT.max(FLEET_HEARTBEAT_SPACING.saturating_mul(u32::try_from(fleet).unwrap_or(u32::MAX)));
-        // FNV-1a: stable across processes and versions, unlike std's hasher.
-        let hash = uid.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let hash = crate::stable_hash(uid.as_bytes());
         Self { period, phase: Duration::from_secs(hash % period.as_secs()) }
     }
 
@@ -216,6 +235,7 @@ pub fn changed(
         conditions,
         autoscaling,
         port_mode,
+        clusterd,
     } = new;
     // CPU and memory alone do not make a write (see `same_but_usage`).
     let Summary { pods, workers: worker_summary, cpu: _, memory: _ } = summary;
@@ -229,7 +249,8 @@ pub fn changed(
             &old.summary.pods,
             &old.summary.workers,
         )
-        && (conditions, autoscaling, port_mode) == (&old.conditions, &old.autoscaling, &old.port_mode)
+        && (conditions, autoscaling, port_mode, clusterd)
+            == (&old.conditions, &old.autoscaling, &old.port_mode, &old.clusterd)
         && same_but_usage(instances, &old.instances);
     observed_long_ago || !same
 }

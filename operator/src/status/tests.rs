@@ -81,6 +81,7 @@ fn healthy_service_is_available_settled_and_not_degraded() {
             pods: vec![&b, &a],
             reports: &reports,
             problem: None,
+            clusterd_update: None,
             serving: &routed(&[&b, &a]),
         },
         Timestamp::UNIX_EPOCH,
@@ -119,7 +120,14 @@ fn a_worker_oom_kill_is_oom_killed_while_recent() {
     let recent = oom_at(Timestamp::from_second(1_000_000 - 60).expect("time"));
     let status = compute(
         &cr,
-        &Observed { deployment: Some(&d), pods: vec![&a], reports: &recent, problem: None, serving: &routed(&[&a]) },
+        &Observed {
+            deployment: Some(&d),
+            pods: vec![&a],
+            reports: &recent,
+            problem: None,
+            clusterd_update: None,
+            serving: &routed(&[&a]),
+        },
         now,
     );
     let degraded = condition(&status, DEGRADED);
@@ -129,7 +137,14 @@ fn a_worker_oom_kill_is_oom_killed_while_recent() {
     let old = oom_at(Timestamp::from_second(1_000_000 - RECENT_EXIT_SECONDS - 1).expect("time"));
     let status = compute(
         &cr,
-        &Observed { deployment: Some(&d), pods: vec![&a], reports: &old, problem: None, serving: &routed(&[&a]) },
+        &Observed {
+            deployment: Some(&d),
+            pods: vec![&a],
+            reports: &old,
+            problem: None,
+            clusterd_update: None,
+            serving: &routed(&[&a]),
+        },
         now,
     );
     assert_eq!(condition(&status, DEGRADED).status, "False", "an OOM kill long ago is history");
@@ -147,7 +162,14 @@ fn crash_loop_degrades_and_names_the_worker() {
     let d = settled_deployment(1);
     let status = compute(
         &cr,
-        &Observed { deployment: Some(&d), pods: vec![&a], reports: &reports, problem: None, serving: &routed(&[&a]) },
+        &Observed {
+            deployment: Some(&d),
+            pods: vec![&a],
+            reports: &reports,
+            problem: None,
+            clusterd_update: None,
+            serving: &routed(&[&a]),
+        },
         Timestamp::UNIX_EPOCH,
     );
     let degraded = condition(&status, DEGRADED);
@@ -171,6 +193,7 @@ fn unreachable_clusterd_and_terminating_pods() {
             pods: vec![&a, &gone],
             reports: &reports,
             problem: None,
+            clusterd_update: None,
             serving: &routed(&[&a, &gone]),
         },
         Timestamp::UNIX_EPOCH,
@@ -189,8 +212,14 @@ fn transition_time_moves_only_when_status_flips() {
     let a = pod("web-a", true);
     let reports = BTreeMap::from([("web-a".to_string(), report(&[WorkerState::Ready]))]);
     let d = settled_deployment(1);
-    let observed =
-        Observed { deployment: Some(&d), pods: vec![&a], reports: &reports, problem: None, serving: &routed(&[&a]) };
+    let observed = Observed {
+        deployment: Some(&d),
+        pods: vec![&a],
+        reports: &reports,
+        problem: None,
+        clusterd_update: None,
+        serving: &routed(&[&a]),
+    };
     let t1 = Timestamp::from_second(1_000).expect("t1");
     let t2 = Timestamp::from_second(1_030).expect("t2");
     // Its heartbeat moments are t1, t1 + 1 min, …
@@ -213,6 +242,7 @@ fn transition_time_moves_only_when_status_flips() {
         pods: vec![&down],
         reports: &reports,
         problem: None,
+        clusterd_update: None,
         serving: &routed(&[&down]),
     };
     let flipped = compute(&cr, &observed, t2);
@@ -231,7 +261,14 @@ fn scaled_to_zero_is_available() {
     let d = settled_deployment(0);
     let status = compute(
         &cr,
-        &Observed { deployment: Some(&d), pods: vec![], reports: &reports, problem: None, serving: &routed(&[]) },
+        &Observed {
+            deployment: Some(&d),
+            pods: vec![],
+            reports: &reports,
+            problem: None,
+            clusterd_update: None,
+            serving: &routed(&[]),
+        },
         Timestamp::UNIX_EPOCH,
     );
     assert_eq!(condition(&status, AVAILABLE).reason, "ScaledToZero");
@@ -366,8 +403,14 @@ fn pod_trouble_outranks_workers_and_reconcile_errors_outrank_both() {
     let p = pod_with("web-a", vec![container("app", waiting("ErrImagePull", "no such image"), None)]);
     let reports = BTreeMap::from([("web-a".to_string(), report(&[WorkerState::CrashLoop]))]);
     let d = settled_deployment(1);
-    let mut observed =
-        Observed { deployment: Some(&d), pods: vec![&p], reports: &reports, problem: None, serving: &routed(&[&p]) };
+    let mut observed = Observed {
+        deployment: Some(&d),
+        pods: vec![&p],
+        reports: &reports,
+        problem: None,
+        clusterd_update: None,
+        serving: &routed(&[&p]),
+    };
     let status = compute(&cr, &observed, Timestamp::UNIX_EPOCH);
     assert_eq!(condition(&status, DEGRADED).reason, "ImagePullFailed");
 
@@ -387,8 +430,14 @@ fn no_cpu_limit_is_said_when_clusterd_used_the_node_s_cpus() {
     }
     let reports = BTreeMap::from([("web-a".to_string(), unlimited)]);
     let d = settled_deployment(1);
-    let observed =
-        Observed { deployment: Some(&d), pods: vec![&a], reports: &reports, problem: None, serving: &routed(&[&a]) };
+    let observed = Observed {
+        deployment: Some(&d),
+        pods: vec![&a],
+        reports: &reports,
+        problem: None,
+        clusterd_update: None,
+        serving: &routed(&[&a]),
+    };
     let status = compute(&csvc(APP), &observed, Timestamp::UNIX_EPOCH);
     let degraded = condition(&status, DEGRADED);
     assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("False", NO_CPU_LIMIT));
@@ -408,7 +457,14 @@ fn a_ready_pod_serves_only_once_the_service_s_endpoints_list_it() {
     let observe = |serving: &BTreeSet<String>| {
         compute(
             &cr,
-            &Observed { deployment: Some(&d), pods: vec![&a], reports: &reports, problem: None, serving },
+            &Observed {
+                deployment: Some(&d),
+                pods: vec![&a],
+                reports: &reports,
+                problem: None,
+                clusterd_update: None,
+                serving,
+            },
             Timestamp::UNIX_EPOCH,
         )
     };
@@ -436,6 +492,7 @@ fn the_ready_column_never_shows_more_pods_than_wanted() {
             pods: vec![&old, &new],
             reports: &reports,
             problem: None,
+            clusterd_update: None,
             serving: &routed(&[&old, &new]),
         },
         Timestamp::UNIX_EPOCH,
@@ -464,7 +521,14 @@ fn pods_on_a_lost_node_degrade_with_the_node_and_pods_named_evicted_ones_include
     stranded.status.as_mut().and_then(|s| s.conditions.as_mut()).expect("conditions")[0].status = "False".into();
     let reports = BTreeMap::new();
     let serving = routed(&[&a, &b, &stranded]);
-    let observe = |pods| Observed { deployment: None, pods, reports: &reports, problem: None, serving: &serving };
+    let observe = |pods| Observed {
+        deployment: None,
+        pods,
+        reports: &reports,
+        problem: None,
+        clusterd_update: None,
+        serving: &serving,
+    };
     let status = compute(&cr, &observe(vec![&a, &b, &stranded]), Timestamp::UNIX_EPOCH);
     let degraded = condition(&status, DEGRADED);
     assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", node_loss::NODE_UNREACHABLE));
@@ -538,6 +602,7 @@ fn workers_cpu_and_memory_pass_through_and_add_up_per_pod_and_service() {
         pods: vec![&a, &b, &c],
         reports: &reports,
         problem: None,
+        clusterd_update: None,
         serving: &routed(&[&a, &b]),
     };
     let status = compute(&cr, &observed, Timestamp::UNIX_EPOCH);
@@ -563,7 +628,14 @@ fn cpu_and_memory_alone_do_not_make_a_write() {
     let d = settled_deployment(1);
     let serving = routed(&[&a]);
     let at = |reports| {
-        let observed = Observed { deployment: Some(&d), pods: vec![&a], reports, problem: None, serving: &serving };
+        let observed = Observed {
+            deployment: Some(&d),
+            pods: vec![&a],
+            reports,
+            problem: None,
+            clusterd_update: None,
+            serving: &serving,
+        };
         move |cr: &ClusteredService, t| compute(cr, &observed, t)
     };
     let t1 = Timestamp::from_second(1_000).expect("t1");
@@ -595,8 +667,14 @@ fn a_process_draining_after_a_reload_does_not_repeat_its_slot() {
     status.workers.push(WorkerStatus { id: 0, pid: Some(99), state: WorkerState::Draining, ..Default::default() });
     let reports = BTreeMap::from([("web-a".to_string(), Ok(status))]);
     let d = settled_deployment(1);
-    let observed =
-        Observed { deployment: Some(&d), pods: vec![&a], reports: &reports, problem: None, serving: &routed(&[&a]) };
+    let observed = Observed {
+        deployment: Some(&d),
+        pods: vec![&a],
+        reports: &reports,
+        problem: None,
+        clusterd_update: None,
+        serving: &routed(&[&a]),
+    };
     let status = compute(&cr, &observed, Timestamp::UNIX_EPOCH);
     let workers = &status.instances[0].workers;
     let ids: Vec<i32> = workers.iter().map(|w| w.id).collect();
