@@ -4,7 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use clustered_api::v1alpha1::ClusteredService;
+use clustered_api::v1alpha1::{ClusteredService, ClusteredServiceStatus};
 use kube::runtime::reflector::ObjectRef;
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -30,6 +30,10 @@ pub(super) struct Memory {
     /// The app image resolved for a generation of the spec: reused until
     /// the spec changes, so a moved tag never changes the pods by itself.
     pub(super) image: Option<(Option<i64>, String, ResolvedImage)>,
+    /// The status last sent and the status the API server stored for it,
+    /// kept only when the two differ: the cluster's CRD is older than this
+    /// operator and drops the fields it does not know.
+    pub(super) pruned_write: Option<Box<(ClusteredServiceStatus, ClusteredServiceStatus)>>,
 }
 
 /// The `Memory` of every ClusteredService seen, forgotten when it is deleted.

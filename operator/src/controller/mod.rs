@@ -99,6 +99,8 @@ pub struct Context {
     /// Open once every store has been listed.
     synced: Synced,
     memory: Arc<Bookkeeping>,
+    /// Set once a status write lost fields: the cluster's CRD is older.
+    crd_outdated: AtomicBool,
 }
 
 /// Reflector caches of the children, filled by the controller's watches.
@@ -212,6 +214,7 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
         stores,
         synced,
         memory,
+        crd_outdated: AtomicBool::new(false),
     });
 
     let wave = tokio::spawn(publish_wave(Arc::clone(&ctx)));
