@@ -247,6 +247,70 @@ pub fn detect_from(proc_cgroup: &str, mountinfo: &str, root: &Path) -> Option<Cp
     detect_v1(proc_cgroup, mountinfo, root).map(|cores| limit(Some(cores), "cgroup-v1"))
 }
 
+/// The files this process's CPU limit is read from, found and opened once,
+/// so that polling reads each again at offset 0 (cgroupfs renders a file
+/// afresh on every read from the start) instead of walking /proc and the
+/// hierarchy: 5 syscalls a poll instead of ~45.
+pub struct LimitFiles {
+    /// `cpu.max` of the cgroup v2 directory and its parents.
+    v2: Vec<std::fs::File>,
+    /// `cpu.cfs_quota_us` and `cpu.cfs_period_us` of the v1 cpu cgroup
+    /// directory and its parents.
+    v1: Vec<(std::fs::File, Option<std::fs::File>)>,
+}
+
+impl LimitFiles {
+    pub fn open() -> LimitFiles {
+        let proc_cgroup = read(Path::new("/proc/self/cgroup")).unwrap_or_default();
+        let mountinfo = read(Path::new("/proc/self/mountinfo")).unwrap_or_default();
+        Self::open_from(&proc_cgroup, &mountinfo, Path::new("/"))
+    }
+
+    /// As [`detect_from`], for the files it would read.
+    pub fn open_from(proc_cgroup: &str, mountinfo: &str, root: &Path) -> LimitFiles {
+        let open = |path: PathBuf| std::fs::File::open(path).ok();
+        let hierarchy = |dir: Option<PathBuf>, stop: Option<PathBuf>| match (dir, stop) {
+            (Some(dir), Some(stop)) => dir_and_parents(&dir, &stop).into_iter().map(|d| under(root, &d)).collect(),
+            _ => Vec::new(),
+        };
+        let v2 = hierarchy(v2_cgroup_dir(proc_cgroup, mountinfo), mount_point_of(mountinfo, "cgroup2", None));
+        let v1 = hierarchy(v1_cpu_cgroup_dir(proc_cgroup, mountinfo), mount_point_of(mountinfo, "cgroup", Some("cpu")));
+        LimitFiles {
+            v2: v2.into_iter().filter_map(|d: PathBuf| open(d.join("cpu.max"))).collect(),
+            v1: v1
+                .into_iter()
+                .filter_map(|d: PathBuf| Some((open(d.join("cpu.cfs_quota_us"))?, open(d.join("cpu.cfs_period_us")))))
+                .collect(),
+        }
+    }
+
+    /// The limit now; the same answer as [`detect`] without an override.
+    pub fn read(&self) -> CpuLimit {
+        let v2 = self.v2.iter().filter_map(|f| parse_cpu_max(&read_again(f)?)).reduce(f64::min);
+        if let Some(cores) = v2 {
+            return limit(Some(cores), "cgroup-v2");
+        }
+        let v1 = self
+            .v1
+            .iter()
+            .filter_map(|(quota, period)| {
+                parse_cfs(&read_again(quota)?, period.as_ref().and_then(read_again).as_deref())
+            })
+            .reduce(f64::min);
+        match v1 {
+            Some(cores) => limit(Some(cores), "cgroup-v1"),
+            None => limit(None, "affinity"),
+        }
+    }
+}
+
+/// A small file's whole content, read from offset 0.
+fn read_again(file: &std::fs::File) -> Option<String> {
+    let mut buf = [0u8; 128];
+    let n = std::os::unix::fs::FileExt::read_at(file, &mut buf, 0).ok()?;
+    String::from_utf8(buf[..n].to_vec()).ok()
+}
+
 /// CPUs this process may run on.
 pub fn affinity_count() -> usize {
     nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))

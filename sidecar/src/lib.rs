@@ -319,12 +319,14 @@ fn spawn_proxy(
 }
 
 async fn poll_cpu_limit(interval: std::time::Duration, events: tokio::sync::mpsc::UnboundedSender<Event>) {
+    let Ok(files) = tokio::task::spawn_blocking(cgroup::LimitFiles::open).await else { return };
+    let files = Arc::new(files);
     let mut ticker = tokio::time::interval(interval);
     ticker.tick().await;
     loop {
         ticker.tick().await;
-        let limit = tokio::task::spawn_blocking(|| cgroup::detect(None)).await;
-        let Ok(limit) = limit else { continue };
+        let files = Arc::clone(&files);
+        let Ok(limit) = tokio::task::spawn_blocking(move || files.read()).await else { continue };
         if events.send(Event::CpuLimit(limit)).is_err() {
             return;
         }

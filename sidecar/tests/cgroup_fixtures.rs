@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use clusterd::cgroup::{detect_from, parse_cfs, parse_cpu_max, v1_cpu_cgroup_dir, v2_cgroup_dir};
+use clusterd::cgroup::{LimitFiles, detect_from, parse_cfs, parse_cpu_max, v1_cpu_cgroup_dir, v2_cgroup_dir};
 
 fn fixture(layout: &str) -> (String, String) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(layout);
@@ -120,4 +120,65 @@ fn limit_file_parsers() {
     assert_eq!(parse_cfs("-1", Some("100000")), None);
     assert_eq!(parse_cfs("0", Some("100000")), None);
     assert_eq!(parse_cfs("50000", Some("100000")), Some(0.5));
+}
+
+/// The files opened once give what a full detection gives, in every
+/// layout, and see each change the kubelet makes on the next read.
+#[test]
+fn opened_limit_files_follow_the_quota_as_detection_does() {
+    // (layout, the files and their content, one file rewritten by a resize)
+    type File<'a> = (&'a str, &'a str);
+    let cases: [(&str, &[File], File); 4] = [
+        (
+            "v1-host",
+            &[
+                ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "-1\n"),
+                ("/sys/fs/cgroup/cpu/cpu.cfs_period_us", "100000\n"),
+                ("/sys/fs/cgroup/cpu/clustered-test-1234/cpu.cfs_quota_us", "300000\n"),
+                ("/sys/fs/cgroup/cpu/clustered-test-1234/cpu.cfs_period_us", "100000\n"),
+            ],
+            ("/sys/fs/cgroup/cpu/clustered-test-1234/cpu.cfs_quota_us", "150000\n"),
+        ),
+        (
+            "v2-nested",
+            &[
+                (
+                    "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod7.slice/cri-containerd-abc.scope/cpu.max",
+                    "max 100000\n",
+                ),
+                (
+                    "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod7.slice/cpu.max",
+                    "200000 100000\n",
+                ),
+            ],
+            (
+                "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod7.slice/cpu.max",
+                "300000 100000\n",
+            ),
+        ),
+        ("v2-container-root", &[("/sys/fs/cgroup/cpu.max", "150000\n")], ("/sys/fs/cgroup/cpu.max", "max 100000\n")),
+        (
+            "hybrid",
+            &[
+                ("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us", "100000\n"),
+                ("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us", "50000\n"),
+            ],
+            ("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us", "-1\n"),
+        ),
+    ];
+    for (layout, files, resize) in cases {
+        let (cgroup, mountinfo) = fixture(layout);
+        let root = FakeRoot::new(&format!("opened-{layout}"));
+        for (path, content) in files {
+            root.write(path, content);
+        }
+        let detected = || detect_from(&cgroup, &mountinfo, &root.0).map(|l| (l.cores, l.source));
+        let opened = LimitFiles::open_from(&cgroup, &mountinfo, &root.0);
+        let read = || Some(opened.read()).filter(|l| l.cores.is_some()).map(|l| (l.cores, l.source));
+        assert!(detected().is_some(), "{layout}: a limit to start with");
+        assert_eq!(read(), detected(), "{layout}");
+        // The kubelet rewrites the file in place (same inode).
+        root.write(resize.0, resize.1);
+        assert_eq!(read(), detected(), "{layout} after the resize");
+    }
 }
