@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   local single-node Kubernetes + the operator + the seed's app
-#   make test   everything: lint, unit, real processes, real API server, end to end
+#   make test   everything: lint, unit, real processes, real API server, end to end,
+#               and the API tier again on the oldest Kubernetes supported
 #
 # Builds and caches stay outside the repository (~/.cache/clustered).
 
@@ -23,6 +24,7 @@ demo: images
 
 test: lint images
 	cargo test --workspace --release --locked
+	e2e/cluster/floor test
 
 lint:
 	cargo fmt --all --check
@@ -39,6 +41,7 @@ images: build cluster
 	e2e/cluster/images
 
 down:
+	e2e/cluster/floor down
 	e2e/cluster/down
 
 bench: build

@@ -57,7 +57,12 @@ impl Cluster {
             .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
             .with_test_writer()
             .try_init();
-        let kubeconfig = PathBuf::from(last_line_of("e2e/cluster/up").await?);
+        // Another API server than the local cluster's (`e2e/cluster/floor`:
+        // the oldest Kubernetes supported, an API server without nodes).
+        let kubeconfig = match std::env::var_os("CLUSTERED_E2E_KUBECONFIG") {
+            Some(path) => PathBuf::from(path),
+            None => PathBuf::from(last_line_of("e2e/cluster/up").await?),
+        };
         let bin_dir = PathBuf::from(last_line_of("e2e/cluster/build").await?);
         let cluster = Self::connect(kubeconfig.clone(), bin_dir.clone()).await?;
         cluster.install_crd().await?;

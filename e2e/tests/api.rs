@@ -98,3 +98,50 @@ async fn kubectl_sees_short_name_columns_explain_and_scale() -> anyhow::Result<(
 
     cluster.delete_namespace(&ns).await
 }
+
+/// The operator's own use of the API (watches, server-side apply of the
+/// status, dry-run replaces of its children, the scale subresource and
+/// garbage collection through owner references) on this API server. Pods
+/// need not run: on the floor tier there are no nodes.
+#[tokio::test]
+async fn the_operator_makes_children_and_status_on_this_api_server() -> anyhow::Result<()> {
+    use clustered_e2e::{Operator, demo_service, wait_for};
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use std::time::Duration;
+
+    let cluster = Cluster::get().await?;
+    let ns = cluster.namespace("api-operator").await?;
+    let operator = Operator::start(&cluster, &ns).await?;
+    let csvcs: Api<ClusteredService> = Api::namespaced(cluster.client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(cluster.client.clone(), &ns);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(cluster.client.clone(), &ns);
+    csvcs.create(&PostParams::default(), &demo_service("api", |v| v["spec"]["replicas"] = 0.into())).await?;
+
+    wait_for(Duration::from_secs(60), "children, and a status saying ScaledToZero", || async {
+        let status = csvcs.get("api").await?.status.unwrap_or_default();
+        let scaled_to_zero = status.conditions.iter().any(|c| c.type_ == "Available" && c.reason == "ScaledToZero");
+        Ok(deployments.get_opt("api").await?.is_some()
+            && services.get_opt("api").await?.is_some()
+            && pdbs.get_opt("api").await?.is_some()
+            && scaled_to_zero
+            && status.observed_generation == Some(1))
+    })
+    .await?;
+
+    cluster.kubectl(&["scale", "-n", &ns, "csvc/api", "--replicas=1"])?;
+    wait_for(Duration::from_secs(60), "the Deployment scaled with the ClusteredService", || async {
+        Ok(deployments.get("api").await?.spec.and_then(|s| s.replicas) == Some(1))
+    })
+    .await?;
+
+    csvcs.delete("api", &Default::default()).await?;
+    wait_for(Duration::from_secs(60), "children garbage-collected", || async {
+        Ok(deployments.get_opt("api").await?.is_none() && services.get_opt("api").await?.is_none())
+    })
+    .await?;
+    operator.stop().await;
+    cluster.delete_namespace(&ns).await
+}
