@@ -356,9 +356,19 @@ async fn available_means_the_service_answers_at_once() -> anyhow::Result<()> {
             // What no operator can see: kube-proxy programs a node from the
             // EndpointSlices at most once per sync period (1 s by default).
             let deadline = tokio::time::Instant::now() + KUBE_PROXY_SYNC;
+            // Nor this: a pod IP reused from a deleted pod can meet a failed
+            // entry in this host's neighbour cache ("No route to host")
+            // until the kernel probes the address again (~3 s).
+            let neighbour_deadline = deadline + Duration::from_secs(3);
             loop {
                 match clustered_e2e::load::get(&client, &url).await {
                     Ok(_) => return Ok(()),
+                    Err(e) if format!("{e:#}").contains("No route to host") => {
+                        if tokio::time::Instant::now() >= neighbour_deadline {
+                            return Err(e);
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                     Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
