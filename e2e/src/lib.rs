@@ -174,10 +174,8 @@ impl Cluster {
     /// Applies the checked-in CRD (the one users install) and waits until
     /// the API server serves it.
     pub async fn install_crd(&self) -> anyhow::Result<()> {
-        let path = repo_root().join("crds/clusteredservice.yaml");
-        let crd: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
+        self.apply_crd(&repo_root().join("crds/clusteredservice.yaml")).await?;
         let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
-        api.patch(&crd.name_any(), &PatchParams::apply("clustered-e2e").force(), &Patch::Apply(&crd)).await?;
         let name = ClusteredService::crd_name();
         wait_for(Duration::from_secs(30), "CRD established", || async {
             let crd = api.get(name).await?;
@@ -185,6 +183,14 @@ impl Cluster {
             Ok(conditions.iter().any(|c| c.type_ == "Established" && c.status == "True"))
         })
         .await
+    }
+
+    /// Applies the CRD in the YAML file at `path` (server-side, forced).
+    pub async fn apply_crd(&self, path: &Path) -> anyhow::Result<()> {
+        let crd: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        api.patch(&crd.name_any(), &PatchParams::apply("clustered-e2e").force(), &Patch::Apply(&crd)).await?;
+        Ok(())
     }
 
     /// Re-installs this build's CRD if the served one lacks any of `fields`

@@ -9,8 +9,8 @@ use clustered_api::v1alpha1::ClusteredService;
 use clustered_e2e::{Cluster, Operator, demo_service, repo_root, wait_for};
 use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::{CustomResourceExt, ResourceExt};
+use kube::CustomResourceExt;
+use kube::api::{Api, ListParams, PostParams};
 
 /// Under an older CRD the API server drops the status fields it does not
 /// know. The status then never equals what the operator computes; before
@@ -65,10 +65,8 @@ async fn under_previous_crd(cluster: &Cluster) -> anyhow::Result<()> {
 
 /// The CRD of the previous release (`crds/tests/fixtures/crd-0.1.0.yaml`).
 async fn install_previous_crd(cluster: &Cluster) -> anyhow::Result<()> {
-    let path = repo_root().join("crds/tests/fixtures/crd-0.1.0.yaml");
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
+    cluster.apply_crd(&repo_root().join("crds/tests/fixtures/crd-0.1.0.yaml")).await?;
     let api: Api<CustomResourceDefinition> = Api::all(cluster.client.clone());
-    api.patch(&crd.name_any(), &PatchParams::apply("clustered-e2e").force(), &Patch::Apply(&crd)).await?;
     let name = ClusteredService::crd_name();
     wait_for(Duration::from_secs(30), "the previous CRD served", || async {
         let served = serde_json::to_string(&api.get(name).await?.spec)?;
