@@ -67,14 +67,23 @@ pub async fn get(client: &Client<HttpConnector, Empty<Bytes>>, url: &str) -> any
         .map_err(|_| anyhow::anyhow!("{url}: no answer in 30 s"))?
 }
 
+/// How many connections a [`run`] opens per second at most, over all its
+/// loops. A closed connection holds its local port for a minute (TIME_WAIT), and
+/// the test host has 28 232 of them: unpaced, the fresh-connection loops of
+/// a long run against a fast route ran out (EADDRNOTAVAIL) in CI.
+pub const MAX_CONNECTIONS_PER_SECOND: u32 = 200;
+
 /// Runs `clients` sequential request loops against `url` until `stop` is
-/// set, `max_requests` were sent, or `max_time` passed, whichever is first.
+/// set, `max_requests` were sent, or `max_time` passed, whichever is first,
+/// at most [`MAX_CONNECTIONS_PER_SECOND`] in all.
 /// Each loop opens a new connection per request ([`client`]).
 pub async fn run(url: &str, clients: usize, max_requests: u64, max_time: Duration, stop: Arc<AtomicBool>) -> Report {
-    run_with(client, url, clients, max_requests, max_time, stop).await
+    let period = Duration::from_secs(1) * clients.max(1) as u32 / MAX_CONNECTIONS_PER_SECOND;
+    run_with(client, Some(period), url, clients, max_requests, max_time, stop).await
 }
 
-/// [`run`] with each loop on one kept-alive connection ([`keepalive_client`]).
+/// [`run`] with each loop on one kept-alive connection ([`keepalive_client`]),
+/// unpaced: it holds no port per request.
 pub async fn run_keepalive(
     url: &str,
     clients: usize,
@@ -82,11 +91,12 @@ pub async fn run_keepalive(
     max_time: Duration,
     stop: Arc<AtomicBool>,
 ) -> Report {
-    run_with(keepalive_client, url, clients, max_requests, max_time, stop).await
+    run_with(keepalive_client, None, url, clients, max_requests, max_time, stop).await
 }
 
 async fn run_with(
     make_client: fn() -> Client<HttpConnector, Empty<Bytes>>,
+    period: Option<Duration>,
     url: &str,
     clients: usize,
     max_requests: u64,
@@ -100,10 +110,17 @@ async fn run_with(
         let (url, report, sent, stop) = (url.to_string(), report.clone(), sent.clone(), stop.clone());
         tokio::spawn(async move {
             let client = make_client();
+            let mut pace = period.map(tokio::time::interval);
+            if let Some(pace) = &mut pace {
+                pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            }
             while !stop.load(Ordering::Relaxed)
                 && tokio::time::Instant::now() < deadline
                 && sent.fetch_add(1, Ordering::Relaxed) < max_requests
             {
+                if let Some(pace) = &mut pace {
+                    pace.tick().await;
+                }
                 let outcome = get(&client, &url).await;
                 let mut report = report.lock().await;
                 match outcome {
