@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use clustered_api::clusterd::defaults;
-use clustered_api::wire::{ClusterdStatus, STATUS_PATH, WorkerState, WorkerStatus};
+use clustered_api::table::{Row, age, layout, mebibytes, percent};
+use clustered_api::wire::{ClusterdStatus, STATUS_PATH, WorkerStatus};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
@@ -147,18 +148,13 @@ const HEADERS: [&str; 10] =
 /// A summary line, then one row per worker (and per process still draining).
 pub fn table(status: &ClusterdStatus, now: Timestamp, colour: bool) -> String {
     let proxy = status.port_mode == "proxy";
-    let rows: Vec<[String; 10]> = status.workers.iter().map(|w| row(w, proxy, now)).collect();
-    let mut widths = HEADERS.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
+    let rows: Vec<Row> =
+        status.workers.iter().map(|w| Row { cells: row(w, proxy, now), state: Some(w.state) }).collect();
     let cpu = match status.cpu.cores {
         Some(cores) => format!("CPU limit {cores} ({})", status.cpu.source),
         None => format!("no CPU limit ({})", status.cpu.source),
     };
-    let mut out = format!(
+    let summary = format!(
         "clusterd {} (pid {}): {}/{} workers ready, port {} ({}), {cpu}{}\n",
         status.version,
         status.pid,
@@ -168,34 +164,21 @@ pub fn table(status: &ClusterdStatus, now: Timestamp, colour: bool) -> String {
         status.port_mode,
         if status.draining { ", shutting down" } else { "" },
     );
-    let line = |cells: &[String; 10], state: Option<WorkerState>| {
-        let last = cells.len() - 1;
-        let mut line = String::new();
-        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
-            let padded = if i == last { cell.clone() } else { format!("{cell:<width$}   ") };
-            match state.filter(|_| colour && i == 1) {
-                Some(state) => line.push_str(&format!("\x1b[{}m{padded}\x1b[0m", state_colour(state))),
-                None => line.push_str(&padded),
-            }
-        }
-        line.trim_end().to_string() + "\n"
-    };
-    out.push_str(&line(&HEADERS.map(String::from), None));
-    for (row, worker) in rows.iter().zip(&status.workers) {
-        out.push_str(&line(row, Some(worker.state)));
-    }
-    out
+    summary + &layout(&HEADERS, &rows, colour)
 }
 
-fn row(w: &WorkerStatus, proxy: bool, now: Timestamp) -> [String; 10] {
+fn row(w: &WorkerStatus, proxy: bool, now: Timestamp) -> Vec<String> {
     let dash = || "-".to_string();
-    [
+    vec![
         w.id.to_string(),
         format!("{:?}", w.state),
         w.pid.map_or_else(dash, |p| p.to_string()),
         w.restarts.to_string(),
-        w.started_at.as_deref().and_then(|t| t.parse::<Timestamp>().ok()).map_or_else(dash, |t| age(t, now)),
-        w.cpu_cores.map_or_else(dash, |c| format!("{:.0}%", c * 100.0)),
+        w.started_at
+            .as_deref()
+            .and_then(|t| t.parse::<Timestamp>().ok())
+            .map_or_else(dash, |t| age(now.as_second() - t.as_second())),
+        w.cpu_cores.map_or_else(dash, percent),
         w.memory_bytes.map_or_else(dash, mebibytes),
         if proxy { w.requests.to_string() } else { dash() },
         w.pool.clone().unwrap_or_else(dash),
@@ -203,38 +186,10 @@ fn row(w: &WorkerStatus, proxy: bool, now: Timestamp) -> [String; 10] {
     ]
 }
 
-/// ANSI colour of a state: green serves, yellow is on its way, red is trouble.
-fn state_colour(state: WorkerState) -> &'static str {
-    match state {
-        WorkerState::Ready => "32",
-        WorkerState::Starting | WorkerState::Draining | WorkerState::Backoff => "33",
-        WorkerState::Unhealthy | WorkerState::CrashLoop => "31",
-        WorkerState::Stopped | WorkerState::Unknown => "2",
-    }
-}
-
-/// Like `kubectl get`'s AGE: the largest unit or two (`45s`, `3m12s`, `5h3m`, `2d4h`).
-pub fn age(since: Timestamp, now: Timestamp) -> String {
-    let s = (now.as_second() - since.as_second()).max(0);
-    match s {
-        ..120 => format!("{s}s"),
-        120..600 => format!("{}m{}s", s / 60, s % 60),
-        600..7200 => format!("{}m", s / 60),
-        7200..86_400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
-    }
-}
-
-/// Bytes as MiB (binary units, as Kubernetes writes `Mi`).
-pub fn mebibytes(bytes: u64) -> String {
-    let mib = bytes as f64 / (1u64 << 20) as f64;
-    if mib < 10.0 { format!("{mib:.1}Mi") } else { format!("{mib:.0}Mi") }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clustered_api::wire::CpuLimit;
+    use clustered_api::wire::{CpuLimit, WorkerState};
 
     fn at(s: &str) -> Timestamp {
         s.parse().expect("timestamp")
@@ -313,20 +268,6 @@ ID   STATE     PID   RESTARTS   UPTIME   CPU   MEMORY   REQUESTS   POOL      LAS
         let yaml = render(&status(), Output::Yaml, now, true).expect("yaml");
         assert_eq!(serde_yaml::from_str::<ClusterdStatus>(&yaml).expect("parse"), status());
         assert!(!json.contains('\x1b') && !yaml.contains('\x1b'));
-    }
-
-    #[test]
-    fn ages_and_sizes_read_like_kubectl() {
-        let t0 = at("2026-12-07T00:00:00Z");
-        let later = |s: i64| Timestamp::from_second(t0.as_second() + s).expect("time");
-        assert_eq!(age(t0, later(45)), "45s");
-        assert_eq!(age(t0, later(192)), "3m12s");
-        assert_eq!(age(t0, later(3000)), "50m");
-        assert_eq!(age(t0, later(5 * 3600 + 180)), "5h3m");
-        assert_eq!(age(t0, later(2 * 86_400 + 4 * 3600)), "2d4h");
-        assert_eq!(age(later(10), t0), "0s", "a clock behind the start is no negative age");
-        assert_eq!(mebibytes(5 << 19), "2.5Mi");
-        assert_eq!(mebibytes(300 << 20), "300Mi");
     }
 
     #[test]
