@@ -12,6 +12,8 @@ export CARGO_TARGET_DIR ?= $(CACHE)/target
 STATIC_TARGET := x86_64-unknown-linux-gnu
 export CLUSTERD_BIN := $(CARGO_TARGET_DIR)/$(STATIC_TARGET)/release/clusterd
 export OPERATOR_BIN := $(CARGO_TARGET_DIR)/$(STATIC_TARGET)/release/clustered-operator
+# `kubectl clustered` (kubectl-plugin/), which the end-to-end tests run.
+export KUBECTL_CLUSTERED_BIN := $(CARGO_TARGET_DIR)/$(STATIC_TARGET)/release/kubectl-clustered
 
 # Nodes of the local cluster (e2e/cluster/up): CI and `make test` run 3
 # (e2e/tests/nodes.rs needs them); `NODES=1 make demo` starts a lighter one.
@@ -32,7 +34,7 @@ lint:
 
 build:
 	RUSTFLAGS="-C target-feature=+crt-static" \
-		cargo build --release --locked -p clusterd -p clustered-operator --target $(STATIC_TARGET)
+		cargo build --release --locked -p clusterd -p clustered-operator -p kubectl-clustered --target $(STATIC_TARGET)
 
 cluster:
 	e2e/cluster/up

@@ -269,6 +269,32 @@ impl Cluster {
         self.tool("kubectl", args, Some(stdin))
     }
 
+    /// Runs `kubectl clustered ARGS`: kubectl finds the plugin built by
+    /// `make build` (`$KUBECTL_CLUSTERED_BIN`) on its PATH, as a user's would.
+    pub fn kubectl_clustered(&self, args: &[&str]) -> anyhow::Result<String> {
+        let plugin = std::env::var_os("KUBECTL_CLUSTERED_BIN")
+            .map(PathBuf::from)
+            .context("KUBECTL_CLUSTERED_BIN is not set: run the tests with `make test`, which builds the plugin")?;
+        let dir = plugin.parent().context("KUBECTL_CLUSTERED_BIN has no directory")?;
+        anyhow::ensure!(plugin.is_file(), "{} is missing: `make build` builds it", plugin.display());
+        let path = std::env::join_paths(
+            std::iter::once(dir.to_path_buf())
+                .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+        )?;
+        let mut all = vec!["clustered"];
+        all.extend_from_slice(args);
+        let out = Command::new(self.bin_dir.join("kubectl"))
+            .args(&all)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("PATH", path)
+            .output()
+            .context("starting kubectl")?;
+        if !out.status.success() {
+            bail!("kubectl {} failed: {}", all.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Runs the cluster's helm.
     pub fn helm(&self, args: &[&str]) -> anyhow::Result<String> {
         self.tool("helm", args, None)
@@ -318,8 +344,11 @@ pub struct Operator {
     pub watches: std::sync::Arc<clustered_operator::watches::WatchHealth>,
     /// Its readiness: set once its caches are listed and it reconciles.
     pub ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Where it serves `/metrics`, `/healthz` and `/readyz` (loopback).
+    pub admin_addr: std::net::SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl Operator {
@@ -333,12 +362,19 @@ impl Operator {
         namespace: &str,
         settings: clustered_operator::resources::Settings,
     ) -> anyhow::Result<Operator> {
-        use clustered_operator::{controller, metrics::Metrics, probe::Prober, watches};
+        use clustered_operator::{controller, metrics::Metrics, probe::Prober, server, watches};
         use kube::runtime::events::{Recorder, Reporter};
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
 
-        let metrics = std::sync::Arc::new(Metrics::new(&mut prometheus_client::registry::Registry::default()));
-        let health = std::sync::Arc::new(watches::WatchHealth::default());
-        let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let health = Arc::new(watches::WatchHealth::default());
+        let ready = Arc::new(AtomicBool::new(false));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let admin_addr = listener.local_addr()?;
+        let admin = Arc::new(server::Health { ready: ready.clone(), live: Arc::new(AtomicBool::new(true)) });
+        let server = tokio::spawn(server::serve_on(listener, Arc::new(registry), admin));
         // Its own client, built as the operator's main builds it: no
         // connection or retry policy shared with the test's client.
         let client = watches::client(cluster.config().await?)?;
@@ -365,7 +401,7 @@ impl Operator {
             })
             .await;
         });
-        Ok(Operator { metrics, watches: health, ready, stop: Some(stop), task })
+        Ok(Operator { metrics, watches: health, ready, admin_addr, stop: Some(stop), task, server })
     }
 
     /// Stops gracefully, letting running reconciles finish.
@@ -374,12 +410,14 @@ impl Operator {
             let _ = stop.send(());
         }
         let _ = (&mut self.task).await;
+        self.server.abort();
     }
 
     /// Stops at once, wherever a reconcile is: what a crash looks like to
     /// the API server.
     pub fn kill(self) {
         self.task.abort();
+        self.server.abort();
     }
 }
 

@@ -145,6 +145,21 @@ async fn seed_scenario_end_to_end() -> anyhow::Result<()> {
     .await?;
     assert_eq!(report.failed, 0, "failed requests while a worker was killed: {:?}", report.errors);
 
+    step("kubectl clustered ls demo: a row per pod and worker, the killed worker's restart and how it ended");
+    let table = cluster.kubectl_clustered(&["ls", "demo", "-n", &ns])?;
+    eprintln!("{table}");
+    let id = victim.id.to_string();
+    let row = table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cells| cells.first() == Some(&victim_pod.as_str()) && cells.get(2) == Some(&id.as_str()))
+        .unwrap_or_else(|| panic!("no row for worker {id} of {victim_pod}:\n{table}"));
+    assert!(row[5].parse::<i32>().is_ok_and(|n| n > victim.restarts), "restarts: {row:?}");
+    assert!(row.ends_with(&["killed", "by", "SIGKILL"]), "last exit: {row:?}");
+    assert_eq!(table.lines().skip(2).count(), 4, "2 pods of 2 workers:\n{table}");
+    let json: serde_json::Value = serde_json::from_str(&cluster.kubectl_clustered(&["ls", "-n", &ns, "-o", "json"])?)?;
+    assert_eq!(json["items"][0]["name"], "demo", "{json}");
+
     step("resize the pod's CPU limit to 3 in place: clusterd runs 3 workers");
     let resize = r#"{"spec":{"containers":[{"name":"app","resources":{"limits":{"cpu":"3"}}}]}}"#;
     cluster.kubectl(&["patch", "pod", victim_pod, "-n", &ns, "--subresource", "resize", "-p", resize])?;

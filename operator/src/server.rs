@@ -29,6 +29,11 @@ pub struct Health {
 pub async fn serve(addr: SocketAddr, registry: Arc<Registry>, health: Arc<Health>) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     info!(%addr, "serving /healthz, /readyz and /metrics");
+    serve_on(listener, registry, health).await
+}
+
+/// [`serve`] on a listener already bound (the tests bind port 0).
+pub async fn serve_on(listener: TcpListener, registry: Arc<Registry>, health: Arc<Health>) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let (registry, health) = (registry.clone(), health.clone());

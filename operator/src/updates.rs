@@ -13,6 +13,10 @@
 //! * one whose rollout failed (its progress deadline passed) *stops* the
 //!   wave until it is fixed, rolled back or deleted.
 //!
+//! An operator release that changes what it adds to every pod template
+//! (say, scrape annotations) bumps [`TEMPLATE_REVISION`]: pods of an older
+//! revision wait and take their turn the same way, even on the same image.
+//!
 //! A change the user makes to the spec is not paced: it rolls its service
 //! at once, onto the new clusterd. The Deployment carries a hash of the
 //! spec it was made from, so that change is told apart from the operator's.
@@ -30,6 +34,15 @@ use crate::resources::INSTALL_CONTAINER;
 /// Annotation of a Deployment: the hash of the spec it was made from
 /// (replicas aside, which autoscalers change all the time).
 pub const SPEC_HASH: &str = "clustered.dev/spec-hash";
+
+/// Pod template annotation: the revision of what the operator adds to
+/// every pod template (beside the spec and the clusterd image).
+pub const TEMPLATE_REVISION_ANNOTATION: &str = "clustered.dev/template-revision";
+
+/// Bumped with every change to what the operator adds to each pod
+/// template, so a release that makes one is paced like a new clusterd.
+/// 1 (no annotation): up to 0.1; 2: Prometheus scrape annotations.
+pub const TEMPLATE_REVISION: &str = "2";
 
 /// How clusterd updates reach the pods (chart value `clusterdUpdates`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +93,14 @@ pub fn clusterd_image(deployment: &Deployment) -> Option<&str> {
     pod.init_containers.as_ref()?.iter().find(|c| c.name == INSTALL_CONTAINER)?.image.as_deref()
 }
 
+/// Whether the Deployment's pods are made as this operator makes them: with
+/// the `target` clusterd and this operator's [`TEMPLATE_REVISION`].
+pub fn is_current(deployment: &Deployment, target: &str) -> bool {
+    let template = deployment.spec.as_ref().map(|s| &s.template);
+    let revision = template.and_then(|t| t.metadata.as_ref()?.annotations.as_ref()?.get(TEMPLATE_REVISION_ANNOTATION));
+    clusterd_image(deployment) == Some(target) && revision.map_or("1", String::as_str) == TEMPLATE_REVISION
+}
+
 /// Where a Deployment's latest rollout stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Rollout {
@@ -113,9 +134,10 @@ pub fn rollout(deployment: &Deployment) -> Rollout {
 /// The fleet's clusterd update at one moment, for a target image.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Wave {
-    /// `namespace/name` of the Deployments on another clusterd, in turn order.
+    /// `namespace/name` of the Deployments on another clusterd (or an older
+    /// template revision), in turn order.
     pub waiting: Vec<String>,
-    /// Those on the target clusterd still rolling out.
+    /// Those made as this operator makes them, still rolling out.
     pub rolling: Vec<String>,
     /// The first whose rollout failed, and why.
     pub failed: Option<(String, String)>,
@@ -130,7 +152,7 @@ impl Wave {
                 continue;
             }
             let key = format!("{}/{}", d.namespace().unwrap_or_default(), d.name_any());
-            match (clusterd_image(d) == Some(target), rollout(d)) {
+            match (is_current(d, target), rollout(d)) {
                 (false, _) => wave.waiting.push(key),
                 (true, Rollout::Complete) => {}
                 (true, Rollout::InProgress) => wave.rolling.push(key),
@@ -183,10 +205,9 @@ pub fn template(
     wave: impl FnOnce() -> Wave,
 ) -> Template {
     let Some(live) = live else { return Template::Render };
-    match clusterd_image(live) {
-        Some(image) if image != target => {}
-        // On the operator's clusterd, or not made by the operator at all.
-        _ => return Template::Render,
+    if clusterd_image(live).is_none() || is_current(live, target) {
+        // Not made by the operator at all, or made as it makes them.
+        return Template::Render;
     }
     // An older operator wrote no hash: its Deployment is taken as made
     // from the current spec (the hash is written with the next write).
@@ -214,6 +235,7 @@ pub fn template(
 mod tests {
     use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentSpec, DeploymentStatus};
     use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     use super::*;
     use crate::resources::test_support::{APP, csvc};
@@ -226,6 +248,10 @@ mod tests {
             spec: Some(DeploymentSpec {
                 replicas: Some(2),
                 template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        annotations: Some([(TEMPLATE_REVISION_ANNOTATION.into(), TEMPLATE_REVISION.into())].into()),
+                        ..Default::default()
+                    }),
                     spec: Some(PodSpec {
                         init_containers: Some(vec![Container {
                             name: INSTALL_CONTAINER.into(),
@@ -234,7 +260,6 @@ mod tests {
                         }]),
                         ..Default::default()
                     }),
-                    ..Default::default()
                 },
                 ..Default::default()
             }),
@@ -398,6 +423,23 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(template(&csvc, Some(&changed), NEW, &manual, no_wave), Template::Render);
+    }
+
+    #[test]
+    fn a_new_template_revision_on_the_same_clusterd_is_paced_the_same_way() {
+        let csvc = csvc(APP);
+        let mut older = live_for(&csvc, NEW, Some(spec_hash(&csvc)));
+        older.spec.as_mut().and_then(|s| s.template.metadata.as_mut()).expect("metadata").annotations = None;
+        assert!(!is_current(&older, NEW), "no annotation is revision 1");
+        let queued =
+            || Wave { waiting: vec!["a/first".into(), "a/second".into(), "shop/web".into()], ..Wave::default() };
+        assert!(matches!(
+            template(&csvc, Some(&older), NEW, &Policy::default(), queued),
+            Template::KeepLive(h) if h.reason == "Queued"
+        ));
+        let wave = Wave::observe([&older], NEW);
+        assert_eq!(wave.waiting, ["shop/web"]);
+        assert!(is_current(&deployment("shop", "web", NEW, Rollout::Complete), NEW));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use super::{Settings, child_meta, clusterd_args, selector_labels};
 use crate::image::{self, ResolvedImage};
-use crate::updates::{SPEC_HASH, spec_hash};
+use crate::updates::{SPEC_HASH, TEMPLATE_REVISION, TEMPLATE_REVISION_ANNOTATION, spec_hash};
 
 /// Where the init container puts clusterd, inside the app container.
 pub const CLUSTERD_BIN: &str = "/clustered/bin/clusterd";
@@ -24,6 +24,8 @@ const CLUSTERD_VOLUME: &str = "clusterd-bin";
 pub const INSTALL_CONTAINER: &str = "clusterd-install";
 pub const APP_PORT_NAME: &str = "http";
 pub const ADMIN_PORT_NAME: &str = "clusterd-admin";
+/// Prometheus' `kubernetes-pods` convention: `prometheus.io/{scrape,port,path}`.
+const SCRAPE_PREFIX: &str = "prometheus.io/";
 
 /// Why a ClusteredService cannot become a Deployment. The CRD's rules
 /// reject these at admission; they can still reach the operator from
@@ -70,6 +72,17 @@ pub fn deployment_for(
 
     let meta = template.metadata.get_or_insert_with(Default::default);
     meta.labels.get_or_insert_with(Default::default).extend(selector_labels(csvc));
+    let annotations = meta.annotations.get_or_insert_with(Default::default);
+    // The usual scrape annotations point at clusterd's /metrics, unless the
+    // template names a scrape target of its own (they allow only one).
+    if !annotations.keys().any(|k| k.starts_with(SCRAPE_PREFIX)) {
+        annotations.extend([
+            (format!("{SCRAPE_PREFIX}scrape"), "true".to_string()),
+            (format!("{SCRAPE_PREFIX}port"), spec.admin_port.to_string()),
+            (format!("{SCRAPE_PREFIX}path"), "/metrics".to_string()),
+        ]);
+    }
+    annotations.insert(TEMPLATE_REVISION_ANNOTATION.into(), TEMPLATE_REVISION.into());
 
     let mut metadata = child_meta(csvc);
     // Tells the user's changes apart from the operator's (a new clusterd).
@@ -460,6 +473,28 @@ mod tests {
             ("ClusteredService", "web", Some(true))
         );
         assert_eq!(d.metadata.namespace.as_deref(), Some("shop"));
+    }
+
+    #[test]
+    fn pods_carry_the_scrape_annotations_unless_the_template_names_its_own() {
+        let annotations = |d: &Deployment| {
+            d.spec.as_ref().and_then(|s| s.template.metadata.as_ref()?.annotations.clone()).unwrap_or_default()
+        };
+        let d = deployment(&csvc(APP), &Settings::default()).expect("deployment");
+        let ours = annotations(&d);
+        assert_eq!(ours.get("prometheus.io/scrape").map(String::as_str), Some("true"));
+        assert_eq!(ours.get("prometheus.io/port").map(String::as_str), Some("9901"));
+        assert_eq!(ours.get("prometheus.io/path").map(String::as_str), Some("/metrics"));
+        assert_eq!(ours.get(TEMPLATE_REVISION_ANNOTATION).map(String::as_str), Some(TEMPLATE_REVISION));
+
+        let own = APP.replace(
+            "  template:\n",
+            "  template:\n    metadata:\n      annotations:\n        prometheus.io/port: \"3000\"\n",
+        );
+        assert_ne!(own, APP, "the fixture's template starts as expected");
+        let theirs = annotations(&deployment(&csvc(&own), &Settings::default()).expect("deployment"));
+        assert_eq!(theirs.get("prometheus.io/port").map(String::as_str), Some("3000"));
+        assert!(!theirs.contains_key("prometheus.io/scrape"), "{theirs:?}");
     }
 
     #[test]
