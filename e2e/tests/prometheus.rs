@@ -1,4 +1,5 @@
-//! clustered seen through a real Prometheus (Debian's `prometheus`), set up
+//! clustered seen through a real Prometheus (built from its Go module by
+//! `e2e/cluster/build`, beside kubectl), set up
 //! as users set it up without the Prometheus operator: `kubernetes_sd` on
 //! the local API server, keeping the pods whose `prometheus.io/scrape`
 //! annotation the operator wrote, plus the operator's own `/metrics`.
@@ -34,7 +35,7 @@ const ONLY_ON_EVENTS: &[&str] = &[
 struct Prometheus {
     child: Child,
     url: String,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl Drop for Prometheus {
@@ -54,9 +55,7 @@ impl Drop for TempDir {
 
 impl Prometheus {
     fn start(cluster: &Cluster, namespace: &str, operator: std::net::SocketAddr) -> anyhow::Result<Prometheus> {
-        let binary = which("prometheus").ok_or_else(|| {
-            anyhow::anyhow!("prometheus is not installed: `apt-get install prometheus` (.ci/run installs it)")
-        })?;
+        let binary = cluster.bin_dir.join("prometheus");
         let dir = TempDir(std::env::temp_dir().join(format!("clustered-e2e-prometheus-{}", std::process::id())));
         std::fs::create_dir_all(&dir.0)?;
         // The port is picked by the kernel, then handed over: nothing else
@@ -98,7 +97,24 @@ scrape_configs:
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
-        Ok(Prometheus { child, url: format!("http://127.0.0.1:{port}"), _dir: dir })
+        Ok(Prometheus { child, url: format!("http://127.0.0.1:{port}"), dir })
+    }
+
+    /// Waits until it answers `/-/ready`; fails with its log if it exits.
+    async fn ready(&mut self) -> anyhow::Result<()> {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let url: hyper::Uri = format!("{}/-/ready", self.url).parse()?;
+        for _ in 0..120 {
+            if let Some(exit) = self.child.try_wait()? {
+                let log = std::fs::read_to_string(self.dir.0.join("prometheus.log")).unwrap_or_default();
+                anyhow::bail!("prometheus exited ({exit}):\n{log}");
+            }
+            if client.get(url.clone()).await.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        anyhow::bail!("prometheus not ready within 60 s")
     }
 
     /// An instant query's result vector (`[{metric, value}]`).
@@ -117,10 +133,6 @@ scrape_configs:
     }
 }
 
-fn which(binary: &str) -> Option<std::path::PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(binary)).find(|p| p.is_file())
-}
-
 /// Percent-encodes a query for a URL's query string.
 fn encode(text: &str) -> String {
     text.bytes()
@@ -136,12 +148,12 @@ fn encode(text: &str) -> String {
 /// operator serve: a counter's `# HELP` names its family (`x`), not its
 /// sample (`x_total`), which promtool (a Prometheus-text linter) reports as
 /// `x_total no help text`.
-async fn promtool_problems(url: &str) -> anyhow::Result<Vec<String>> {
+async fn promtool_problems(cluster: &Cluster, url: &str) -> anyhow::Result<Vec<String>> {
     use std::io::Write;
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let body = client.get(url.parse()?).await?.into_body().collect().await?.to_bytes();
     let text = String::from_utf8(body.to_vec())?;
-    let mut promtool = Command::new("promtool")
+    let mut promtool = Command::new(cluster.bin_dir.join("promtool"))
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -201,7 +213,8 @@ async fn prometheus_scrapes_the_pods_and_the_operator_and_the_dashboard_has_data
         Ok(csvcs.get("metrics").await?.status.is_some_and(|s| s.workers.ready == 2))
     })
     .await?;
-    let prometheus = Prometheus::start(&cluster, &ns, operator.admin_addr)?;
+    let mut prometheus = Prometheus::start(&cluster, &ns, operator.admin_addr)?;
+    prometheus.ready().await?;
 
     // Found through the API server and the pod's annotations, and scraped.
     let up = format!(r#"up{{namespace="{ns}"}} == 1"#);
@@ -218,7 +231,7 @@ async fn prometheus_scrapes_the_pods_and_the_operator_and_the_dashboard_has_data
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns);
     let pod_ip = pods.get(pod).await?.status.and_then(|s| s.pod_ip).expect("pod IP");
     for url in [format!("http://{pod_ip}:9901/metrics"), format!("http://{}/metrics", operator.admin_addr)] {
-        let problems = promtool_problems(&url).await?;
+        let problems = promtool_problems(&cluster, &url).await?;
         assert!(problems.is_empty(), "promtool check metrics on {url}:\n{}", problems.join("\n"));
     }
 
@@ -247,12 +260,22 @@ async fn prometheus_scrapes_the_pods_and_the_operator_and_the_dashboard_has_data
     .await;
 
     // Every query of the dashboard, while the load runs.
-    let mut empty = Vec::new();
-    for (panel, expr) in dashboard_queries(&ns, "metrics")? {
-        if prometheus.query(&expr).await?.is_empty() && !ONLY_ON_EVENTS.iter().any(|m| expr.contains(m)) {
-            empty.push(format!("{panel}: {expr}"));
+    let (mut empty, mut excused) = (Vec::new(), Vec::new());
+    let queries = dashboard_queries(&ns, "metrics")?;
+    for (panel, expr) in &queries {
+        if prometheus.query(expr).await?.is_empty() {
+            match ONLY_ON_EVENTS.iter().any(|m| expr.contains(m)) {
+                true => excused.push(format!("{panel}: {expr}")),
+                false => empty.push(format!("{panel}: {expr}")),
+            }
         }
     }
+    eprintln!(
+        "e2e: {} dashboard queries, {} with data; empty until their event:\n  {}",
+        queries.len(),
+        queries.len() - empty.len() - excused.len(),
+        excused.join("\n  ")
+    );
     stop.store(true, Ordering::Relaxed);
     let report = load.await?;
     busy?;
