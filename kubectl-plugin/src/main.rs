@@ -92,7 +92,8 @@ async fn ls(args: &LsArgs) -> anyhow::Result<()> {
         // A closed pipe (`| head`) ends a watch quietly.
         Ok(write!(out, "{separator}{text}").and_then(|()| out.flush()).is_ok())
     };
-    let missing = || anyhow::anyhow!("clusteredservice {:?} not found in namespace {namespace}", args.name);
+    let name = args.name.as_deref().unwrap_or_default();
+    let missing = || anyhow::anyhow!("clusteredservice {name:?} not found in namespace {namespace}");
     if !args.watch {
         let services = match &args.name {
             Some(name) => vec![api.get_opt(name).await?.ok_or_else(missing)?],
