@@ -4,6 +4,31 @@
 
 use crate::wire::WorkerState;
 
+/// What `ls` prints: the table, or the document it is made from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+/// Colour only on a terminal, and not when `NO_COLOR` is set.
+pub fn colour_wanted(terminal: bool) -> bool {
+    terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// What goes before a watch's next print: a terminal is redrawn in place,
+/// a pipe gets one document after another.
+pub fn separator(first: bool, output: Output, terminal: bool) -> &'static str {
+    match (first, output) {
+        (true, _) => "",
+        (false, Output::Table) if terminal => "\x1b[H\x1b[2J",
+        (false, Output::Table | Output::Json) => "\n",
+        (false, Output::Yaml) => "---\n",
+    }
+}
+
 /// One table row: its cells, and the worker state that colours its STATE cell.
 pub struct Row {
     pub cells: Vec<String>,
@@ -90,6 +115,16 @@ mod tests {
         assert!(coloured.contains("0    \x1b[32mReady     \x1b[0ma long"), "{coloured}");
         let stripped = coloured.replace("\x1b[32m", "").replace("\x1b[33m", "").replace("\x1b[0m", "");
         assert_eq!(stripped, plain);
+    }
+
+    #[test]
+    fn a_watch_redraws_a_terminal_and_separates_documents_in_a_pipe() {
+        assert_eq!(separator(true, Output::Table, true), "");
+        assert_eq!(separator(false, Output::Table, true), "\x1b[H\x1b[2J");
+        assert_eq!(separator(false, Output::Table, false), "\n");
+        assert_eq!(separator(false, Output::Json, true), "\n");
+        assert_eq!(separator(false, Output::Yaml, false), "---\n");
+        assert!(!colour_wanted(false));
     }
 
     #[test]

@@ -35,7 +35,14 @@ const ONLY_ON_EVENTS: &[&str] = &[
 struct Prometheus {
     child: Child,
     url: String,
+    client: HttpClient,
     dir: TempDir,
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
 }
 
 impl Drop for Prometheus {
@@ -97,19 +104,18 @@ scrape_configs:
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
-        Ok(Prometheus { child, url: format!("http://127.0.0.1:{port}"), dir })
+        Ok(Prometheus { child, url: format!("http://127.0.0.1:{port}"), client: http_client(), dir })
     }
 
     /// Waits until it answers `/-/ready`; fails with its log if it exits.
     async fn ready(&mut self) -> anyhow::Result<()> {
-        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
         let url: hyper::Uri = format!("{}/-/ready", self.url).parse()?;
         for _ in 0..120 {
             if let Some(exit) = self.child.try_wait()? {
                 let log = std::fs::read_to_string(self.dir.0.join("prometheus.log")).unwrap_or_default();
                 anyhow::bail!("prometheus exited ({exit}):\n{log}");
             }
-            if client.get(url.clone()).await.is_ok_and(|r| r.status().is_success()) {
+            if self.client.get(url.clone()).await.is_ok_and(|r| r.status().is_success()) {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -119,9 +125,8 @@ scrape_configs:
 
     /// An instant query's result vector (`[{metric, value}]`).
     async fn query(&self, promql: &str) -> anyhow::Result<Vec<serde_json::Value>> {
-        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-        let url = format!("{}/api/v1/query?query={}", self.url, encode(promql));
-        let response = client.get(url.parse()?).await?;
+        let query: String = form_urlencoded::Serializer::new(String::new()).append_pair("query", promql).finish();
+        let response = self.client.get(format!("{}/api/v1/query?{query}", self.url).parse()?).await?;
         let body: serde_json::Value = serde_json::from_slice(&response.into_body().collect().await?.to_bytes())?;
         anyhow::ensure!(body["status"] == "success", "{promql}: {body}");
         Ok(body["data"]["result"].as_array().cloned().unwrap_or_default())
@@ -133,16 +138,6 @@ scrape_configs:
     }
 }
 
-/// Percent-encodes a query for a URL's query string.
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// `promtool check metrics` on what `url` serves: the problems it finds,
 /// but for one that is no problem in OpenMetrics, which clusterd and the
 /// operator serve: a counter's `# HELP` names its family (`x`), not its
@@ -150,8 +145,7 @@ fn encode(text: &str) -> String {
 /// `x_total no help text`.
 async fn promtool_problems(cluster: &Cluster, url: &str) -> anyhow::Result<Vec<String>> {
     use std::io::Write;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let body = client.get(url.parse()?).await?.into_body().collect().await?.to_bytes();
+    let body = http_client().get(url.parse()?).await?.into_body().collect().await?.to_bytes();
     let text = String::from_utf8(body.to_vec())?;
     let mut promtool = Command::new(cluster.bin_dir.join("promtool"))
         .args(["check", "metrics"])

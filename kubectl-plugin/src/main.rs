@@ -9,7 +9,8 @@ mod render;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use clustered_api::table::{Output, colour_wanted, separator};
 use clustered_api::v1alpha1::ClusteredService;
 use futures::{StreamExt, TryStreamExt};
 use kube::api::ListParams;
@@ -49,13 +50,6 @@ struct LsArgs {
     watch: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Output {
-    Table,
-    Json,
-    Yaml,
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let Command::Ls(args) = Cli::parse().command;
@@ -78,16 +72,10 @@ async fn ls(args: &LsArgs) -> anyhow::Result<()> {
     let namespace = args.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
     let api: Api<ClusteredService> = Api::namespaced(Client::try_from(config)?, &namespace);
     let terminal = std::io::stdout().is_terminal();
-    let colour = terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let colour = colour_wanted(terminal);
     let print = |services: &[ClusteredService], first: bool| -> anyhow::Result<bool> {
         let text = render::render(services, args.output, jiff::Timestamp::now(), colour)?;
-        let separator = match (first, args.output) {
-            (true, _) => "",
-            // A terminal is redrawn in place; a pipe gets one document after another.
-            (false, Output::Table) if terminal => "\x1b[H\x1b[2J",
-            (false, Output::Table | Output::Json) => "\n",
-            (false, Output::Yaml) => "---\n",
-        };
+        let separator = separator(first, args.output, terminal);
         let mut out = std::io::stdout().lock();
         // A closed pipe (`| head`) ends a watch quietly.
         Ok(write!(out, "{separator}{text}").and_then(|()| out.flush()).is_ok())

@@ -1,13 +1,11 @@
 //! What `kubectl clustered ls` prints for a set of ClusteredServices: pure,
 //! so the tests read the output itself.
 
-use clustered_api::table::{Row, age, layout, mebibytes, percent};
+use clustered_api::table::{Output, Row, age, layout, mebibytes, percent};
 use clustered_api::v1alpha1::{ClusteredService, ClusteredServiceStatus, Instance, InstanceWorker};
 use jiff::Timestamp;
 use kube::ResourceExt;
 use serde_json::json;
-
-use crate::Output;
 
 const HEADERS: [&str; 10] = ["POD", "NODE", "WORKER", "STATE", "PID", "RESTARTS", "AGE", "CPU", "MEMORY", "LAST EXIT"];
 

@@ -9,9 +9,10 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use clustered_api::clusterd::defaults;
-use clustered_api::table::{Row, age, layout, mebibytes, percent};
+use clustered_api::table::Output;
+use clustered_api::table::{Row, age, colour_wanted, layout, mebibytes, percent, separator};
 use clustered_api::wire::{ClusterdStatus, STATUS_PATH, WorkerStatus};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
@@ -49,13 +50,6 @@ pub struct LsArgs {
     pub timeout: Duration,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
-    Yaml,
-}
-
 /// Runs `clusterd ls ARGS` (`args` starts with `ls`).
 pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     let args = LsArgs::parse_from(args);
@@ -78,7 +72,7 @@ async fn run(args: &LsArgs) -> ExitCode {
     let host = if args.admin_host.contains(':') { format!("[{}]", args.admin_host) } else { args.admin_host.clone() };
     let url = format!("http://{host}:{}{STATUS_PATH}", args.admin_port);
     let terminal = std::io::stdout().is_terminal();
-    let colour = terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let colour = colour_wanted(terminal);
     let mut ticker = tokio::time::interval(args.interval);
     let mut first = true;
     loop {
@@ -96,13 +90,7 @@ async fn run(args: &LsArgs) -> ExitCode {
             }
         };
         let mut out = std::io::stdout().lock();
-        let separator = match (first, args.output) {
-            (true, _) => "",
-            // A terminal is redrawn in place; a pipe gets one document after another.
-            (false, Output::Table) if terminal => "\x1b[H\x1b[2J",
-            (false, Output::Table | Output::Json) => "\n",
-            (false, Output::Yaml) => "---\n",
-        };
+        let separator = separator(first, args.output, terminal);
         first = false;
         let written = write!(out, "{separator}{text}").and_then(|()| out.flush());
         if written.is_err() || !args.watch {
