@@ -181,3 +181,40 @@ fn sigkilled_clusterd_leaves_no_process_of_its_workers_behind() {
     }
     assert!(left.is_empty(), "left behind (now killed by the test): {left:?}");
 }
+
+/// A worker that dies takes what is left of its process group along: a
+/// wrapper (`npm start`, `sh -c`) killed with SIGKILL would otherwise
+/// leave its server running beside the replacement, for good. A daemon
+/// that left the group (`setsid`) is left alone until shutdown, as under
+/// tini.
+#[test]
+fn a_dead_workers_process_group_goes_with_it() {
+    let _serial = serial();
+    let entry = format!("GROUP_TEST={}-{}", std::process::id(), free_port());
+    let (key, value) = entry.split_once('=').expect("entry");
+    // `sh` forks node (no exec: a command follows it) and a daemon.
+    let script = format!("setsid sleep 121 & node {}; exit 3", app("server.js"));
+    let mut launch = Launch::new(&["--workers", "1", "--port-mode", "proxy"], &[]).env(key, value);
+    launch.command = vec!["sh".into(), "-c".into(), script];
+    let mut clusterd = launch.start();
+    let wrapper = worker_pids(&clusterd.wait_ready(1))[0];
+    let named = |name: &str| -> Vec<u32> { marked(&entry).into_iter().filter(|p| p.1 == name).map(|p| p.0).collect() };
+    wait_until("the wrapper's node and daemon to start", SLOW, || {
+        named("node").len() == 1 && named("sleep").len() == 1
+    });
+    let (server, daemon) = (named("node")[0], named("sleep")[0]);
+
+    kill(Pid::from_raw(wrapper as i32), Signal::SIGKILL).expect("SIGKILL the wrapper");
+    let status = clusterd.wait_status("the replacement ready", SLOW, |s| {
+        s.ready_workers == 1 && s.workers[0].pid.is_some_and(|pid| pid != wrapper)
+    });
+    assert_eq!(status.workers[0].restarts, 1);
+    wait_until("the dead wrapper's server to be stopped", Duration::from_secs(10), || !process_alive(server));
+    assert!(process_alive(daemon), "a daemon in a session of its own stays until shutdown");
+    assert_eq!(named("node").len(), 1, "one server: the replacement's");
+    assert_eq!(get(clusterd.port, "/", Duration::from_secs(5)).expect("request").status, 200);
+
+    clusterd.signal(Signal::SIGTERM);
+    assert_eq!(clusterd.wait_exit(SLOW).code(), Some(0), "logs:\n{}", clusterd.logs());
+    wait_until("nothing of the tree to be left", Duration::from_secs(5), || marked(&entry).is_empty());
+}

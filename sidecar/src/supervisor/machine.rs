@@ -33,10 +33,14 @@ pub const STARTING_PROBE_INTERVAL: Duration = Duration::from_millis(200);
 /// A drained worker stays out of rotation at least this long before its
 /// SIGTERM, so requests that picked it just before removal still arrive.
 pub const DRAIN_GRACE: Duration = Duration::from_millis(200);
+/// A drained worker that ignored its SIGTERM gets SIGKILL this long after
+/// the drain's deadline.
+pub const DRAIN_KILL_AFTER: Duration = Duration::from_secs(1);
 /// After SIGKILL at the deadline, how long to wait for the last exits.
 pub const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How long processes the workers left behind get between SIGTERM and
-/// SIGKILL at shutdown (the workers' own drain is over by then).
+/// SIGKILL: at shutdown (the workers' own drain is over by then), and what
+/// is left of a dead worker's process group.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a process is started; decides what a failed spawn means.
@@ -62,6 +66,10 @@ pub enum Action {
     Signal { pid: u32, signal: Signal },
     /// Signal processes the workers left behind (and the groups they lead).
     SignalOrphans { pids: Vec<u32>, signal: Signal },
+    /// Signal what is left of an exited worker's process group (its pid
+    /// names the group while a member lives). Never the pid itself: the
+    /// worker is gone.
+    SignalGroup { group: u32, signal: Signal },
     /// Probe a proxied worker's port; report with [`Machine::probed`].
     Probe { pid: u32, starting: bool, interval: Duration },
     /// Shutdown began: say so on /readyz, stop taking new connections.
@@ -129,6 +137,9 @@ pub struct Machine {
     /// Processes that left their slot (reload, recycle, scale-down) and are draining.
     retired: Vec<Proc>,
     reload_queue: VecDeque<u32>,
+    /// Process groups of exited workers, SIGTERMed, to be SIGKILLed at the
+    /// instant given.
+    leftover_groups: Vec<(u32, Instant)>,
     /// Memory is read from /proc once per health period, not every tick.
     next_memory_check: Instant,
     shutdown: Option<Shutdown>,
@@ -146,6 +157,7 @@ impl Machine {
             slots: Vec::new(),
             retired: Vec::new(),
             reload_queue: VecDeque::new(),
+            leftover_groups: Vec::new(),
             next_memory_check: now,
             shutdown: None,
         }

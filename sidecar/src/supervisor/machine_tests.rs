@@ -609,6 +609,63 @@ fn when_the_old_worker_dies_its_replacement_takes_over() {
     assert!(h.tick(h.at(300)).iter().all(|a| !matches!(a, Action::Spawn { kind: SpawnKind::Restart, .. })));
 }
 
+// ---- what a dead worker leaves in its process group ---------------------
+
+fn group_signals(actions: &[Action]) -> Vec<(u32, Signal)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SignalGroup { group, signal } => Some((*group, *signal)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_dead_workers_group_gets_sigterm_then_sigkill_after_the_grace() {
+    let mut h = ready_proxy(&[]);
+    let dead = h.pid(0);
+    let actions = h.machine.exited(dead, ExitInfo::Signal(SIGKILL), h.at(1_000));
+    assert_eq!(group_signals(&actions), vec![(dead, SIGTERM)]);
+    assert!(group_signals(&h.tick(h.at(2_999))).is_empty());
+    assert_eq!(group_signals(&h.tick(h.at(3_000))), vec![(dead, SIGKILL)]);
+    assert!(group_signals(&h.tick(h.at(4_000))).is_empty(), "once");
+    // An adopted process reaped is nobody's group.
+    assert!(h.machine.exited(4242, ExitInfo::Code(0), h.at(4_000)).is_empty());
+}
+
+#[test]
+fn a_dead_workers_number_taken_by_a_new_worker_is_not_killed() {
+    let mut h = ready_proxy(&[]);
+    let dead = h.pid(0);
+    h.machine.exited(dead, ExitInfo::Code(1), h.at(1_000));
+    // The restart (backoff 100 ms) happens to get the same pid.
+    h.next_pid = dead - 1;
+    h.tick(h.at(1_100));
+    assert_eq!(h.pid(0), dead);
+    assert!(group_signals(&h.tick(h.at(3_000))).is_empty());
+}
+
+#[test]
+fn a_drained_worker_leaves_its_group_until_the_drains_deadline() {
+    let (mut h, old, _) = recycled_and_draining();
+    assert_eq!(signals(&h.tick(h.at(300))), vec![(old, SIGTERM)]);
+    // The wrapper exits on SIGTERM; its server still finishes connections,
+    // not told to stop twice, and killed a second after the deadline (10 s).
+    assert!(h.machine.exited(old, ExitInfo::Signal(SIGTERM), h.at(400)).is_empty());
+    assert!(group_signals(&h.tick(h.at(10_999))).is_empty());
+    assert_eq!(group_signals(&h.tick(h.at(11_000))), vec![(old, SIGKILL)]);
+}
+
+#[test]
+fn at_shutdown_a_workers_group_is_left_to_the_orphans_stop() {
+    let mut h = ready_proxy(&[]);
+    let pid = h.pid(0);
+    h.signal(SIGTERM, h.at(0));
+    assert!(h.machine.exited(pid, ExitInfo::Code(0), h.at(100)).is_empty());
+    assert!(group_signals(&h.tick(h.at(5_000))).is_empty());
+}
+
 // ---- rolling reload -----------------------------------------------------
 
 #[test]

@@ -178,10 +178,9 @@ impl Supervisor {
         let now = Instant::now();
         let actions = match event {
             Event::Exited(pid, exit) => {
-                self.machine.exited(pid, exit, now);
                 self.backends.remove(&pid);
                 self.channels.remove(&pid);
-                Vec::new()
+                self.machine.exited(pid, exit, now)
             }
             Event::Node { pid, report: node::channel::Report::Listening } => {
                 self.machine.listening(pid);
@@ -258,6 +257,10 @@ impl Supervisor {
                     _ => signal_group(pid, signal),
                 },
                 Action::SignalOrphans { pids, signal } => orphans::signal(&pids, signal),
+                Action::SignalGroup { group, signal } => {
+                    // ESRCH: the group is empty, nothing was left behind.
+                    let _ = killpg(Pid::from_raw(group as i32), signal);
+                }
                 Action::Probe { pid, starting, interval } => self.probe(pid, starting, interval),
                 Action::StopAccepting => self.stop_accepting(),
             }

@@ -10,16 +10,45 @@ use nix::sys::signal::Signal;
 use super::*;
 
 impl Machine {
-    pub fn exited(&mut self, pid: u32, exit: ExitInfo, now: Instant) {
+    /// A process was reaped. A worker's process group is stopped with it:
+    /// a wrapper's server (`npm start`, `sh -c`) or anything else it left
+    /// in its group would otherwise run on beside its replacement, holding
+    /// memory, a port or, with an inherited socket, taking connections.
+    /// Processes that left the group (a `setsid` daemon) stay until
+    /// shutdown, as under tini.
+    pub fn exited(&mut self, pid: u32, exit: ExitInfo, now: Instant) -> Vec<Action> {
+        let Some(proc) = self.forget(pid, exit, now) else {
+            return Vec::new();
+        };
+        if self.shutdown.is_some() {
+            // At shutdown the adopted processes are stopped all together.
+            return Vec::new();
+        }
+        match proc.drain {
+            // Drained and told to stop already: what is left finishes its
+            // connections until the drain's own deadline.
+            Some(drain) if drain.term_sent => {
+                let kill_at = (now + ORPHAN_GRACE).max(drain.deadline + DRAIN_KILL_AFTER);
+                self.leftover_groups.push((pid, kill_at));
+                Vec::new()
+            }
+            _ => {
+                self.leftover_groups.push((pid, now + ORPHAN_GRACE));
+                vec![Action::SignalGroup { group: pid, signal: Signal::SIGTERM }]
+            }
+        }
+    }
+
+    /// Takes an exited process out of its slot (deciding the slot's
+    /// restart) or out of the drained ones; `None` if it was no worker.
+    fn forget(&mut self, pid: u32, exit: ExitInfo, now: Instant) -> Option<Proc> {
         let shutting_down = self.shutdown.is_some();
         let config = Arc::clone(&self.config);
         for slot in &mut self.slots {
             if slot.current.as_ref().is_some_and(|p| p.pid == pid) {
-                let proc = slot.current.take();
-                let hint = proc.as_ref().filter(|p| p.state == WorkerState::Starting).and_then(|_| {
-                    // Died before it was ready: say what the mode needs.
-                    not_ready_hint(config.port_mode)
-                });
+                let proc = slot.current.take()?;
+                // Died before it was ready: say what the mode needs.
+                let hint = (proc.state == WorkerState::Starting).then(|| not_ready_hint(config.port_mode)).flatten();
                 slot.last_exit = Some(match hint {
                     Some(hint) => {
                         tracing::warn!(worker = slot.id, pid, %exit, "worker exited before it was ready: {hint}");
@@ -30,16 +59,16 @@ impl Machine {
                 slot.since = Timestamp::now();
                 if shutting_down {
                     tracing::info!(worker = slot.id, pid, %exit, "worker stopped");
-                    return;
+                    return Some(proc);
                 }
                 if let Some(replacement) = slot.replacement.take() {
                     // A reload or recycle was under way: its process takes over.
                     tracing::warn!(worker = slot.id, pid, %exit, "worker exited; its replacement takes over");
                     slot.current = Some(replacement);
                     slot.reloading = false;
-                    return;
+                    return Some(proc);
                 }
-                if proc.as_ref().is_some_and(|p| is_clean_exit(p, exit)) {
+                if is_clean_exit(&proc, exit) {
                     // Done, not broken (e.g. an app that exits after N
                     // requests): no backoff, and not a crash.
                     slot.crashes = 0;
@@ -47,30 +76,31 @@ impl Machine {
                     slot.clean_exit_pending = true;
                     slot.restart_at = Some(now);
                     tracing::info!(worker = slot.id, pid, "worker exited cleanly after serving; restarting it at once");
-                    return;
+                    return Some(proc);
                 }
-                if proc.is_some_and(|p| now.duration_since(p.started) >= config.stable_after) {
+                if now.duration_since(proc.started) >= config.stable_after {
                     slot.crashes = 0;
                 }
                 let delay = schedule_restart(slot, &config, now);
                 tracing::warn!(worker = slot.id, pid, %exit, crashes = slot.crashes, restart_in = ?delay, "worker exited");
-                return;
+                return Some(proc);
             }
             if slot.replacement.as_ref().is_some_and(|p| p.pid == pid) {
-                slot.replacement = None;
+                let proc = slot.replacement.take();
                 slot.reloading = false;
                 slot.last_exit = Some(exit.to_string());
                 slot.crashes += 1;
                 tracing::warn!(worker = slot.id, pid, %exit, "replacement worker exited before it was ready; keeping the old one");
-                return;
+                return proc;
             }
         }
         if let Some(index) = self.retired.iter().position(|p| p.pid == pid) {
             let proc = self.retired.swap_remove(index);
             tracing::info!(worker = proc.worker_id, pid, %exit, "drained worker stopped");
-            return;
+            return Some(proc);
         }
         tracing::debug!(pid, %exit, "reaped an orphaned process");
+        None
     }
 
     /// Node mode: the worker listens on the shared socket, so it is Ready.

@@ -1,5 +1,5 @@
 //! The periodic tick: restarts whose backoff is over, health checks,
-//! drains and their deadlines, orphans at shutdown.
+//! drains and their deadlines, dead workers' groups, orphans at shutdown.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,7 +44,20 @@ impl Machine {
             actions.extend(self.advance_reload());
         }
         actions.extend(self.advance_drains(now, world));
+        actions.extend(self.kill_leftover_groups(now));
         actions
+    }
+
+    /// SIGKILL for what is left of dead workers' groups, their grace over.
+    /// A number a new worker took again (its group now) is not touched: the
+    /// old group was empty when that pid was handed out.
+    pub(super) fn kill_leftover_groups(&mut self, now: Instant) -> Vec<Action> {
+        let (due, waiting) = std::mem::take(&mut self.leftover_groups).into_iter().partition(|&(_, at)| at <= now);
+        self.leftover_groups = waiting;
+        due.into_iter()
+            .filter(|&(group, _)| !self.is_live(group))
+            .map(|(group, _)| Action::SignalGroup { group, signal: Signal::SIGKILL })
+            .collect()
     }
 
     pub(super) fn tick_shutdown(&mut self, now: Instant, world: &dyn Observe) -> Vec<Action> {
@@ -171,7 +184,7 @@ impl Machine {
             if !drain.term_sent && ((idle && grace_over) || now >= drain.deadline) {
                 drain.term_sent = true;
                 actions.push(Action::Signal { pid: proc.pid, signal: Signal::SIGTERM });
-            } else if drain.term_sent && !drain.kill_sent && now >= drain.deadline + Duration::from_secs(1) {
+            } else if drain.term_sent && !drain.kill_sent && now >= drain.deadline + DRAIN_KILL_AFTER {
                 tracing::warn!(pid = proc.pid, "drained worker ignored SIGTERM; killing it");
                 drain.kill_sent = true;
                 actions.push(Action::Signal { pid: proc.pid, signal: Signal::SIGKILL });
