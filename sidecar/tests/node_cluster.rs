@@ -232,6 +232,30 @@ fn npm_start_serves_on_the_shared_port_on_node_20_and_24() {
     }
 }
 
+/// `npm start` killed with SIGKILL (an OOM kill of npm, a `kill -9`):
+/// the app it started goes with it rather than run on unseen beside the
+/// replacement's.
+#[test]
+fn a_sigkilled_npm_takes_its_app_along() {
+    let _serial = serial();
+    let app = PackagedApp::new("npm-killed");
+    let clusterd = Launch::new(&["--workers", "1"], &["npm", "start"])
+        .env("PATH", &path_with_node_and("24.21.0", NPM))
+        .current_dir(&app.0)
+        .start();
+    let npm = worker_pids(&clusterd.wait_ready(1))[0];
+    let served_by = answer(clusterd.port, "/")["pid"].as_u64().expect("pid") as u32;
+    assert_ne!(served_by, npm, "npm's child serves");
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(npm as i32), Signal::SIGKILL).expect("kill npm");
+    clusterd.wait_status("the replacement ready", SLOW, |s| {
+        s.ready_workers == 1 && s.workers[0].pid.is_some_and(|pid| pid != npm)
+    });
+    wait_until("the killed npm's app to exit", Duration::from_secs(10), || !process_alive(served_by));
+    let now_served_by = answer(clusterd.port, "/")["pid"].as_u64().expect("pid") as u32;
+    assert_ne!(now_served_by, served_by);
+}
+
 #[test]
 fn yarn_start_gets_the_proxy_and_explicit_node_mode_with_npm_is_refused() {
     let _serial = serial();
