@@ -187,10 +187,14 @@ fn stale_or(e: kube::Error) -> Result<Ensured, Error> {
 }
 
 /// The body of a replace: the live object (its resourceVersion, server-set
-/// metadata, others' labels) with the desired spec, the desired labels and
+/// metadata but managed fields, others' labels) with the desired spec, the desired labels and
 /// annotations on top and the desired owner references.
 fn onto_live(live: &serde_json::Value, desired: &serde_json::Value) -> serde_json::Value {
     let mut body = live.clone();
+    if let Some(meta) = body.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        // The cache keeps them trimmed; left out, the API server keeps its own.
+        meta.remove("managedFields");
+    }
     if let Some(object) = body.as_object_mut() {
         object.remove("status");
         match desired.get("spec") {
@@ -292,6 +296,7 @@ mod tests {
                 "labels": {"clustered.dev/service": "web", "team": "shop"},
                 "annotations": {"clustered.dev/applied-hash": "00", "note": "keep"},
                 "ownerReferences": [{"uid": "1234"}],
+                "managedFields": [{"manager": "clustered-operator", "operation": "Update"}],
             },
             "spec": {"clusterIP": "10.96.0.7", "ports": [{"name": "http", "port": 9999}, {"name": "x", "port": 1}]},
             "status": {"loadBalancer": {}},
@@ -312,6 +317,10 @@ mod tests {
         assert_eq!(body["metadata"]["resourceVersion"], "42", "the replace is conditional on what was compared");
         assert_eq!(body["metadata"]["labels"]["team"], "shop", "others' labels stay");
         assert_eq!(body["metadata"]["annotations"], json!({"note": "keep"}), "the old hash annotation goes");
+        assert!(
+            body["metadata"].get("managedFields").is_none(),
+            "the API server keeps its own (the cache's are trimmed)"
+        );
         assert!(body.get("status").is_none());
     }
 

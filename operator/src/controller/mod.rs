@@ -172,6 +172,7 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
         watcher::Config::default().any_semantic(),
         &watches,
     )
+    .modify(trim::whole_but_field_sets)
     .reflect(csvc_writer)
     .inspect_ok(move |event| {
         if let watcher::Event::Delete(csvc) = event {
@@ -267,7 +268,7 @@ where
     }
 }
 
-/// A store of `K` and the stream that fills it.
+/// A store of `K` (trimmed: [`trim::whole_but_field_sets`]) and the stream that fills it.
 fn reflect<K>(
     health: &Arc<WatchHealth>,
     api: Api<K>,
@@ -279,7 +280,8 @@ where
     let (reader, writer) = reflector::store();
     // Deletions too: a deleted child is re-created, and a deleted pod
     // leaves the status, without waiting for a resync.
-    (reader, watches::watch(api, config, health).reflect(writer).touched_objects())
+    let events = watches::watch(api, config, health).modify(trim::whole_but_field_sets).reflect(writer);
+    (reader, events.touched_objects())
 }
 
 /// As [`reflect`], for a kind with several objects per ClusteredService:
