@@ -283,16 +283,7 @@ impl Cluster {
         )?;
         let mut all = vec!["clustered"];
         all.extend_from_slice(args);
-        let out = Command::new(self.bin_dir.join("kubectl"))
-            .args(&all)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("PATH", path)
-            .output()
-            .context("starting kubectl")?;
-        if !out.status.success() {
-            bail!("kubectl {} failed: {}", all.join(" "), String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        self.tool_with("kubectl", &all, None, &[("PATH", &path)])
     }
 
     /// Runs the cluster's helm.
@@ -301,10 +292,22 @@ impl Cluster {
     }
 
     fn tool(&self, tool: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+        self.tool_with(tool, args, stdin, &[])
+    }
+
+    /// Runs one of the cluster's tools with `env` on top of this process's.
+    fn tool_with(
+        &self,
+        tool: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> anyhow::Result<String> {
         use std::io::Write;
         let mut child = Command::new(self.bin_dir.join(tool))
             .args(args)
             .env("KUBECONFIG", &self.kubeconfig)
+            .envs(env.iter().copied())
             .stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
