@@ -28,11 +28,12 @@ const WINDOW: Duration = Duration::from_secs(90);
 /// asked every `--status-interval-seconds` (5 s), 12 times a minute per
 /// pod. Writes: the heartbeat that keeps `observedAt` current, spread so
 /// that the fleet writes at most one a second (every 300 s each, here).
-/// Memory: measured 174 KiB with every cached kind trimmed (266 with only
-/// Pods and EndpointSlices trimmed, 431 with nothing); the bound fails if
-/// the trimming goes. Issue 28's budget, 512 MiB for 10,000, is ~52 KiB.
+/// Memory: measured 96 KiB with every cached kind trimmed and no probe
+/// connection kept (176 keeping them, 266 with only Pods and EndpointSlices
+/// trimmed, 431 with nothing); the bound fails if either goes. Issue 28's
+/// budget, 512 MiB for 10,000, is ~52 KiB.
 const MAX_PROBES_PER_SERVICE_MINUTE: f64 = 3.0 * 12.0 * 1.25;
-const MAX_KIB_PER_SERVICE: f64 = 240.0;
+const MAX_KIB_PER_SERVICE: f64 = 150.0;
 
 fn max_writes_per_service_minute() -> f64 {
     let heartbeat = Heartbeat::of(SERVICES, "any").period;
