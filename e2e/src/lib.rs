@@ -208,25 +208,34 @@ impl Cluster {
 
     /// Fails unless every one of `images` is on the node: tests that run
     /// pods say up front that `make images` is missing, rather than time out.
+    /// The nodes' status lists an imported image only at the kubelet's next
+    /// image-list refresh (up to ~40 s): right after `make images` a test
+    /// waits for it, up to [`IMAGES_LISTED_WITHIN`].
     pub async fn require_images(&self, images: &[&str]) -> anyhow::Result<()> {
         let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
-        let present: Vec<String> = nodes
-            .list(&Default::default())
-            .await?
-            .items
-            .into_iter()
-            .flat_map(|n| n.status.and_then(|s| s.images).unwrap_or_default())
-            .flat_map(|i| i.names.unwrap_or_default())
-            .collect();
-        let missing: Vec<&str> = images
-            .iter()
-            .copied()
-            .filter(|i| !present.iter().any(|p| p.ends_with(&format!("/{i}")) || p == i))
-            .collect();
-        if !missing.is_empty() {
-            bail!("images not on the node: {missing:?}; run `make images` (or e2e/cluster/images)");
+        let deadline = tokio::time::Instant::now() + IMAGES_LISTED_WITHIN;
+        loop {
+            let present: Vec<String> = nodes
+                .list(&Default::default())
+                .await?
+                .items
+                .into_iter()
+                .flat_map(|n| n.status.and_then(|s| s.images).unwrap_or_default())
+                .flat_map(|i| i.names.unwrap_or_default())
+                .collect();
+            let missing: Vec<&str> = images
+                .iter()
+                .copied()
+                .filter(|i| !present.iter().any(|p| p.ends_with(&format!("/{i}")) || p == i))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("images not on the node: {missing:?}; run `make images` (or e2e/cluster/images)");
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        Ok(())
     }
 
     /// A fresh namespace for one test, enforcing the `restricted` Pod
@@ -323,6 +332,11 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
+
+/// How long an image imported into the nodes may take to show in their
+/// status (the kubelet refreshes its image list every 30 s, and reports it
+/// at its next node status update).
+const IMAGES_LISTED_WITHIN: Duration = Duration::from_secs(60);
 
 /// `e2e/cluster/up` restarting what [`Cluster::restart_component`] killed.
 pub struct Restore(tokio::task::JoinHandle<std::io::Result<std::process::Output>>);
