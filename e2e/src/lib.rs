@@ -213,8 +213,7 @@ impl Cluster {
     /// waits for it, up to [`IMAGES_LISTED_WITHIN`].
     pub async fn require_images(&self, images: &[&str]) -> anyhow::Result<()> {
         let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
-        let deadline = tokio::time::Instant::now() + IMAGES_LISTED_WITHIN;
-        loop {
+        wait_for(IMAGES_LISTED_WITHIN, "the images in the nodes' status", || async {
             let present: Vec<String> = nodes
                 .list(&Default::default())
                 .await?
@@ -228,14 +227,12 @@ impl Cluster {
                 .copied()
                 .filter(|i| !present.iter().any(|p| p.ends_with(&format!("/{i}")) || p == i))
                 .collect();
-            if missing.is_empty() {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
+            if !missing.is_empty() {
                 bail!("images not on the node: {missing:?}; run `make images` (or e2e/cluster/images)");
             }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
+            Ok(true)
+        })
+        .await
     }
 
     /// A fresh namespace for one test, enforcing the `restricted` Pod
