@@ -10,6 +10,18 @@ use serde::{Deserialize, Serialize};
 /// Path of the status document on clusterd's admin port.
 pub const STATUS_PATH: &str = "/status";
 
+/// A `/status` request header: "tell me when your status changes". Its value
+/// is a port of the asker; clusterd then sends `POST` [`CHANGED_PATH`] to the
+/// asker's own address at that port whenever what [`ClusterdStatus::settled`]
+/// keeps changes, until a later ask names another. A change is then learnt
+/// at once, and a settled pod need hardly be asked at all. Only the asker's
+/// address: a request to the admin port cannot send clusterd elsewhere.
+pub const NOTIFY_PORT_HEADER: &str = "clustered-notify-port";
+
+/// Where clusterd says that its status changed (an empty `POST`; the asker
+/// knows the pod by the request's source address, and asks it again).
+pub const CHANGED_PATH: &str = "/v1/clusterd-changed";
+
 /// The status document of one clusterd (one pod).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
@@ -40,6 +52,32 @@ pub struct ClusterdStatus {
     pub workers: Vec<WorkerStatus>,
     /// Request queues of the route pools (proxy mode with `--max-concurrency`).
     pub pools: Vec<PoolStatus>,
+    /// Where clusterd says that its status changed (`ip:port`, see
+    /// [`NOTIFY_PORT_HEADER`]); absent when nobody asked, and from a
+    /// clusterd older than this channel, which must be asked often.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notifies: Option<String>,
+}
+
+impl ClusterdStatus {
+    /// The document without the figures that move at every request or
+    /// sample (in-flight and served counts, CPU and memory, the pools'
+    /// queues): a change to what is left is worth telling.
+    pub fn settled(&self) -> ClusterdStatus {
+        let workers = self
+            .workers
+            .iter()
+            .map(|w| WorkerStatus {
+                in_flight: 0,
+                requests: 0,
+                connections: 0,
+                cpu_cores: None,
+                memory_bytes: None,
+                ..w.clone()
+            })
+            .collect();
+        ClusterdStatus { workers, pools: Vec::new(), notifies: None, ..self.clone() }
+    }
 }
 
 /// A route pool's admission queue (`--max-concurrency`).
@@ -258,5 +296,30 @@ mod tests {
         assert_eq!(json["lastExit"], "exit code 1");
         assert_eq!(json["inFlight"], 3);
         assert_eq!(json["state"], "Starting");
+    }
+
+    #[test]
+    fn settled_leaves_out_what_moves_at_every_request_but_not_a_crash() {
+        let worker = WorkerStatus { id: 0, pid: Some(7), state: WorkerState::Ready, ..Default::default() };
+        let before = ClusterdStatus { workers: vec![worker.clone()], ..Default::default() };
+        let busy = ClusterdStatus {
+            workers: vec![WorkerStatus {
+                in_flight: 3,
+                requests: 90,
+                connections: 1,
+                cpu_cores: Some(0.7),
+                memory_bytes: Some(1 << 20),
+                ..worker.clone()
+            }],
+            pools: vec![PoolStatus { name: "default".into(), queued: 4, ..Default::default() }],
+            notifies: Some("10.0.0.1:8080".into()),
+            ..before.clone()
+        };
+        assert_eq!(busy.settled(), before.settled());
+        let crashed = ClusterdStatus {
+            workers: vec![WorkerStatus { state: WorkerState::Backoff, restarts: 1, pid: None, ..worker }],
+            ..before.clone()
+        };
+        assert_ne!(crashed.settled(), before.settled());
     }
 }

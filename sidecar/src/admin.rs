@@ -1,10 +1,13 @@
-//! The admin port: /healthz, /readyz, /status, /metrics.
+//! The admin port: /healthz, /readyz, /status (which may ask to be told of
+//! changes, see [`notify`]), /metrics.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use clustered_api::wire::{ClusterdStatus, NOTIFY_PORT_HEADER, STATUS_PATH};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -15,6 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::body::{ProxyBody, plain, with_type};
 use crate::metrics::Metrics;
+use crate::notify;
 use crate::supervisor::{Event, Shared};
 
 pub struct Admin {
@@ -22,13 +26,15 @@ pub struct Admin {
     pub events: UnboundedSender<Event>,
     pub metrics: Arc<Metrics>,
     pub min_ready: u32,
+    /// Who is told of status changes ([`NOTIFY_PORT_HEADER`]).
+    pub notify: notify::Target,
 }
 
 impl Admin {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(error = %e, "admin accept failed");
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -37,7 +43,7 @@ impl Admin {
             };
             let admin = Arc::clone(&self);
             tokio::spawn(async move {
-                let service = service_fn(move |req| Arc::clone(&admin).handle(req));
+                let service = service_fn(move |req| Arc::clone(&admin).handle(req, peer));
                 let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "admin connection ended with an error");
@@ -46,13 +52,16 @@ impl Admin {
         }
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, Infallible> {
         let response = match req.uri().path() {
             "/healthz" => plain(StatusCode::OK, "ok\n".into()),
             "/readyz" => self.readyz(),
-            "/status" => match self.status_json().await {
-                Some(json) => with_type(StatusCode::OK, json, "application/json"),
-                None => plain(StatusCode::SERVICE_UNAVAILABLE, "supervisor is gone\n".into()),
+            STATUS_PATH => match self.notify_to(&req, peer) {
+                Err(why) => plain(StatusCode::BAD_REQUEST, why),
+                Ok(()) => match self.status_json().await {
+                    Some(json) => with_type(StatusCode::OK, json, "application/json"),
+                    None => plain(StatusCode::SERVICE_UNAVAILABLE, "supervisor is gone\n".into()),
+                },
             },
             "/metrics" => match self.status().await {
                 Some(status) => with_type(
@@ -78,10 +87,22 @@ impl Admin {
         }
     }
 
-    async fn status(&self) -> Option<clustered_api::wire::ClusterdStatus> {
+    /// An ask with [`NOTIFY_PORT_HEADER`] makes its sender the one told of
+    /// changes: its own address, at the port it names.
+    fn notify_to(&self, req: &Request<Incoming>, peer: SocketAddr) -> Result<(), String> {
+        let Some(value) = req.headers().get(NOTIFY_PORT_HEADER) else { return Ok(()) };
+        let port = value.to_str().ok().and_then(|v| v.parse::<u16>().ok()).filter(|&port| port != 0);
+        let port = port.ok_or_else(|| format!("{NOTIFY_PORT_HEADER} must be a port number, 1 to 65535\n"))?;
+        self.notify.send_replace(Some(SocketAddr::new(peer.ip().to_canonical(), port)));
+        Ok(())
+    }
+
+    async fn status(&self) -> Option<ClusterdStatus> {
         let (reply, answer) = oneshot::channel();
         self.events.send(Event::Status(reply)).ok()?;
-        answer.await.ok()
+        let mut status = answer.await.ok()?;
+        status.notifies = self.notify.borrow().map(|to| to.to_string());
+        Some(status)
     }
 
     async fn status_json(&self) -> Option<String> {

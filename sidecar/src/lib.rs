@@ -12,6 +12,7 @@ pub mod logging;
 pub mod ls;
 pub mod metrics;
 pub mod node;
+pub mod notify;
 pub mod policy;
 pub mod proxy;
 pub mod signals;
@@ -274,7 +275,10 @@ pub async fn run(config: Config) -> Result<u8, StartupError> {
     }
     tokio::spawn(logging::watch_drops(Arc::clone(&metrics)));
     tokio::spawn(supervisor::usage::run(supervisor.worker_pids(), events_tx.clone()));
-    let admin = Arc::new(admin::Admin { shared, events: events_tx.clone(), metrics, min_ready: config.min_ready });
+    let notify = notify::Target::new(None);
+    tokio::spawn(notify::run(supervisor.settled_status(), notify.subscribe()));
+    let admin =
+        Arc::new(admin::Admin { shared, events: events_tx.clone(), metrics, min_ready: config.min_ready, notify });
     tokio::spawn(admin.serve(admin_listener));
     if config.cpu_limit.is_none() {
         tokio::spawn(poll_cpu_limit(config.cpu_poll_interval, events_tx.clone()));

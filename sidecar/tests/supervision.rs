@@ -372,3 +372,60 @@ fn exact_route_wins_over_prefix_route() {
         assert_eq!(get(clusterd.port, "/healthz", Duration::from_secs(10)).expect("prefix").worker(), Some(0));
     }
 }
+
+#[test]
+fn whoever_asks_to_be_told_hears_of_a_crash_but_not_of_traffic() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+
+    let _serial = serial();
+    let clusterd = Launch::node(&["--workers", "2", "--health-period", "1s"]).start();
+    let before = clusterd.wait_ready(2);
+    assert_eq!(before.notifies, None, "nobody asked yet");
+
+    // The operator's side: each word is one request line.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (told, words) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            let (mut line, mut header) = (String::new(), String::new());
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            // The rest of the head, up to its blank line.
+            while reader.read_line(&mut header).is_ok_and(|n| n > 2) {
+                header.clear();
+            }
+            let _ = reader.get_mut().write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+            if told.send(line.trim_end().to_string()).is_err() {
+                return;
+            }
+        }
+    });
+    let ask = |port_value: &str| {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", clusterd.admin)).expect("connect");
+        let head = format!(
+            "GET /status HTTP/1.1\r\nHost: pod\r\nclustered-notify-port: {port_value}\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).expect("send");
+        read_response(&mut stream).expect("response")
+    };
+    assert_eq!(ask("none").status, 400, "a port that is not one is refused");
+    let answer = ask(&port.to_string());
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["notifies"], format!("127.0.0.1:{port}"));
+
+    // Requests move counters and usage figures only: nothing to tell (the
+    // usage sample is every 2 s).
+    let load = Load::start(clusterd.port, "/?ms=5", 2, LOAD_TIME * 2, LOAD_MAX);
+    let quiet = words.recv_timeout(LOAD_TIME * 2 + Duration::from_secs(1));
+    assert_none_failed(&load.finish());
+    assert!(quiet.is_err(), "told of traffic: {quiet:?}");
+
+    let victim = before.workers[0].pid.expect("pid");
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).expect("kill -9 worker");
+    let word = words.recv_timeout(Duration::from_secs(5)).expect("told of the crash");
+    assert_eq!(word, "POST /v1/clusterd-changed HTTP/1.1");
+}

@@ -103,6 +103,8 @@ pub struct Supervisor {
     started_at: Timestamp,
     /// The worker processes, for [`usage::run`] to measure.
     pids: tokio::sync::watch::Sender<Vec<u32>>,
+    /// The status but its moving figures, for [`crate::notify::run`].
+    settled: tokio::sync::watch::Sender<ClusterdStatus>,
     /// The last sample's figures per worker process.
     usage: HashMap<u32, usage::Usage>,
     /// Slots whose memory the metrics show.
@@ -138,6 +140,7 @@ impl Supervisor {
             metrics,
             started_at: Timestamp::now(),
             pids: tokio::sync::watch::Sender::new(Vec::new()),
+            settled: tokio::sync::watch::Sender::new(ClusterdStatus::default()),
             usage: HashMap::new(),
             measured_slots: Vec::new(),
         }
@@ -146,6 +149,11 @@ impl Supervisor {
     /// The worker processes to measure, kept up to date by the supervisor.
     pub fn worker_pids(&self) -> tokio::sync::watch::Receiver<Vec<u32>> {
         self.pids.subscribe()
+    }
+
+    /// The status but its moving figures, kept up to date by the supervisor.
+    pub fn settled_status(&self) -> tokio::sync::watch::Receiver<ClusterdStatus> {
+        self.settled.subscribe()
     }
 
     /// Starts the first workers; fails only if the command cannot be run at all.
@@ -405,6 +413,12 @@ impl Supervisor {
             *pids = live;
             changed
         });
+        self.settled.send_if_modified(|settled| {
+            let now = self.status().settled();
+            let changed = *settled != now;
+            *settled = now;
+            changed
+        });
         let ready = self.machine.in_rotation().count();
         self.shared.ready.store(ready as u32, Ordering::SeqCst);
         self.metrics.cpu_limit.set(self.machine.cores());
@@ -491,6 +505,8 @@ impl Supervisor {
                 PortSetup::Proxy { router, .. } => router.pools().map(|pool| pool.status()).collect(),
                 _ => Vec::new(),
             },
+            // The admin server's to tell.
+            notifies: None,
         }
     }
 }
