@@ -22,6 +22,11 @@ pub const NOTIFY_PORT_HEADER: &str = "clustered-notify-port";
 /// knows the pod by the request's source address, and asks it again).
 pub const CHANGED_PATH: &str = "/v1/clusterd-changed";
 
+/// The query of clusterd's first word to a new asker ([`CHANGED_PATH`]`?hello`):
+/// nothing changed, it only checks that words arrive. Until one has,
+/// [`ClusterdStatus::notifies`] stays empty.
+pub const HELLO_QUERY: &str = "hello";
+
 /// The status document of one clusterd (one pod).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
@@ -53,8 +58,9 @@ pub struct ClusterdStatus {
     /// Request queues of the route pools (proxy mode with `--max-concurrency`).
     pub pools: Vec<PoolStatus>,
     /// Where clusterd says that its status changed (`ip:port`, see
-    /// [`NOTIFY_PORT_HEADER`]); absent when nobody asked, and from a
-    /// clusterd older than this channel, which must be asked often.
+    /// [`NOTIFY_PORT_HEADER`]), while its words arrive there; absent when
+    /// nobody asked, when the last word did not arrive, and from a clusterd
+    /// older than this channel: then it must be asked often.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notifies: Option<String>,
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clustered_api::wire::{ClusterdStatus, STATUS_PATH};
+use clustered_api::wire::{ClusterdStatus, NOTIFY_PORT_HEADER, STATUS_PATH};
 use futures::{StreamExt, stream};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
@@ -26,6 +26,9 @@ pub struct Prober {
     client: Client<HttpConnector, Empty<Bytes>>,
     permits: Arc<Semaphore>,
     timeout: Duration,
+    /// The operator's port that each clusterd asked tells of its changes
+    /// (`wire::NOTIFY_PORT_HEADER`); none, and clusterd must be asked often.
+    notify_port: Option<u16>,
 }
 
 impl Prober {
@@ -40,7 +43,13 @@ impl Prober {
         // every status interval costs next to nothing. Each probe says
         // `Connection: close` (see `ask`).
         let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector);
-        Self { client, permits: Arc::new(Semaphore::new(concurrency)), timeout }
+        Self { client, permits: Arc::new(Semaphore::new(concurrency)), timeout, notify_port: None }
+    }
+
+    /// Each pod asked is also asked to tell the operator, at `port` of the
+    /// address it is asked from, when its status changes.
+    pub fn telling(self, port: u16) -> Self {
+        Self { notify_port: Some(port), ..self }
     }
 
     /// Reports of every pod that has an IP, keyed by pod name.
@@ -64,10 +73,11 @@ impl Prober {
         // clusterd closes first, so the closed connection's TIME_WAIT stays
         // with each pod (a dozen a minute) rather than with the operator
         // (thousands a second in a large fleet).
-        let request = hyper::Request::get(uri)
-            .header(hyper::header::CONNECTION, "close")
-            .body(Empty::new())
-            .map_err(|e| format!("bad request to {ip}: {e}"))?;
+        let mut request = hyper::Request::get(uri).header(hyper::header::CONNECTION, "close");
+        if let Some(port) = self.notify_port {
+            request = request.header(NOTIFY_PORT_HEADER, port);
+        }
+        let request = request.body(Empty::new()).map_err(|e| format!("bad request to {ip}: {e}"))?;
         let fetch = async {
             let response = self.client.request(request).await.map_err(|e| format!("clusterd unreachable: {e}"))?;
             if !response.status().is_success() {

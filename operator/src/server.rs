@@ -1,10 +1,12 @@
-//! `/healthz`, `/readyz` and `/metrics` of the operator.
+//! `/healthz`, `/readyz` and `/metrics` of the operator, and where clusterd
+//! says that its status changed (`wire::CHANGED_PATH`).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use clustered_api::wire::CHANGED_PATH;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -13,6 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 pub struct Health {
@@ -24,23 +27,27 @@ pub struct Health {
     /// answers (see [`crate::watches::watchdog`]): Kubernetes then
     /// restarts the operator.
     pub live: Arc<AtomicBool>,
+    /// The addresses of pods whose clusterd said its status changed, for
+    /// the controller to ask again. Bounded: a word that does not fit is
+    /// dropped, and the pod's next regular ask reads the change.
+    pub changed: mpsc::Sender<IpAddr>,
 }
 
 pub async fn serve(addr: SocketAddr, registry: Arc<Registry>, health: Arc<Health>) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
-    info!(%addr, "serving /healthz, /readyz and /metrics");
+    info!(%addr, "serving /healthz, /readyz, /metrics and {CHANGED_PATH}");
     serve_on(listener, registry, health).await
 }
 
 /// [`serve`] on a listener already bound (the tests bind port 0).
 pub async fn serve_on(listener: TcpListener, registry: Arc<Registry>, health: Arc<Health>) -> std::io::Result<()> {
     loop {
-        let (stream, _) = listener.accept().await?;
+        let (stream, peer) = listener.accept().await?;
         let (registry, health) = (registry.clone(), health.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let (registry, health) = (registry.clone(), health.clone());
-                async move { Ok::<_, Infallible>(route(&req, &registry, &health)) }
+                async move { Ok::<_, Infallible>(route(&req, peer.ip().to_canonical(), &registry, &health)) }
             });
             if let Err(e) =
                 auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await
@@ -51,8 +58,13 @@ pub async fn serve_on(listener: TcpListener, registry: Arc<Registry>, health: Ar
     }
 }
 
-fn route(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Response<Full<Bytes>> {
+fn route(req: &Request<Incoming>, peer: IpAddr, registry: &Registry, health: &Health) -> Response<Full<Bytes>> {
     match req.uri().path() {
+        // The pod is known by its address; the word is only "ask me again".
+        CHANGED_PATH if req.method() == http::Method::POST => {
+            let _ = health.changed.try_send(peer);
+            text(StatusCode::NO_CONTENT, String::new())
+        }
         "/healthz" if health.live.load(Ordering::Relaxed) => text(StatusCode::OK, "ok\n".into()),
         "/healthz" => text(StatusCode::SERVICE_UNAVAILABLE, "watches do not recover\n".into()),
         "/readyz" if !health.live.load(Ordering::Relaxed) => {

@@ -1,5 +1,5 @@
 //! The admin port: /healthz, /readyz, /status (which may ask to be told of
-//! changes, see [`notify`]), /metrics.
+//! changes, see [`crate::notify`]), /metrics.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::body::{ProxyBody, plain, with_type};
 use crate::metrics::Metrics;
-use crate::notify;
+use crate::notify::Notify;
 use crate::supervisor::{Event, Shared};
 
 pub struct Admin {
@@ -27,7 +27,7 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub min_ready: u32,
     /// Who is told of status changes ([`NOTIFY_PORT_HEADER`]).
-    pub notify: notify::Target,
+    pub notify: Arc<Notify>,
 }
 
 impl Admin {
@@ -52,7 +52,11 @@ impl Admin {
         }
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, Infallible> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         let response = match req.uri().path() {
             "/healthz" => plain(StatusCode::OK, "ok\n".into()),
             "/readyz" => self.readyz(),
@@ -93,7 +97,7 @@ impl Admin {
         let Some(value) = req.headers().get(NOTIFY_PORT_HEADER) else { return Ok(()) };
         let port = value.to_str().ok().and_then(|v| v.parse::<u16>().ok()).filter(|&port| port != 0);
         let port = port.ok_or_else(|| format!("{NOTIFY_PORT_HEADER} must be a port number, 1 to 65535\n"))?;
-        self.notify.send_replace(Some(SocketAddr::new(peer.ip().to_canonical(), port)));
+        self.notify.asked_by(SocketAddr::new(peer.ip().to_canonical(), port));
         Ok(())
     }
 
@@ -101,7 +105,7 @@ impl Admin {
         let (reply, answer) = oneshot::channel();
         self.events.send(Event::Status(reply)).ok()?;
         let mut status = answer.await.ok()?;
-        status.notifies = self.notify.borrow().map(|to| to.to_string());
+        status.notifies = self.notify.reached().map(|to| to.to_string());
         Some(status)
     }
 

@@ -275,8 +275,8 @@ pub async fn run(config: Config) -> Result<u8, StartupError> {
     }
     tokio::spawn(logging::watch_drops(Arc::clone(&metrics)));
     tokio::spawn(supervisor::usage::run(supervisor.worker_pids(), events_tx.clone()));
-    let notify = notify::Target::new(None);
-    tokio::spawn(notify::run(supervisor.settled_status(), notify.subscribe()));
+    let notify = notify::Notify::new();
+    tokio::spawn(Arc::clone(&notify).run(supervisor.settled_status()));
     let admin =
         Arc::new(admin::Admin { shared, events: events_tx.clone(), metrics, min_ready: config.min_ready, notify });
     tokio::spawn(admin.serve(admin_listener));

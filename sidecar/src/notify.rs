@@ -1,13 +1,15 @@
 //! Tells whoever asked for it that the status changed: the operator asks
 //! `/status` with [`NOTIFY_PORT_HEADER`], and from then on learns of a
 //! crash at once and need hardly ask a settled pod at all. The pod holds no
-//! credentials and keeps no connection; a lost word costs only freshness,
-//! since the asker still asks now and then.
+//! credentials and keeps no connection. `/status` says whom it tells only
+//! while words reach them, so an asker that cannot be reached (a port a
+//! network policy closes) sees that, and keeps asking often.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clustered_api::wire::{CHANGED_PATH, ClusterdStatus};
+use clustered_api::wire::{CHANGED_PATH, ClusterdStatus, HELLO_QUERY};
 use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
@@ -22,34 +24,78 @@ const MIN_GAP: Duration = Duration::from_millis(250);
 /// An asker that does not answer in this time is not waited for.
 const TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Where the word goes: the last asker that wanted it.
-pub type Target = watch::Sender<Option<SocketAddr>>;
+pub struct Notify {
+    /// The last asker that wanted to be told.
+    target: watch::Sender<Option<SocketAddr>>,
+    /// The target, once a word reached it; cleared when one did not.
+    reached: Mutex<Option<SocketAddr>>,
+}
 
-/// Says `POST` [`CHANGED_PATH`] to the target each time the settled status
-/// ([`ClusterdStatus::settled`]) changes, until the status is dropped.
-pub async fn run(mut settled: watch::Receiver<ClusterdStatus>, target: watch::Receiver<Option<SocketAddr>>) {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(TIMEOUT));
-    connector.set_nodelay(true);
-    let client: Client<_, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector);
-    while settled.changed().await.is_ok() {
-        settled.borrow_and_update();
-        let Some(to) = *target.borrow() else { continue };
-        tell(&client, to).await;
-        tokio::time::sleep(MIN_GAP).await;
+impl Notify {
+    pub fn new() -> Arc<Notify> {
+        Arc::new(Notify { target: watch::Sender::new(None), reached: Mutex::new(None) })
+    }
+
+    /// `to` asked to be told from now on. A first word (a hello) checks that
+    /// words reach it: at once for a new target, and again for one that a
+    /// word did not reach.
+    pub fn asked_by(&self, to: SocketAddr) {
+        if *self.target.borrow() != Some(to) || self.reached().is_none() {
+            self.target.send_replace(Some(to));
+        }
+    }
+
+    /// Whom words reach (`/status`'s `notifies`).
+    pub fn reached(&self) -> Option<SocketAddr> {
+        *self.reached.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Says `POST` [`CHANGED_PATH`] to the target each time the settled
+    /// status ([`ClusterdStatus::settled`]) changes, and a hello to each new
+    /// target, until the supervisor is gone.
+    pub async fn run(self: Arc<Self>, mut settled: watch::Receiver<ClusterdStatus>) {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(TIMEOUT));
+        connector.set_nodelay(true);
+        let client: Client<_, Empty<Bytes>> =
+            Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector);
+        let mut target = self.target.subscribe();
+        loop {
+            let changed = tokio::select! {
+                gone = settled.changed() => match gone {
+                    Ok(()) => true,
+                    Err(_) => return,
+                },
+                Ok(()) = target.changed() => settled.has_changed().unwrap_or(false),
+            };
+            settled.borrow_and_update();
+            let Some(to) = *target.borrow_and_update() else { continue };
+            let reached = tell(&client, to, changed).await;
+            *self.reached.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = reached.then_some(to);
+            tokio::time::sleep(MIN_GAP).await;
+        }
     }
 }
 
-async fn tell(client: &Client<HttpConnector, Empty<Bytes>>, to: SocketAddr) {
-    let request = hyper::Request::post(format!("http://{to}{CHANGED_PATH}"))
-        .header(hyper::header::CONNECTION, "close")
-        .body(Empty::new());
-    let Ok(request) = request else { return };
+/// One word; true if it was taken.
+async fn tell(client: &Client<HttpConnector, Empty<Bytes>>, to: SocketAddr, changed: bool) -> bool {
+    let uri =
+        if changed { format!("http://{to}{CHANGED_PATH}") } else { format!("http://{to}{CHANGED_PATH}?{HELLO_QUERY}") };
+    let request = hyper::Request::post(uri).header(hyper::header::CONNECTION, "close").body(Empty::new());
+    let Ok(request) = request else { return false };
     match tokio::time::timeout(TIMEOUT, client.request(request)).await {
-        Ok(Ok(response)) if response.status().is_success() => tracing::trace!(%to, "status change told"),
-        Ok(Ok(response)) => tracing::debug!(%to, status = %response.status(), "status change refused"),
-        Ok(Err(e)) => tracing::debug!(%to, error = %e, "status change not told"),
-        Err(_) => tracing::debug!(%to, "status change not told in time"),
+        Ok(Ok(response)) if response.status().is_success() => true,
+        Ok(Ok(response)) => {
+            tracing::debug!(%to, status = %response.status(), "status change refused");
+            false
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%to, error = %e, "status change not told");
+            false
+        }
+        Err(_) => {
+            tracing::debug!(%to, "status change not told in time");
+            false
+        }
     }
 }

@@ -413,9 +413,17 @@ fn whoever_asks_to_be_told_hears_of_a_crash_but_not_of_traffic() {
         read_response(&mut stream).expect("response")
     };
     assert_eq!(ask("none").status, 400, "a port that is not one is refused");
-    let answer = ask(&port.to_string());
-    assert_eq!(answer.status, 200);
-    assert_eq!(answer.json()["notifies"], format!("127.0.0.1:{port}"));
+    // Nobody listens there: its hello does not arrive, and /status says
+    // that nobody is told.
+    ask(&free_port().to_string());
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(ask(&free_port().to_string()).json()["notifies"], serde_json::Value::Null);
+
+    assert_eq!(ask(&port.to_string()).status, 200);
+    let hello = words.recv_timeout(Duration::from_secs(5)).expect("a hello");
+    assert_eq!(hello, "POST /v1/clusterd-changed?hello HTTP/1.1");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ask(&port.to_string()).json()["notifies"], format!("127.0.0.1:{port}"));
 
     // Requests move counters and usage figures only: nothing to tell (the
     // usage sample is every 2 s).
