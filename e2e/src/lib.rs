@@ -335,6 +335,11 @@ impl Cluster {
 /// at its next node status update).
 const IMAGES_LISTED_WITHIN: Duration = Duration::from_secs(60);
 
+/// How often the tests' operator asks a clusterd that tells it of changes:
+/// longer than any test waits, so a worker's crash reaches the status by
+/// clusterd's word or not in time.
+pub const SETTLED_STATUS_INTERVAL: Duration = Duration::from_secs(600);
+
 /// `e2e/cluster/up` restarting what [`Cluster::restart_component`] killed.
 pub struct Restore(tokio::task::JoinHandle<std::io::Result<std::process::Output>>);
 
@@ -385,9 +390,12 @@ impl Operator {
         let metrics = Arc::new(Metrics::new(&mut registry));
         let health = Arc::new(watches::WatchHealth::default());
         let ready = Arc::new(AtomicBool::new(false));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let admin_addr = listener.local_addr()?;
-        let admin = Arc::new(server::Health { ready: ready.clone(), live: Arc::new(AtomicBool::new(true)) });
+        // Every address: the pods' clusterd tell it of their changes at the
+        // address it asks them from (this machine's, on the pods' network).
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
+        let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], listener.local_addr()?.port()));
+        let (changed, changes) = tokio::sync::mpsc::channel(64);
+        let admin = Arc::new(server::Health { ready: ready.clone(), live: Arc::new(AtomicBool::new(true)), changed });
         let server = tokio::spawn(server::serve_on(listener, Arc::new(registry), admin));
         // Its own client, built as the operator's main builds it: no
         // connection or retry policy shared with the test's client.
@@ -396,10 +404,12 @@ impl Operator {
         let config = controller::Config {
             namespace: Some(namespace.to_string()),
             settings,
-            prober: Prober::new(8, Duration::from_secs(2)),
+            prober: Prober::new(8, Duration::from_secs(2)).telling(admin_addr.port()),
             recorder: Recorder::new(client.clone(), reporter),
             metrics: metrics.clone(),
             status_interval: Duration::from_secs(2),
+            settled_status_interval: SETTLED_STATUS_INTERVAL,
+            changes,
             watches: health.clone(),
             images: std::sync::Arc::new(clustered_operator::image::registry::Resolver::new(
                 registries(),

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clustered_api::v1alpha1::{ClusteredService, WorkerState};
 use clustered_e2e::{Cluster, Operator, demo_service, wait_for};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
@@ -156,6 +157,17 @@ async fn status_reports_every_pod_s_workers_and_follows_scale() -> anyhow::Resul
     assert!(writes <= started.elapsed().as_secs() + 1, "{writes} status writes in {:?}", started.elapsed());
     tokio::time::sleep(Duration::from_secs(7)).await;
     assert_eq!(operator.metrics.status_writes.get(), writes, "status written while nothing changed");
+
+    // A worker's crash is no Kubernetes event: clusterd tells the operator
+    // (which asks a settled pod only every SETTLED_STATUS_INTERVAL).
+    let victim = status.instances[0].workers[1].pid.context("worker 1's pid")?;
+    cluster.kubectl(&["exec", "-n", &ns, &status.instances[0].pod, "--", "kill", "-9", &victim.to_string()])?;
+    wait_for(Duration::from_secs(30), "worker 1's restart in the status", || async {
+        let status = csvcs.get("web").await?.status.unwrap_or_default();
+        Ok(status.instances.first().and_then(|i| i.workers.get(1)).is_some_and(|w| w.restarts == 1))
+    })
+    .await?;
+    assert!(operator.metrics.status_changes_told.get() > 0, "the crash was not told");
 
     cluster.kubectl(&["scale", "-n", &ns, "csvc/web", "--replicas=2"])?;
     wait_for(POD_START, "2 pods with 2 ready workers each", settled(2)).await?;

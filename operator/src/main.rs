@@ -39,9 +39,19 @@ struct Args {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
-    /// Seconds between two reads of a pod's clusterd status when nothing else happens.
+    /// Seconds between two reads of a pod's clusterd status when nothing else
+    /// happens, for a clusterd that does not tell the operator of changes.
     #[arg(long, default_value_t = 5)]
     status_interval_seconds: u64,
+    /// Ask each clusterd to tell the operator (at the `--listen` port of the
+    /// address it is asked from) when its status changes: a crash shows at
+    /// once, and a settled pod is asked only every
+    /// `--settled-status-interval-seconds`. Pods must reach that port.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    status_notifications: bool,
+    /// Seconds between two reads of a clusterd that tells of its changes.
+    #[arg(long, default_value_t = 60)]
+    settled_status_interval_seconds: u64,
     /// Milliseconds a clusterd gets to answer.
     #[arg(long, default_value_t = 2000)]
     probe_timeout_ms: u64,
@@ -80,6 +90,10 @@ struct Args {
     log_format: String,
 }
 
+/// Words of changed pods waiting for the controller; more are dropped (the
+/// pods' next regular ask reads them).
+const CHANGES_QUEUED: usize = 4096;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -92,7 +106,8 @@ async fn main() -> anyhow::Result<()> {
     let watch_health = Arc::new(watches::WatchHealth::default());
     let live = Arc::new(AtomicBool::new(true));
     let ready = Arc::new(AtomicBool::new(false));
-    let health = Arc::new(server::Health { ready: ready.clone(), live: live.clone() });
+    let (changed, changes) = tokio::sync::mpsc::channel(CHANGES_QUEUED);
+    let health = Arc::new(server::Health { ready: ready.clone(), live: live.clone(), changed });
     let server = tokio::spawn(server::serve(args.listen, Arc::new(registry), health.clone()));
     let watchdog = tokio::spawn(watches::watchdog(watch_health.clone(), kube_config, live));
 
@@ -136,7 +151,10 @@ async fn main() -> anyhow::Result<()> {
             max_rolling: usize::from(args.max_clusterd_rollouts),
         },
     };
-    let prober = Prober::new(args.probe_concurrency, Duration::from_millis(args.probe_timeout_ms));
+    let mut prober = Prober::new(args.probe_concurrency, Duration::from_millis(args.probe_timeout_ms));
+    if args.status_notifications {
+        prober = prober.telling(args.listen.port());
+    }
     info!(namespace = ?args.namespace, "starting controller");
 
     let shutdown = async move {
@@ -153,6 +171,8 @@ async fn main() -> anyhow::Result<()> {
         recorder,
         metrics,
         status_interval,
+        settled_status_interval: Duration::from_secs(args.settled_status_interval_seconds),
+        changes,
         watches: watch_health,
         ready,
         concurrency: args.max_concurrent_reconciles,

@@ -31,7 +31,10 @@ pub struct Metrics {
     pub status_writes: Counter,
     /// Child objects created, replaced or deleted (desired changes and drift repairs).
     pub child_writes: Counter,
+    pub status_probes: Counter,
     pub status_probe_failures: Counter,
+    /// Words from clusterd that its status changed (`wire::CHANGED_PATH`).
+    pub status_changes_told: Counter,
     pub leader: Gauge,
     /// ClusteredServices this process keeps per-object bookkeeping for.
     pub tracked_objects: Gauge,
@@ -49,7 +52,9 @@ impl Metrics {
             reconciles_in_flight: Gauge::default(),
             status_writes: Counter::default(),
             child_writes: Counter::default(),
+            status_probes: Counter::default(),
             status_probe_failures: Counter::default(),
+            status_changes_told: Counter::default(),
             leader: Gauge::default(),
             tracked_objects: Gauge::default(),
             clusterd_updates: Family::default(),
@@ -64,6 +69,12 @@ impl Metrics {
             "child_writes",
             "Child objects created, replaced or deleted (spec changes and drift repairs)",
             metrics.child_writes.clone(),
+        );
+        r.register("status_probes", "clusterd /status requests", metrics.status_probes.clone());
+        r.register(
+            "status_changes_told",
+            "Words from clusterd that its status changed (each makes its service's pods asked again)",
+            metrics.status_changes_told.clone(),
         );
         r.register(
             "status_probe_failures",

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use clustered_api::wire::CHANGED_PATH;
+use clustered_api::wire::{CHANGED_PATH, HELLO_QUERY};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -60,9 +60,12 @@ pub async fn serve_on(listener: TcpListener, registry: Arc<Registry>, health: Ar
 
 fn route(req: &Request<Incoming>, peer: IpAddr, registry: &Registry, health: &Health) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        // The pod is known by its address; the word is only "ask me again".
+        // The pod is known by its address; the word is only "ask me again"
+        // (a hello only checks that words arrive).
         CHANGED_PATH if req.method() == http::Method::POST => {
-            let _ = health.changed.try_send(peer);
+            if req.uri().query() != Some(HELLO_QUERY) {
+                let _ = health.changed.try_send(peer);
+            }
             text(StatusCode::NO_CONTENT, String::new())
         }
         "/healthz" if health.live.load(Ordering::Relaxed) => text(StatusCode::OK, "ok\n".into()),

@@ -3,22 +3,29 @@
 //! `lo`, so the operator's request to pod `127.64.3.7:PORT` arrives here,
 //! and the address it was sent to (the connection's local address) says
 //! which pod is asked. Every pod starts with its workers ready; the script
-//! crashes, restarts and loads workers, and silences pods.
+//! crashes, restarts and loads workers, and silences pods. As clusterd
+//! does, a pod asked with `wire::NOTIFY_PORT_HEADER` tells the asker of
+//! each change to its status, from its own address (a silent pod tells
+//! nothing, and its answering again is no change).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clustered_api::wire::{ClusterdStatus, CpuLimit, STATUS_PATH, WorkerState, WorkerStatus};
-use http_body_util::Full;
+use clustered_api::wire::{
+    CHANGED_PATH, ClusterdStatus, CpuLimit, NOTIFY_PORT_HEADER, STATUS_PATH, WorkerState, WorkerStatus,
+};
+use http_body_util::{Empty, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -41,6 +48,11 @@ struct State {
     /// Restarts added to every worker's own (see [`Simulator::restart_all`]).
     epoch: AtomicU64,
     requests: AtomicU64,
+    /// Who asked to be told of changes, and the pods it asked.
+    told: Mutex<(Option<SocketAddr>, HashSet<IpAddr>)>,
+    /// Words said (`wire::CHANGED_PATH`).
+    words: AtomicU64,
+    runtime: tokio::runtime::Handle,
 }
 
 impl State {
@@ -61,6 +73,23 @@ impl State {
         let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
         let pod = pods.entry(ip).or_insert_with(|| self.fresh());
         f(pod)
+    }
+
+    /// The pod at `ip` says that its status changed, if it was asked to.
+    fn tell(self: &Arc<Self>, ip: IpAddr) {
+        let told = self.told.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(to) = told.0.filter(|_| told.1.contains(&ip)) else { return };
+        drop(told);
+        self.words.fetch_add(1, Ordering::Relaxed);
+        self.runtime.spawn(async move {
+            let mut connector = HttpConnector::new();
+            connector.set_local_address(Some(ip));
+            let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+            let request = hyper::Request::post(format!("http://{to}{CHANGED_PATH}")).body(Empty::new());
+            if let Ok(request) = request {
+                let _ = tokio::time::timeout(Duration::from_secs(1), client.request(request)).await;
+            }
+        });
     }
 
     /// The pod's status document, or `None` while it is silent.
@@ -89,6 +118,7 @@ impl State {
             draining: false,
             workers,
             pools: Vec::new(),
+            notifies: self.told.lock().unwrap_or_else(|p| p.into_inner()).0.map(|to| to.to_string()),
         })
     }
 }
@@ -107,8 +137,15 @@ impl Simulator {
     pub async fn start(port: u16, workers: u32) -> anyhow::Result<Simulator> {
         let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
         let port = listener.local_addr()?.port();
-        let state =
-            Arc::new(State { pods: Mutex::default(), workers, epoch: AtomicU64::new(0), requests: AtomicU64::new(0) });
+        let state = Arc::new(State {
+            pods: Mutex::default(),
+            workers,
+            epoch: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            told: Mutex::default(),
+            words: AtomicU64::new(0),
+            runtime: tokio::runtime::Handle::current(),
+        });
         let task = tokio::spawn(serve(listener, Arc::clone(&state)));
         Ok(Simulator { port, state, task })
     }
@@ -116,6 +153,11 @@ impl Simulator {
     /// `/status` requests answered (or held, for silent pods) so far.
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::Relaxed)
+    }
+
+    /// Words said so far that a pod's status changed.
+    pub fn words(&self) -> u64 {
+        self.state.words.load(Ordering::Relaxed)
     }
 
     /// Worker `id` of the pod at `ip` crashes for good: clusterd reports it
@@ -131,6 +173,7 @@ impl Simulator {
                 w.in_flight = 0;
             }
         });
+        self.state.tell(ip);
     }
 
     /// Worker `id` of the pod at `ip` runs again.
@@ -142,6 +185,7 @@ impl Simulator {
                 w.since = Some(at.into());
             }
         });
+        self.state.tell(ip);
     }
 
     /// Requests in flight on worker `id` of the pod at `ip`.
@@ -161,20 +205,27 @@ impl Simulator {
     /// Every pod answers again and every worker runs (restart counts stay).
     pub fn heal_all(&self, at: &str) {
         let mut pods = self.state.pods.lock().unwrap_or_else(|p| p.into_inner());
-        for pod in pods.values_mut() {
+        let mut changed = Vec::new();
+        for (ip, pod) in pods.iter_mut() {
             pod.silent = false;
             for w in pod.workers.iter_mut().filter(|w| w.state != WorkerState::Ready) {
                 w.state = WorkerState::Ready;
                 w.pid = Some(200 + w.id);
                 w.since = Some(at.into());
+                changed.push(*ip);
             }
         }
+        drop(pods);
+        changed.dedup();
+        changed.into_iter().for_each(|ip| self.state.tell(ip));
     }
 
     /// Every worker of every pod reports `restarts` more restarts than
     /// its own: a change to every status at once.
     pub fn restart_all(&self, restarts: u64) {
         self.state.epoch.store(restarts, Ordering::Relaxed);
+        let asked: Vec<IpAddr> = self.state.told.lock().unwrap_or_else(|p| p.into_inner()).1.iter().copied().collect();
+        asked.into_iter().for_each(|ip| self.state.tell(ip));
     }
 }
 
@@ -186,7 +237,7 @@ impl Drop for Simulator {
 
 async fn serve(listener: TcpListener, state: Arc<State>) {
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of descriptors, for one: wait rather than spin.
@@ -198,7 +249,7 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
         let Ok(local) = stream.local_addr() else { continue };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            let service = service_fn(move |request| answer(Arc::clone(&state), local, request));
+            let service = service_fn(move |request| answer(Arc::clone(&state), local, peer, request));
             // A connection the operator drops (a timeout) ends here.
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
@@ -208,12 +259,19 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
 async fn answer(
     state: Arc<State>,
     local: SocketAddr,
+    peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.uri().path() != STATUS_PATH {
         return Ok(plain(StatusCode::NOT_FOUND, "not found"));
     }
     state.requests.fetch_add(1, Ordering::Relaxed);
+    let port = request.headers().get(NOTIFY_PORT_HEADER).and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+    if let Some(port) = port {
+        let mut told = state.told.lock().unwrap_or_else(|p| p.into_inner());
+        told.0 = Some(SocketAddr::new(peer.ip(), port));
+        told.1.insert(local.ip());
+    }
     let Some(status) = state.status(local.ip(), local.port()) else {
         tokio::time::sleep(SILENCE).await;
         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "silent"));

@@ -19,12 +19,13 @@ mod status_writes;
 mod trim;
 
 use std::fmt::Debug;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clustered_api::v1alpha1::ClusteredService;
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -38,6 +39,7 @@ use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use thiserror::Error;
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::autoscale;
@@ -91,6 +93,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// How often clusterd is asked again when nothing else happens.
     pub status_interval: Duration,
+    /// How often a clusterd that tells of its changes is asked again.
+    pub settled_status_interval: Duration,
     /// Reads the config of app images that set no command.
     pub images: Arc<Resolver>,
     /// The platform whose image is chosen from a multi-platform index.
@@ -145,6 +149,10 @@ pub struct Config {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub status_interval: Duration,
+    /// How often a clusterd that tells of its changes is asked again.
+    pub settled_status_interval: Duration,
+    /// The addresses of pods whose clusterd said its status changed.
+    pub changes: mpsc::Receiver<IpAddr>,
     /// Where the watches report failures (read by the liveness probe).
     pub watches: Arc<WatchHealth>,
     /// Reads the config of app images that set no command.
@@ -158,8 +166,20 @@ pub struct Config {
 
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let Config { namespace, settings, prober, recorder, metrics, status_interval, watches, images, ready, concurrency } =
-        config;
+    let Config {
+        namespace,
+        settings,
+        prober,
+        recorder,
+        metrics,
+        status_interval,
+        settled_status_interval,
+        changes,
+        watches,
+        images,
+        ready,
+        concurrency,
+    } = config;
     let ours = watcher::Config::default().labels(SERVICE_LABEL);
 
     // Status writes do not change the generation, so they do not trigger
@@ -182,17 +202,36 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
     .applied_objects()
     .predicate_filter(predicates::generation, Default::default());
 
-    let (pods, pod_events) =
-        reflect_indexed(&watches, scoped::<Pod>(&client, namespace.as_deref()), ours.clone(), trim::pod, service_of);
+    let (pod_reader, pod_writer) = reflector::store();
+    let pods = Index::new(pod_reader.clone(), service_of as KeyOf<_, _>);
+    // Who said its status changed: the pod at that address.
+    let addresses = Index::new(pod_reader, address_of as KeyOf<_, _>);
+    let (by_service, by_address) = (pods.clone(), addresses.clone());
+    let pod_events = reflect_indexed(
+        &watches,
+        scoped::<Pod>(&client, namespace.as_deref()),
+        ours.clone(),
+        pod_writer,
+        trim::pod,
+        move |event| {
+            by_service.apply(event);
+            by_address.apply(event);
+        },
+    );
+    let told = told(changes, addresses, Arc::clone(&metrics));
     let (deployments, deployment_events) =
         reflect(&watches, scoped::<Deployment>(&client, namespace.as_deref()), ours.clone());
     let (services, service_events) = reflect(&watches, scoped::<Service>(&client, namespace.as_deref()), ours.clone());
-    let (endpoint_slices, endpoint_slice_events) = reflect_indexed(
+    let (slice_reader, slice_writer) = reflector::store();
+    let endpoint_slices = Index::new(slice_reader, service_of_slice as KeyOf<_, _>);
+    let by_service = endpoint_slices.clone();
+    let endpoint_slice_events = reflect_indexed(
         &watches,
         scoped::<EndpointSlice>(&client, namespace.as_deref()),
         ours.clone(),
+        slice_writer,
         trim::endpoint_slice,
-        service_of_slice,
+        move |event| by_service.apply(event),
     );
     let (pdbs, pdb_events) =
         reflect(&watches, scoped::<PodDisruptionBudget>(&client, namespace.as_deref()), ours.clone());
@@ -210,6 +249,7 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
         recorder,
         metrics,
         status_interval,
+        settled_status_interval,
         images,
         platform: image::own_platform(),
         stores,
@@ -232,6 +272,7 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
         .owns_stream(hpa_events)
         .watches_stream(pod_events, |pod: Pod| service_of(&pod))
         .watches_stream(endpoint_slice_events, |slice: EndpointSlice| service_of_slice(&slice))
+        .reconcile_on(told)
         .trigger_backoff(watches::trigger_backoff())
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, error_policy, ctx)
@@ -285,26 +326,40 @@ where
 }
 
 /// As [`reflect`], for a kind with several objects per ClusteredService:
-/// trimmed before it is cached, and indexed by its ClusteredService.
-fn reflect_indexed<K>(
+/// trimmed before it is cached in `writer`'s store, each event then
+/// followed by that store's indexes.
+fn reflect_indexed<K, F>(
     health: &Arc<WatchHealth>,
     api: Api<K>,
     config: watcher::Config,
+    writer: reflector::store::Writer<K>,
     trim: fn(&mut K),
-    key: KeyOf<K, ObjectRef<ClusteredService>>,
-) -> (Index<K, ObjectRef<ClusteredService>>, impl Stream<Item = Result<K, watcher::Error>> + Send + use<K>)
+    follow: F,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + use<K, F>
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    F: Fn(&watcher::Event<K>) + Send + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let index = Index::new(reader, key);
-    let indexed = index.clone();
-    let events = watches::watch(api, config, health)
-        .modify(trim)
-        .reflect(writer)
-        .inspect_ok(move |event| indexed.apply(event))
-        .touched_objects();
-    (index, events)
+    watches::watch(api, config, health).modify(trim).reflect(writer).inspect_ok(follow).touched_objects()
+}
+
+/// The ClusteredServices whose pods said their status changed (a pod is
+/// known by its address; a host-network address may be several pods').
+fn told(
+    changes: mpsc::Receiver<IpAddr>,
+    addresses: Index<Pod, IpAddr>,
+    metrics: Arc<Metrics>,
+) -> impl Stream<Item = ObjectRef<ClusteredService>> + Send {
+    let changes = stream::unfold(changes, |mut changes| async move { Some((changes.recv().await?, changes)) });
+    changes.flat_map(move |address| {
+        metrics.status_changes_told.inc();
+        stream::iter(addresses.get(&address).iter().filter_map(|pod| service_of(pod)).collect::<Vec<_>>())
+    })
+}
+
+/// The address a pod's clusterd tells of its changes from.
+fn address_of(pod: &Pod) -> Option<IpAddr> {
+    pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
 }
 
 /// The ClusteredService a pod belongs to (its label).

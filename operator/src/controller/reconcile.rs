@@ -1,6 +1,7 @@
 //! One reconcile: observe (the stores, each pod's clusterd), decide (the
 //! desired children, the status: pure functions), act (write what differs).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ use super::status_writes::write_status;
 use super::{Context, Error};
 use crate::metrics::ResultLabel;
 use crate::resources;
-use crate::status::{self, Observed, Problem};
+use crate::status::{self, Observed, Problem, Report};
 use crate::updates::{self, Template};
 use crate::{autoscale, endpoints};
 
@@ -132,6 +133,7 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
         pods.iter().map(AsRef::as_ref).filter(|p| p.metadata.deletion_timestamp.is_none() && has_started(p)).collect();
     let admin_port = u16::try_from(csvc.spec.admin_port).unwrap_or(clustered_api::clusterd::defaults::ADMIN_PORT);
     let reports = ctx.prober.reports(&askable, admin_port).await;
+    ctx.metrics.status_probes.inc_by(reports.len() as u64);
     let failed = reports.values().filter(|r| r.is_err()).count();
     ctx.metrics.status_probe_failures.inc_by(failed as u64);
 
@@ -167,15 +169,34 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
     if let Some(wait) = wait {
         return Ok(Action::requeue(wait));
     }
-    // Worker states change without any Kubernetes event: ask clusterd again.
-    // Without running pods, watch events trigger every reconcile that
-    // matters; the heartbeat only keeps `observedAt` current.
-    let next = if askable.is_empty() { ctx.heartbeat(csvc).until_next(now) } else { ctx.status_interval };
+    // Worker states change without any Kubernetes event: ask clusterd again,
+    // rarely once every pod tells of its changes. Without running pods,
+    // watch events trigger every reconcile that matters; the heartbeat only
+    // keeps `observedAt` current.
+    let heartbeat = ctx.heartbeat(csvc).until_next(now);
+    let next = match next_ask(&reports, ctx.status_interval, ctx.settled_status_interval) {
+        Some(ask) => ask.min(heartbeat),
+        None => heartbeat,
+    };
     // The concurrency autoscaler samples clusterd at its own pace.
     let next = if autoscale::scales_on_concurrency(csvc) { next.min(autoscale::SAMPLE_INTERVAL) } else { next };
     // Nothing about a waiting service changes when its turn comes.
     let next = if matches!(template, Template::KeepLive(_)) { next.min(TURN_RECHECK) } else { next };
     Ok(Action::requeue(next))
+}
+
+/// When the pods asked are asked again if nothing else happens: at the
+/// settled interval once each tells of its changes (a change then comes
+/// with its word), at the regular one while any does not (an older
+/// clusterd, one whose words do not arrive, one that did not answer).
+/// `None` without pods to ask.
+fn next_ask(reports: &BTreeMap<String, Report>, regular: Duration, settled: Duration) -> Option<Duration> {
+    let tells = |report: &Report| report.as_ref().is_ok_and(|status| status.notifies.is_some());
+    match reports.values().all(tells) {
+        _ if reports.is_empty() => None,
+        true => Some(settled.max(regular)),
+        false => Some(regular),
+    }
 }
 
 /// The pods stay as they are while the clusterd update waits: the live pod
@@ -197,4 +218,28 @@ fn api_message(e: &Error) -> String {
 /// A pod whose containers have started has an IP and, soon, a clusterd.
 fn has_started(pod: &Pod) -> bool {
     pod.status.as_ref().is_some_and(|s| s.pod_ip.is_some() && s.phase.as_deref() == Some("Running"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clustered_api::wire::ClusterdStatus;
+
+    const REGULAR: Duration = Duration::from_secs(5);
+    const SETTLED: Duration = Duration::from_secs(60);
+
+    fn pods(reports: &[Report]) -> BTreeMap<String, Report> {
+        reports.iter().enumerate().map(|(i, r)| (format!("pod-{i}"), r.clone())).collect()
+    }
+
+    #[test]
+    fn pods_that_tell_of_their_changes_are_asked_rarely_all_others_often() {
+        let telling = Ok(ClusterdStatus { notifies: Some("10.0.0.9:8080".into()), ..Default::default() });
+        let silent = Ok(ClusterdStatus::default());
+        let next = |reports: &[Report]| next_ask(&pods(reports), REGULAR, SETTLED);
+        assert_eq!(next(&[telling.clone(), telling.clone()]), Some(SETTLED));
+        assert_eq!(next(&[telling.clone(), silent]), Some(REGULAR), "an older clusterd, or unreached");
+        assert_eq!(next(&[telling, Err("clusterd unreachable".into())]), Some(REGULAR));
+        assert_eq!(next(&[]), None);
+    }
 }
