@@ -4,7 +4,7 @@
 //! by the fleet simulator in this process. Measures, settled and while the
 //! fleet churns: the operator's RSS and CPU, API requests per second by
 //! verb (the API server's own counts), status writes per ClusteredService
-//! per minute, clusterd probes per second, reconciles in flight; during
+//! per minute, clusterd probes and words per second, reconciles in flight; during
 //! churn, how long a worker crash takes to reach the ClusteredService's
 //! status and a spec change to reach the Deployment; then the cold start:
 //! the operator restarted while every pod's status changed, until every
@@ -74,6 +74,8 @@ struct Window {
     cores: f64,
     writes_per_service_minute: f64,
     probes_per_second: f64,
+    /// Words from the pods that their status changed.
+    words_per_second: f64,
     api: BTreeMap<String, f64>,
     csvc_api: BTreeMap<String, f64>,
     in_flight_mean: f64,
@@ -196,7 +198,7 @@ async fn window(
     let api0 = ApiRequests::read(client, FLEET_RESOURCES).await?;
     let csvc0 = ApiRequests::read(client, &["clusteredservices"]).await?;
     let writes0 = operator.metric("clustered_operator_status_writes_total").await?;
-    let (probes0, cpu0, started) = (sim.requests(), operator.cpu_seconds()?, Instant::now());
+    let (probes0, words0, cpu0, started) = (sim.requests(), sim.words(), operator.cpu_seconds()?, Instant::now());
     let (mut in_flight, mut max_rss) = (Vec::new(), 0.0f64);
     while started.elapsed() < length {
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -212,6 +214,7 @@ async fn window(
         cores: (operator.cpu_seconds()? - cpu0) / seconds,
         writes_per_service_minute: writes / services as f64 / (seconds / 60.0),
         probes_per_second: (sim.requests() - probes0) as f64 / seconds,
+        words_per_second: (sim.words() - words0) as f64 / seconds,
         api: ApiRequests::read(client, FLEET_RESOURCES).await?.rates_since(&api0, seconds),
         csvc_api: ApiRequests::read(client, &["clusteredservices"]).await?.rates_since(&csvc0, seconds),
         in_flight_mean: in_flight.iter().sum::<f64>() / in_flight.len().max(1) as f64,
@@ -456,6 +459,12 @@ fn report(
         "clusterd probes per second",
         format!("{:.0}", settled.probes_per_second),
         format!("{:.0}", churn.probes_per_second),
+    );
+    row(
+        &mut out,
+        "words from clusterd that its status changed, per second",
+        format!("{:.1}", settled.words_per_second),
+        format!("{:.1}", churn.words_per_second),
     );
     row(
         &mut out,
