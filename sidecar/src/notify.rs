@@ -45,9 +45,11 @@ impl Notify {
         }
     }
 
-    /// Whom words reach (`/status`'s `notifies`).
+    /// Whom words reach (`/status`'s `notifies`): the target, once a word
+    /// reached it (not a previous target, while a new one's hello is due).
     pub fn reached(&self) -> Option<SocketAddr> {
-        *self.reached.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        let reached = *self.reached.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        reached.filter(|&to| *self.target.borrow() == Some(to))
     }
 
     /// Says `POST` [`CHANGED_PATH`] to the target each time the settled
@@ -97,5 +99,24 @@ async fn tell(client: &Client<HttpConnector, Empty<Bytes>>, to: SocketAddr, chan
             tracing::debug!(%to, "status change not told in time");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_asker_is_not_named_until_its_hello_arrives() {
+        let notify = Notify::new();
+        let (old, new): (SocketAddr, SocketAddr) = ("10.0.0.1:8080".parse().unwrap(), "10.0.0.2:8080".parse().unwrap());
+        notify.asked_by(old);
+        assert_eq!(notify.reached(), None, "no word has arrived yet");
+        *notify.reached.lock().unwrap() = Some(old);
+        assert_eq!(notify.reached(), Some(old));
+        // A new operator (a new leader) asks: it must keep asking often
+        // until its own hello arrives, not trust the old one's.
+        notify.asked_by(new);
+        assert_eq!(notify.reached(), None);
     }
 }
