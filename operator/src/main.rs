@@ -36,7 +36,8 @@ struct Args {
     /// Watch one namespace only (default: all).
     #[arg(long, env = "WATCH_NAMESPACE")]
     namespace: Option<String>,
-    /// Address of /healthz, /readyz and /metrics.
+    /// Address of /healthz, /readyz and /metrics, and where each clusterd
+    /// tells of its changes (`--status-notifications`).
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
     /// Seconds between two reads of a pod's clusterd status when nothing else

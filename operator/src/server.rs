@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
+/// What the server answers from, and where it passes clusterd's words.
 pub struct Health {
     /// Set while the replica either leads with its caches listed (it
     /// reconciles) or waits as a standby: both are fit for a rollout.

@@ -109,10 +109,10 @@ mod tests {
     #[test]
     fn a_new_asker_is_not_named_until_its_hello_arrives() {
         let notify = Notify::new();
-        let (old, new): (SocketAddr, SocketAddr) = ("10.0.0.1:8080".parse().unwrap(), "10.0.0.2:8080".parse().unwrap());
+        let (old, new) = (SocketAddr::from(([10, 0, 0, 1], 8080)), SocketAddr::from(([10, 0, 0, 2], 8080)));
         notify.asked_by(old);
         assert_eq!(notify.reached(), None, "no word has arrived yet");
-        *notify.reached.lock().unwrap() = Some(old);
+        *notify.reached.lock().expect("not poisoned") = Some(old);
         assert_eq!(notify.reached(), Some(old));
         // A new operator (a new leader) asks: it must keep asking often
         // until its own hello arrives, not trust the old one's.

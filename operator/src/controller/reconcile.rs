@@ -191,12 +191,11 @@ async fn reconcile_inner(csvc: &ClusteredService, ctx: &Context) -> Result<Actio
 /// clusterd, one whose words do not arrive, one that did not answer).
 /// `None` without pods to ask.
 fn next_ask(reports: &BTreeMap<String, Report>, regular: Duration, settled: Duration) -> Option<Duration> {
-    let tells = |report: &Report| report.as_ref().is_ok_and(|status| status.notifies.is_some());
-    match reports.values().all(tells) {
-        _ if reports.is_empty() => None,
-        true => Some(settled.max(regular)),
-        false => Some(regular),
+    if reports.is_empty() {
+        return None;
     }
+    let tells = |report: &Report| report.as_ref().is_ok_and(|status| status.notifies.is_some());
+    Some(if reports.values().all(tells) { settled.max(regular) } else { regular })
 }
 
 /// The pods stay as they are while the clusterd update waits: the live pod
