@@ -69,20 +69,12 @@ impl ClusterdStatus {
     /// The document without the figures that move at every request or
     /// sample (in-flight and served counts, CPU and memory, the pools'
     /// queues): a change to what is left is worth telling.
-    pub fn settled(&self) -> ClusterdStatus {
-        let workers = self
-            .workers
-            .iter()
-            .map(|w| WorkerStatus {
-                in_flight: 0,
-                requests: 0,
-                connections: 0,
-                cpu_cores: None,
-                memory_bytes: None,
-                ..w.clone()
-            })
-            .collect();
-        ClusterdStatus { workers, pools: Vec::new(), notifies: None, ..self.clone() }
+    pub fn settled(mut self) -> ClusterdStatus {
+        for w in &mut self.workers {
+            (w.in_flight, w.requests, w.connections) = (0, 0, 0);
+            (w.cpu_cores, w.memory_bytes) = (None, None);
+        }
+        ClusterdStatus { pools: Vec::new(), notifies: None, ..self }
     }
 }
 
@@ -321,7 +313,7 @@ mod tests {
             notifies: Some("10.0.0.1:8080".into()),
             ..before.clone()
         };
-        assert_eq!(busy.settled(), before.settled());
+        assert_eq!(busy.settled(), before.clone().settled());
         let crashed = ClusterdStatus {
             workers: vec![WorkerStatus { state: WorkerState::Backoff, restarts: 1, pid: None, ..worker }],
             ..before.clone()

@@ -81,9 +81,10 @@ impl Notify {
 
 /// One word; true if it was taken.
 async fn tell(client: &Client<HttpConnector, Empty<Bytes>>, to: SocketAddr, changed: bool) -> bool {
-    let uri =
-        if changed { format!("http://{to}{CHANGED_PATH}") } else { format!("http://{to}{CHANGED_PATH}?{HELLO_QUERY}") };
-    let request = hyper::Request::post(uri).header(hyper::header::CONNECTION, "close").body(Empty::new());
+    let query = if changed { String::new() } else { format!("?{HELLO_QUERY}") };
+    let request = hyper::Request::post(format!("http://{to}{CHANGED_PATH}{query}"))
+        .header(hyper::header::CONNECTION, "close")
+        .body(Empty::new());
     let Ok(request) = request else { return false };
     match tokio::time::timeout(TIMEOUT, client.request(request)).await {
         Ok(Ok(response)) if response.status().is_success() => true,

@@ -208,15 +208,18 @@ impl Simulator {
         let mut changed = Vec::new();
         for (ip, pod) in pods.iter_mut() {
             pod.silent = false;
+            let mut healed = false;
             for w in pod.workers.iter_mut().filter(|w| w.state != WorkerState::Ready) {
                 w.state = WorkerState::Ready;
                 w.pid = Some(200 + w.id);
                 w.since = Some(at.into());
+                healed = true;
+            }
+            if healed {
                 changed.push(*ip);
             }
         }
         drop(pods);
-        changed.dedup();
         changed.into_iter().for_each(|ip| self.state.tell(ip));
     }
 
